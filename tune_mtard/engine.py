@@ -1,0 +1,267 @@
+"""The training loop: epochs of ``objective.step`` with SGD, the schedule, validation and the balance trace.
+
+It knows nothing of Ray, MLflow or the command line: those wrap it through ``on_epoch_end``.
+It is device-agnostic; on a GPU the hot loop never waits for the host: the objective's balancers and
+the trace rows stay on the device and are copied back once per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tune_mtard.attacks import PGD, Clean
+from tune_mtard.config import AUTO, Config
+from tune_mtard.data import DataBundle, iterate_batches, num_batches
+from tune_mtard.evaluation import robust_accuracy, w_robust_acc
+from tune_mtard.methods import TRACE_COLUMNS, Objective, build_objective
+from tune_mtard.models import create_model
+
+TRACE_HEADER = ("step", "epoch") + TRACE_COLUMNS
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU."""
+    if name == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_scale(cfg: Config, epoch: int) -> float:
+    """``lr_gamma`` to the number of milestones (fractions of ``train.epochs``) passed by ``epoch`` (0-based)."""
+    milestones = [round(m * cfg.train.epochs) for m in cfg.train.lr_milestones]
+    return cfg.train.lr_gamma ** sum(epoch >= m for m in milestones)
+
+
+@dataclass
+class PerfOptions:
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    data_on_device: bool = False
+
+    @classmethod
+    def resolve(cls, cfg: Config, device: torch.device) -> "PerfOptions":
+        on_cuda = device.type == "cuda"
+
+        def pick(value: bool | str) -> bool:
+            return on_cuda if value == AUTO else bool(value)
+
+        p = cfg.perf
+        return cls(bf16=pick(p.bf16), channels_last=pick(p.channels_last), compile=bool(p.compile),
+                   data_on_device=pick(p.data_on_device))
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based: the number of epochs done
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+EpochCallback = Callable[["Trainer", EpochResult], None]
+
+
+class Trainer:
+    """One student trained by one objective; ``state_dict`` holds everything a resume needs."""
+
+    def __init__(self, cfg: Config, data: DataBundle, teacher_clean: nn.Module | None = None,
+                 teacher_robust: nn.Module | None = None, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.device)
+        self.perf = PerfOptions.resolve(cfg, self.device)
+        self.data = data.to(self.device) if self.perf.data_on_device else data
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.student = create_model(cfg.student.arch, data.num_classes, data.in_channels).to(self.device)
+        if self.perf.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+        self.model = torch.compile(self.student) if self.perf.compile else self.student
+        teachers = [t for t in (teacher_clean, teacher_robust) if t is not None]
+        for teacher in teachers:
+            teacher.to(self.device).eval().requires_grad_(False)
+            if self.perf.channels_last:
+                teacher.to(memory_format=torch.channels_last)
+        self.objective: Objective = build_objective(cfg, self.model, teacher_clean, teacher_robust,
+                                                    autocast=self._autocast).to(self.device)
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                         weight_decay=cfg.train.weight_decay)
+        self.epoch = 0
+        self.step = 0
+        self.trace = torch.empty(0, len(TRACE_HEADER), dtype=torch.float64)
+        self.history: list[dict[str, float]] = []
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.perf.bf16)
+
+    def _to_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.perf.channels_last else x
+
+    # -------------------------------------------------------------------------------------- training
+
+    def fit(self, on_epoch_end: EpochCallback | None = None, progress: bool = False) -> list[dict[str, float]]:
+        """Train from ``self.epoch`` to ``train.epochs``; returns the history of epoch metrics."""
+        while self.epoch < self.cfg.train.epochs:
+            result = self.train_epoch(progress=progress)
+            if on_epoch_end is not None:
+                on_epoch_end(self, result)
+        return self.history
+
+    def train_epoch(self, progress: bool = False) -> EpochResult:
+        cfg = self.cfg
+        epoch = self.epoch
+        scale = lr_scale(cfg, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.train.lr * scale
+        self.objective.set_lr_scale(scale)
+
+        # The data order is a pure function of (seed, epoch), so a resumed run sees the same batches.
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        batches = iterate_batches(self.data.train, cfg.data.batch_size, shuffle=True, generator=generator,
+                                  crop_padding=self.data.crop_padding, hflip=self.data.hflip,
+                                  drop_last=False, device=self.device)
+        total = num_batches(len(self.data.train), cfg.data.batch_size, drop_last=False)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False)
+
+        start = time.perf_counter()
+        self.model.train()
+        rows = []
+        for x, y in batches:
+            x, y = self._to_input(x), y.to(self.device, non_blocking=True)
+            loss, row = self.objective.step(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            rows.append(row)
+        epoch_rows = torch.stack(rows).to("cpu", torch.float64)
+        steps = torch.arange(self.step + 1, self.step + 1 + len(rows), dtype=torch.float64)
+        epoch_col = torch.full_like(steps, epoch + 1)
+        self.trace = torch.cat([self.trace, torch.cat([steps[:, None], epoch_col[:, None], epoch_rows], 1)])
+        self.step += len(rows)
+        self.epoch += 1
+        epoch_time = time.perf_counter() - start
+
+        metrics: dict[str, float] = {"epoch": self.epoch}
+        if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.train.epochs:
+            metrics.update(self.validate())
+            means = epoch_rows.nanmean(0)
+            for i, name in enumerate(TRACE_COLUMNS[:4]):
+                metrics[name] = float(means[i])
+            for i, name in enumerate(TRACE_COLUMNS[4:], start=4):
+                metrics[name] = float(epoch_rows[-1, i])
+            metrics["lr"] = cfg.train.lr * scale
+            metrics["epoch_time_s"] = epoch_time
+            self.history.append(metrics)
+        return EpochResult(self.epoch, metrics)
+
+    # ------------------------------------------------------------------------------------ validation
+
+    def validate(self) -> dict[str, float]:
+        """Clean and PGD accuracy on the first ``eval.n_examples`` validation examples."""
+        e = self.cfg.eval
+        val = self.data.val.head(e.n_examples)
+        x, y = val.floats().to(self.device), val.labels.to(self.device)
+        attack = PGD(self.model, self.cfg.attack.epsilon, e.pgd_step_size, e.pgd_steps, random_start=True)
+        # Validation draws its random starts from its own stream so it never shifts training's RNG.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + 7919 * self.epoch)
+            clean = robust_accuracy(self.model, Clean(self.model), x, y, batch_size=e.batch_size)
+            robust = robust_accuracy(self.model, attack, x, y, batch_size=e.batch_size)
+        return {
+            "val_clean_acc": clean,
+            "val_robust_acc": robust,
+            "val_w_robust_acc": w_robust_acc(clean, robust, e.clean_weight),
+        }
+
+    # ---------------------------------------------------------------------------------- checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "objective": self.objective.state_dict(),
+            "trace": self.trace.clone(),
+            "history": list(self.history),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": _numpy_state(),
+                "python": random.getstate(),
+            },
+        }
+        if self.device.type == "cuda":
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        self.objective.to(self.device)
+        self.trace = state["trace"].clone()
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        _set_numpy_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)  # a crash mid-write never leaves a torn checkpoint
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    # ------------------------------------------------------------------------------------------ files
+
+    def write_trace(self, path: str | Path) -> None:
+        write_trace(self.trace, path)
+
+
+def _numpy_state() -> dict[str, Any]:
+    # As tensors and plain numbers so the checkpoint loads with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]))
+
+
+def write_trace(trace: torch.Tensor, path: str | Path) -> None:
+    """``balance_trace.csv``: one row per optimiser step, header as SPEC section 4 fixes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(TRACE_HEADER)
+        for row in trace.tolist():
+            writer.writerow([int(row[0]), int(row[1])] + [_fmt(v) for v in row[2:]])
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else repr(value)
