@@ -421,9 +421,7 @@ def load_config(
     path: str | Path, overrides: Iterable[str] = (), check_files: bool = True
 ) -> Config:
     """Read a YAML config, apply ``--set KEY=VALUE`` overrides and validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), "config file not found")
+    path = find_config_file(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -460,6 +458,24 @@ def resolve_paths(cfg: Config) -> Config:
     if cfg.search is not None and "://" not in cfg.search.storage:
         cfg.search.storage = _absolute(cfg.search.storage)
     return cfg
+
+
+SPACES_PACKAGE = "search_spaces"
+
+
+def find_config_file(name: str | Path) -> Path:
+    """A path; else a file name in ``./search_spaces/``; else one of the spaces installed with the package."""
+    import importlib.resources
+
+    for candidate in (Path(name), Path(SPACES_PACKAGE) / Path(name).name):
+        if candidate.is_file():
+            return candidate.resolve()
+    installed = importlib.resources.files(SPACES_PACKAGE)
+    if installed.joinpath(Path(name).name).is_file():
+        return Path(str(installed.joinpath(Path(name).name)))
+    available = sorted(p.name for p in installed.iterdir() if p.name.endswith(".yaml"))
+    raise ConfigError(str(name), f"config file not found as a path, in ./{SPACES_PACKAGE}/ or among the "
+                                 f"installed spaces ({', '.join(available)})")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -642,12 +658,19 @@ def _validate_space(cfg: Config) -> None:
             except ConfigError as exc:
                 raise ConfigError(where, f"value {value!r} is invalid: {exc.message}") from None
     # Rules that tie keys together (tau_min <= tau_max, ...) must hold at every corner of the space.
+    # Rules that tie keys together (tau_min <= tau_max, ...) must hold at every corner of the space; past
+    # 4096 corners every pair of keys is checked at its corners, which covers every two-key rule.
     corners = [[(k, v) for v in d.extremes()] for k, d in space.items()]
     n_corners = 1
     for c in corners:
         n_corners *= max(len(c), 1)
-    if 1 < len(space) and n_corners <= 4096:
-        for combo in itertools.product(*corners):
+    if n_corners <= 4096:
+        combos: Iterable[tuple] = itertools.product(*corners)
+    else:
+        combos = (a + b for i, ca in enumerate(corners) for cb in corners[i + 1:]
+                  for a, b in itertools.product([(x,) for x in ca], [(x,) for x in cb]))
+    if len(space) > 1:
+        for combo in combos:
             raw = copy.deepcopy(base)
             for k, v in combo:
                 _set_dotted(raw, k, v, origin=f"space.{k}")

@@ -12,22 +12,26 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-import mlflow
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
 
 from tune_mtard.config import Config
+
+if TYPE_CHECKING:  # mlflow takes over a second to import: commands that reject bad input never pay it
+    from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LENGTH = 6000
 _BATCH = 900  # MLflow accepts at most 1000 entries per log_batch
 
 
-def client_for(tracking_uri: str) -> MlflowClient:
+def client_for(tracking_uri: str) -> "MlflowClient":
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
+def experiment_id(client: "MlflowClient", name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -36,11 +40,13 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name)
 
 
-def params_of(values: dict[str, Any]) -> list[Param]:
+def params_of(values: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
     return [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in values.items()]
 
 
-def log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
+def log_params(client: "MlflowClient", run_id: str, values: dict[str, Any]) -> None:
     existing = client.get_run(run_id).data.params
     fresh = {k: v for k, v in values.items() if k not in existing}
     params = params_of(fresh)
@@ -48,7 +54,9 @@ def log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> Non
         client.log_batch(run_id, params=params[i : i + _BATCH])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
     now = _now_ms()
     entries = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not math.isnan(float(v))]
@@ -56,7 +64,9 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
         client.log_batch(run_id, metrics=entries[i : i + _BATCH])
 
 
-def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+def set_tags(client: "MlflowClient", run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
@@ -100,12 +110,12 @@ def plot_trace(trace_csv: str | Path, png: str | Path) -> None:
     plt.close(fig)
 
 
-def log_artifacts(client: MlflowClient, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+def log_artifacts(client: "MlflowClient", run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
     for path in paths:
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:
+def log_text(client: "MlflowClient", run_id: str, text: str, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_text(text)

@@ -62,8 +62,8 @@ def _check_out(out: Path, resume: bool, cfg: Config) -> None:
         if saved.is_file():
             previous = load_config(saved, check_files=False).flat()
             for key, value in cfg.flat().items():
-                if key in ("train.epochs", "mlflow.tracking_uri"):
-                    continue
+                if key in ("train.epochs", "data.root", "teachers.cache_dir") or key.startswith("mlflow."):
+                    continue  # where things are stored and logged may move; what is trained may not
                 if previous.get(key) != value:
                     raise ConfigError(key, f"differs from the run being resumed ({previous.get(key)!r} -> {value!r})")
     elif out.exists() and any((out / name).exists() for name in (CHECKPOINT, "metrics.json")):
