@@ -37,7 +37,16 @@ def experiment_id(client: "MlflowClient", name: str) -> str:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
-    return client.create_experiment(name)
+    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite store live beside the database file (``mlruns/<experiment>``), not in
+    whatever folder the command ran from; other stores keep their server's default."""
+    if tracking_uri.startswith("sqlite:///"):
+        database = Path(tracking_uri[len("sqlite:///"):])
+        return (database.parent / "mlruns" / experiment).resolve().as_uri()
+    return None
 
 
 def params_of(values: dict[str, Any]) -> list:
