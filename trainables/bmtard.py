@@ -8,21 +8,26 @@ after every validation epoch, ``tune.report`` the metrics with a checkpoint of t
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
 
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
-from tune_mtard.engine import EpochResult, Trainer
+from tune_mtard.engine import Trainer
 from tune_mtard.models import create_model, save_checkpoint
 
 STATE_FILE = "state.pt"
 STUDENT_FILE = "student.pt"
+CHECKPOINT_PREFIX = "checkpoint_"
+# Ray logs a line per persisted checkpoint, i.e. per trial and epoch here: too many to read in the driver.
+RAY_CHECKPOINT_LOGGER = "ray.train._internal.storage"
 
 
 def trial_config(base: Config, sampled: dict[str, Any]) -> Config:
@@ -38,30 +43,67 @@ def _teacher(arch: str | None, weights: dict[str, torch.Tensor] | None, data: Da
     return model.eval().requires_grad_(False)
 
 
+def _checkpoints_newest_first() -> list[tune.Checkpoint]:
+    """The trial's checkpoints in its storage folder, the newest first.
+
+    Ray hands a restarted trial the last checkpoint recorded in its latest experiment snapshot; a driver
+    killed after a trial reported but before the next snapshot leaves newer ones in the folder.
+    """
+    storage = tune.get_context().get_storage()
+    fs = storage.storage_filesystem
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(storage.trial_fs_path, allow_not_found=True))
+    folders = [i for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
+    folders.sort(key=lambda i: i.base_name, reverse=True)
+    return [tune.Checkpoint(i.path, filesystem=fs) for i in folders]
+
+
+def _resume(trainer: Trainer) -> bool:
+    """Load the newest checkpoint that loads (the newest can be torn by a kill mid-copy); False if none."""
+    candidates = _checkpoints_newest_first()
+    given = tune.get_checkpoint()
+    if given is not None and all(c.path != given.path for c in candidates):
+        candidates.append(given)
+    for checkpoint in candidates:
+        try:
+            with checkpoint.as_directory() as folder:
+                trainer.load(Path(folder) / STATE_FILE)
+            return True
+        except Exception:  # an incomplete copy: fall back to the one before
+            continue
+    return False
+
+
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
-                 teachers: dict[str, tuple[str, dict[str, torch.Tensor]]]) -> None:
-    """One trial. ``teachers`` maps role to ``(arch, state dict)``; ``data`` is the whole dataset."""
+                 teachers: dict[str, tuple[str, dict[str, torch.Tensor]]], finished: set[str] = frozenset()) -> None:
+    """One trial. ``teachers`` maps role to ``(arch, state dict)``; ``data`` is the whole dataset.
+
+    ``finished`` holds the ids of trials that a killed driver had already finished (told to Optuna): when
+    a resumed search restarts one, it only reports its last epoch again, so Ray records its final result.
+    """
+    logging.getLogger(RAY_CHECKPOINT_LOGGER).setLevel(logging.WARNING)
     cfg = trial_config(base, sampled)
     cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    torch.set_num_threads(cpus)
+    torch.set_num_threads(cfg.perf.threads or cpus)
     clean = _teacher(*teachers.get("clean", (None, None)), data)
     robust = _teacher(*teachers.get("robust", (None, None)), data)
     trainer = Trainer(cfg, data, clean, robust)
-
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load(Path(folder) / STATE_FILE)
-
     node_id = ray.get_runtime_context().get_node_id()
+    resumed = _resume(trainer)
+    resumed_from_epoch = trainer.epoch  # 0 for a fresh start: shows in the results that a restart continued
 
-    def report(t: Trainer, result: EpochResult) -> None:
-        if len(result.metrics) <= 1:  # not a validation epoch: nothing to report
+    def report(t: Trainer, metrics: dict[str, float]) -> None:
+        if len(metrics) <= 1:  # not a validation epoch: nothing to report
             return
         with tempfile.TemporaryDirectory() as folder:
             t.save(Path(folder) / STATE_FILE)
             save_checkpoint(t.student, Path(folder) / STUDENT_FILE)
-            metrics = dict(result.metrics, node_id=node_id)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(dict(metrics, node_id=node_id, resumed_from_epoch=resumed_from_epoch),
+                        checkpoint=tune.Checkpoint.from_directory(folder))
 
-    trainer.fit(report)
+    if resumed and trainer.history:
+        # The driver may never have received the last checkpointed epoch: report it again (the MLflow
+        # recorder, Optuna and ASHA each take an epoch once).
+        report(trainer, trainer.history[-1])
+    if tune.get_context().get_trial_id() in finished:
+        return
+    trainer.fit(lambda t, result: report(t, result.metrics))

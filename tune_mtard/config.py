@@ -140,6 +140,9 @@ class PerfConfig:
     bf16: Union[bool, str] = AUTO
     channels_last: Union[bool, str] = AUTO
     compile: bool = False
+    # CPU threads for torch (0: torch's default). A search runs each trial with search.resources.cpu
+    # threads and writes that number into best_config.yaml: float sums, and so results, depend on it.
+    threads: int = 0
     data_on_device: Union[bool, str] = AUTO
 
 
@@ -609,6 +612,7 @@ def _validate_run(cfg: Config, archs: list[str], check_files: bool) -> None:
     _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     for i, name in enumerate(e.final_attacks):
         _require(name in ATTACKS, f"eval.final_attacks[{i}]", f"unknown attack {name!r} (valid: {', '.join(ATTACKS)})")
+    _require(cfg.perf.threads >= 0, "perf.threads", "must be >= 0 (0: torch's default)")
     _require(bool(cfg.mlflow.experiment), "mlflow.experiment", "must not be empty")
     _require(bool(cfg.mlflow.tracking_uri), "mlflow.tracking_uri", "must not be empty")
 

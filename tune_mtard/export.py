@@ -13,6 +13,7 @@ from typing import Sequence
 from tune_mtard.cli import ArgumentParser, run
 from tune_mtard.config import load_config
 from tune_mtard.errors import ConfigError
+from tune_mtard.search import reproducible_values
 from tune_mtard.tuning import BEST_CONFIG, SPACE_FILE, best_trial, load_experiment_trials
 
 
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if trial is None:
             raise ConfigError("--experiment", f"no trial in {folder} has reported {cfg.search.metric} yet")
     out = Path(args.out) if args.out else folder / (BEST_CONFIG if args.trial is None else f"trial_{trial.trial_id}.yaml")
-    cfg.run_config().with_values(trial.sampled).dump(out)
+    cfg.run_config().with_values(reproducible_values(cfg, trial.sampled)).dump(out)
     metric = cfg.search.metric
     print(f"trial {trial.trial_id}: {metric} {trial.metric(metric):.4f} after {trial.epochs}/{cfg.train.epochs} epochs")
     print(f"wrote {out}")

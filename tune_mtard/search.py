@@ -63,14 +63,20 @@ def build_search_config(args: Any) -> Config:
     return cfg
 
 
+def reproducible_values(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
+    """A trial's sampled values plus the thread count it ran with, so ``train`` repeats it exactly on a CPU."""
+    threads = cfg.perf.threads or max(1, int(cfg.search.resources.cpu))
+    return {**sampled, "perf.threads": threads}
+
+
 def experiment_dir(cfg: Config) -> Path:
     assert cfg.search is not None
     return Path(cfg.search.storage) / cfg.name
 
 
-def _check_experiment(cfg: Config, resume: bool) -> None:
+def _check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None) -> None:
     folder = experiment_dir(cfg)
-    exists = (folder / "tuner.pkl").exists()
+    exists = (folder / "tuner.pkl").exists() and (folder / SPACE_FILE).exists()
     if resume and not exists:
         raise ConfigError("--resume", f"no interrupted search named {cfg.name!r} in {folder.parent}")
     if resume:
@@ -80,6 +86,9 @@ def _check_experiment(cfg: Config, resume: bool) -> None:
                 continue
             if saved.to_dict().get(key) != value:
                 raise ConfigError("--resume", f"the config differs from the interrupted search's in {key!r}")
+        if tracking_uri is not None and absolute_tracking_uri(tracking_uri) != saved.mlflow.tracking_uri:
+            raise ConfigError("--tracking-uri", f"the interrupted search records to {saved.mlflow.tracking_uri}; "
+                                                "resume it with the same MLflow store")
     elif folder.exists() and any(folder.iterdir()):
         raise ConfigError("name", f"a search named {cfg.name!r} already exists in {folder.parent}; "
                                   "pass --resume to continue it, or --set name=NEW")
@@ -101,17 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = build_search_config(args)
     cfg.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
-    _check_experiment(cfg, args.resume)
+    _check_experiment(cfg, args.resume, args.tracking_uri)
     if args.resume:
         cfg = _resumed_config(cfg)
     return run_search(cfg, resume=args.resume, address=args.address, quiet=args.no_progress)
 
 
 def _resumed_config(cfg: Config) -> Config:
-    """On resume the interrupted search's own config rules, except where it is stored and logged."""
+    """On resume the interrupted search's own config rules (its MLflow store too), except where it is stored."""
     saved = load_config(experiment_dir(cfg) / SPACE_FILE, check_files=False)
     saved.search.storage = cfg.search.storage
-    saved.mlflow = cfg.mlflow
     return saved
 
 
@@ -124,6 +132,10 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     from tune_mtard.data import load_data
     from tune_mtard.engine import resolve_device
     from tune_mtard.teachers import prepare_teachers
+    from tune_mtard.tuning import (
+        close_orphaned_optuna_trials, delete_orphaned_child_runs, finished_optuna_trials,
+        quiet_experiment_analysis, tolerate_deleted_checkpoints,
+    )
     from trainables.bmtard import train_bmtard
 
     assert cfg.search is not None and cfg.space is not None
@@ -140,18 +152,25 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="warning",
                  log_to_driver=not quiet, configure_logging=True)
+    # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    tolerate_deleted_checkpoints()
 
     folder.mkdir(parents=True, exist_ok=True)
     client = tracking.client_for(cfg.mlflow.tracking_uri)
     experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
     parent_run_id = _parent_run(client, cfg, folder, experiment_id, resume)
 
+    # A resumed trial that the killed driver had already finished only reports its last epoch again.
+    finished = finished_optuna_trials(folder, cfg.name) if resume else set()
     trainable = tune.with_resources(
-        tune.with_parameters(train_bmtard, base=cfg.run_config(), data=data, teachers=teacher_weights),
+        tune.with_parameters(train_bmtard, base=cfg.run_config(), data=data, teachers=teacher_weights,
+                             finished=finished),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
     )
     if resume:
-        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
+        with quiet_experiment_analysis():
+            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = _new_tuner(cfg, trainable, folder, experiment_id, parent_run_id, quiet)
     try:
@@ -161,14 +180,14 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
         raise
 
     trials = summarize_trials(grid)
-    from tune_mtard.tuning import close_orphaned_optuna_trials
-
-    close_orphaned_optuna_trials(folder, cfg.name, {t.trial_id for t in trials})
+    trial_ids = {t.trial_id for t in trials}
+    close_orphaned_optuna_trials(folder, cfg.name, trial_ids)
+    delete_orphaned_child_runs(client, experiment_id, parent_run_id, trial_ids)
     best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
     wall = time.perf_counter() - start
     best_path = folder / BEST_CONFIG
     if best is not None:
-        best_cfg = cfg.run_config().with_values(best.sampled)
+        best_cfg = cfg.run_config().with_values(reproducible_values(cfg, best.sampled))
         best_cfg.dump(best_path)
     _record_parent(client, parent_run_id, cfg, folder, trials, best, wall)
     if s.final_eval.top_k > 0 and best is not None:
@@ -210,10 +229,12 @@ def _new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_
     else:
         scheduler = FIFOScheduler()
     recorder = MlflowTrialRecorder(cfg.mlflow.tracking_uri, experiment_id, parent_run_id, cfg.train.epochs, cfg.name)
+    # Reused actors spare each trial a fresh worker process (and its torch import); a trial's state is
+    # its own all the same, since the Trainer seeds every RNG and builds every model anew.
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=s.num_samples),
+                                    num_samples=s.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder],
             failure_config=tune.FailureConfig(max_failures=s.max_failures),

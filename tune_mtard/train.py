@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.mlflow.tracking_uri = absolute_tracking_uri(args.tracking_uri)
     out = Path(args.out or Path("runs") / cfg.name).resolve()
     _check_out(out, args.resume, cfg)
+    if cfg.perf.threads:
+        torch.set_num_threads(cfg.perf.threads)
     data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
     device = resolve_device(cfg.device)
     progress = not args.no_progress and sys.stderr.isatty()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -40,6 +41,20 @@ BEST_CONFIG = "best_config.yaml"
 STATE_FILE = "state.pt"
 STUDENT_FILE = "student.pt"
 RAY_TRIAL_ATTR = "ray_trial_id"
+EXPERIMENT_ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
+
+
+@contextlib.contextmanager
+def quiet_experiment_analysis():
+    """Ray warns about every trial of an interrupted search that has no results yet, e.g. one that was
+    pending when the driver died: expected when reading such a search back, so not shown."""
+    logger = logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def optuna_distributions(space: dict[str, Distribution]) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -73,12 +88,31 @@ def optuna_storage_url(experiment_dir: Path) -> str:
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that reports per epoch and records early-stopped trials as PRUNED."""
+    """``OptunaSearch`` that reports per epoch and records early-stopped trials as PRUNED.
+
+    A trial's end is told to the study when Tune next snapshots the experiment (``save``), not at once:
+    a trial the study holds as finished is then always one that a resumed search knows as finished too,
+    never one that a killed driver ran after its last snapshot (which the resumed search replaces).
+    After a resume, the pickled state can still be older than the study; trials the study holds as
+    finished are then neither reported to nor told again.
+    """
 
     def __init__(self, *args: Any, full_epochs: int, **kwargs: Any):
         self.full_epochs = full_epochs
         self._reported_epochs: dict[str, set[int]] = {}
+        self._pending_tells: dict[str, tuple[TrialState, float | None]] = {}
         super().__init__(*args, **kwargs)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.tell_pending()
+        super().save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        storage = self._ot_study._storage
+        for trial_id, ot_trial in self._ot_trials.items():
+            if storage.get_trial(ot_trial._trial_id).state.is_finished():
+                self._completed_trials.add(trial_id)
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)
@@ -90,43 +124,83 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        if self.metric in result and "epoch" in result:
-            self._ot_trials[trial_id].report(float(result[self.metric]), int(result["epoch"]))
-            self._reported_epochs.setdefault(trial_id, set()).add(int(result["epoch"]))
+        epoch = int(result.get("epoch", 0))
+        if self.metric in result and epoch and epoch not in self._reported_epochs.get(trial_id, set()):
+            self._ot_trials[trial_id].report(float(result[self.metric]), epoch)
+            self._reported_epochs.setdefault(trial_id, set()).add(epoch)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
         value = None if not result else result.get(self.metric)
         epochs = int(result.get("epoch", 0)) if result else 0
-        if value is not None and epochs and epochs not in self._reported_epochs.get(trial_id, set()):
+        if value is not None and epochs:
             # The result that ends a trial (ASHA's stop, or the last epoch) reaches us only here.
-            ot_trial.report(float(value), epochs)
+            self.on_trial_result(trial_id, result)
         if error or value is None or (isinstance(value, float) and math.isnan(value)):
             state, value = TrialState.FAIL, None
         elif epochs < self.full_epochs:
             state, value = TrialState.PRUNED, None
         else:
             state = TrialState.COMPLETE
-        try:
-            self._ot_study.tell(ot_trial, value, state=state)
-        except Exception as exc:  # e.g. already told by an earlier driver
-            log.warning("optuna tell for %s failed: %s", trial_id, exc)
+        self._pending_tells[trial_id] = (state, value)
         self._completed_trials.add(trial_id)
+
+    def tell_pending(self) -> None:
+        for trial_id, (state, value) in list(self._pending_tells.items()):
+            try:
+                self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+            except Exception as exc:  # e.g. told already by the driver a resumed search replaces
+                log.warning("optuna tell for %s failed: %s", trial_id, exc)
+            del self._pending_tells[trial_id]
 
 
 def close_orphaned_optuna_trials(experiment_dir: Path, study_name: str, known_trial_ids: set[str]) -> int:
-    """Optuna trials left RUNNING by a killed driver whose Ray trial no longer exists are marked FAIL."""
+    """Optuna trials left RUNNING by a killed driver whose Ray trial no longer exists are marked FAIL.
+
+    A driver killed between asking Optuna for a trial and its next snapshot of the Tune experiment leaves
+    such a trial: the resumed search never hears of it and asks Optuna for a new one in its place.
+    """
     study = optuna.load_study(study_name=study_name, storage=optuna_storage_url(experiment_dir))
     closed = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if t.state == TrialState.WAITING:
-            continue
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get(RAY_TRIAL_ATTR) not in known_trial_ids:
             study.tell(t.number, state=TrialState.FAIL)
             closed += 1
     return closed
+
+
+def finished_optuna_trials(experiment_dir: Path, study_name: str) -> set[str]:
+    """Ray trial ids whose Optuna trial is told (COMPLETE, PRUNED or FAIL): a resumed search must not rerun them."""
+    storage = optuna_storage_url(experiment_dir)
+    if not (experiment_dir / OPTUNA_DB).is_file():
+        return set()
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    return {t.user_attrs[RAY_TRIAL_ATTR] for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished() and RAY_TRIAL_ATTR in t.user_attrs}
+
+
+def tolerate_deleted_checkpoints() -> None:
+    """Let Ray's checkpoint manager skip an old checkpoint that is already gone instead of failing the trial.
+
+    With ``CheckpointConfig(num_to_keep=K)`` the experiment snapshot a resumed search starts from can list
+    checkpoints that the killed driver deleted after taking it; Ray 2.x then raises ``FileNotFoundError``
+    when it deletes them again and errors the trial. The snapshot's latest checkpoint always still exists.
+    """
+    from ray.train._internal import checkpoint_manager
+
+    delete = checkpoint_manager._delete_fs_path
+    if getattr(delete, "tolerates_missing", False):
+        return
+
+    def delete_if_present(fs, fs_path: str) -> None:
+        try:
+            delete(fs=fs, fs_path=fs_path)
+        except FileNotFoundError:
+            log.debug("checkpoint %s was already deleted", fs_path)
+
+    delete_if_present.tolerates_missing = True
+    checkpoint_manager._delete_fs_path = delete_if_present
 
 
 @dataclass
@@ -159,7 +233,12 @@ def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 
 class MlflowTrialRecorder(Callback):
-    """The one MLflow writer of a search (runs in the driver). Picklable: Ray stores it with the tuner."""
+    """The one MLflow writer of a search (runs in the driver). Picklable: Ray stores it with the tuner.
+
+    A resumed search finds each trial's child run again by its ``trial_id`` tag, logs only the epochs the
+    run does not hold yet (a trial continued from a checkpoint older than its last report repeats an
+    epoch), and does not log the files of a run that is already finished again.
+    """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, full_epochs: int,
                  search_name: str):
@@ -170,6 +249,8 @@ class MlflowTrialRecorder(Callback):
         self.search_name = search_name
         self._client = None
         self._run_ids: dict[str, str] = {}
+        self._logged_epochs: dict[str, set[int]] = {}
+        self._finished_runs: dict[str, int] = {}  # run id -> epochs it was finished with
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -193,7 +274,11 @@ class MlflowTrialRecorder(Callback):
             max_results=1,
         )
         if found:
-            run_id = found[0].info.run_id
+            run = found[0]
+            run_id = run.info.run_id
+            self._logged_epochs[run_id] = {m.step for m in self.client.get_metric_history(run_id, "val_clean_acc")}
+            if run.info.status == "FINISHED" and "epochs_run" in run.data.tags:
+                self._finished_runs[run_id] = int(run.data.tags["epochs_run"])
             self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(
@@ -202,6 +287,7 @@ class MlflowTrialRecorder(Callback):
                       "tune_mtard.search": self.search_name},
             )
             run_id = run.info.run_id
+            self._logged_epochs[run_id] = set()
             tracking.log_params(self.client, run_id, dict(trial.config))
         self._run_ids[trial_id] = run_id
         return run_id
@@ -212,10 +298,13 @@ class MlflowTrialRecorder(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id = self.run_id(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {k: v for k, v in result.items() if k in METRIC_KEYS}
-        tracking.log_metrics(self.client, run_id, metrics, step=epoch)
         if "node_id" in result:
             tracking.set_tags(self.client, run_id, {"node_id": result["node_id"]})
+        if epoch in self._logged_epochs[run_id]:
+            return
+        metrics = {k: v for k, v in result.items() if k in METRIC_KEYS}
+        tracking.log_metrics(self.client, run_id, metrics, step=epoch)
+        self._logged_epochs[run_id].add(epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self.run_id(trial)
@@ -223,11 +312,13 @@ class MlflowTrialRecorder(Callback):
         stopped_early = epochs < self.full_epochs
         tracking.set_tags(self.client, run_id, {"epochs_run": epochs,
                                                 "trial_state": "PRUNED" if stopped_early else "COMPLETE"})
-        try:
-            self._log_trial_files(trial, run_id)
-        except Exception as exc:  # a missing checkpoint must not lose the rest of the records
-            log.warning("could not log the files of trial %s: %s", trial.trial_id, exc)
+        if self._finished_runs.get(run_id) != epochs:
+            try:
+                self._log_trial_files(trial, run_id)
+            except Exception as exc:  # a missing checkpoint must not lose the rest of the records
+                log.warning("could not log the files of trial %s: %s", trial.trial_id, exc)
         self.client.set_terminated(run_id, "FINISHED")
+        self._finished_runs[run_id] = epochs
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self.run_id(trial)
@@ -247,6 +338,20 @@ class MlflowTrialRecorder(Callback):
             tracking.log_artifacts(self.client, run_id, [Path(folder) / STUDENT_FILE], "model")
 
 
+def delete_orphaned_child_runs(client, experiment_id: str, parent_run_id: str, trial_ids: set[str]) -> int:
+    """Child runs of trials that a killed driver started but its last snapshot never recorded.
+
+    Ray does not know these trials after a resume (it samples new ones in their place), so their runs
+    would be duplicates with no trial behind them.
+    """
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              max_results=10_000)
+    orphans = [r for r in runs if r.data.tags.get("trial_id") not in trial_ids]
+    for run in orphans:
+        client.delete_run(run.info.run_id)
+    return len(orphans)
+
+
 METRIC_KEYS = (
     "val_clean_acc", "val_robust_acc", "val_w_robust_acc", "loss_adv", "loss_nat", "entropy_adv",
     "entropy_nat", "tau_adv", "tau_nat", "w_adv", "w_nat", "epoch_time_s", "lr",
@@ -254,20 +359,29 @@ METRIC_KEYS = (
 
 
 def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
-    """Every trial of a finished or interrupted search folder, with its last reported metrics."""
+    """Every trial of a finished or interrupted search folder, with its last reported metrics.
+
+    The last report is read from the trial's own results, which hold every report: the experiment
+    snapshot an interrupted search left can be older.
+    """
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(folder))
-    trials = []
-    for trial in analysis.trials:
-        last = dict(trial.last_result or {})
-        checkpoint = analysis.get_last_checkpoint(trial)
-        trials.append(TrialSummary(
-            trial_id=trial.trial_id,
-            sampled=dict(trial.config or {}),
-            status=str(trial.status),
-            epochs=int(last.get("epoch", 0) or 0),
-            metrics=last,
-            checkpoint_dir=checkpoint.path if checkpoint is not None else None,
-        ))
+    with quiet_experiment_analysis():
+        analysis = ExperimentAnalysis(str(folder))
+        frames = analysis.trial_dataframes
+        trials = []
+        for trial in analysis.trials:
+            last = dict(trial.last_result or {})
+            frame = frames.get(trial.path)
+            if frame is not None and len(frame) and "epoch" in frame and frame["epoch"].iloc[-1] > last.get("epoch", 0):
+                last = frame.iloc[-1].to_dict()
+            checkpoint = analysis.get_last_checkpoint(trial)
+            trials.append(TrialSummary(
+                trial_id=trial.trial_id,
+                sampled=dict(trial.config or {}),
+                status=str(trial.status),
+                epochs=int(last.get("epoch", 0) or 0),
+                metrics=last,
+                checkpoint_dir=checkpoint.path if checkpoint is not None else None,
+            ))
     return trials
