@@ -58,6 +58,9 @@ def build_search_config(args: Any) -> Config:
     cfg = load_config(resolve_space(args.space), overrides)
     if args.max_epochs is not None and args.max_epochs < cfg.train.epochs:
         cfg = cfg.with_values({"train.epochs": args.max_epochs})  # shrinks only; milestones are fractions
+    if cfg.search is not None and "://" in cfg.search.storage:
+        raise ConfigError("search.storage", f"{cfg.search.storage}: cloud URIs are not supported; use a folder "
+                                            "every node mounts at the same path")
     if cfg.search is None or not cfg.space:
         raise ConfigError("--space", f"{args.space} has no space section: it is a run config (use tune_mtard.train)")
     return cfg
