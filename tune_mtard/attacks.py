@@ -3,8 +3,8 @@
 Every attack is an object built from the model it attacks and its settings (torchattacks style), so
 evaluation is a loop over names (``build_attack``). Images are float tensors in [0, 1]; epsilons and
 step sizes are in the same units (``8/255``). An attack returns a tensor of the input's shape on the
-input's device, runs in fp32 whatever autocast the caller has on, takes gradients with respect to the
-input only (the parameters' ``.grad`` stay as they were) and leaves the model's train/eval mode alone:
+input's device, runs in fp32 whatever autocast the caller has on (training PGD may opt in to the caller's
+bf16, ``TrainPGD(keep_autocast=True)``), takes gradients with respect to the input only (the parameters' ``.grad`` stay as they were) and leaves the model's train/eval mode alone:
 callers put the model in eval mode.
 """
 
@@ -116,13 +116,26 @@ class TrainPGD(Attack):
     ``x' = x + 0.001 * N(0, I)`` (global RNG), then ``steps`` times
     ``x' <- clip_[0,1](Proj_{||x'-x||inf <= epsilon}(x' + step_size * sign(grad CE(S(x'), y))))``.
     As in the reference, the noisy start is not clipped before the first step. ``steps=0`` gives ``x``.
+
+    ``keep_autocast=True`` lets the model's forward and backward run under the caller's autocast (bf16
+    training on a GPU) instead of fp32; the examples themselves stay fp32. Only training opts in:
+    evaluation attacks always run in fp32.
     """
 
-    def __init__(self, model: nn.Module, epsilon: float, step_size: float, steps: int):
+    def __init__(self, model: nn.Module, epsilon: float, step_size: float, steps: int, keep_autocast: bool = False):
         super().__init__(model)
         self.epsilon = float(epsilon)
         self.step_size = float(step_size)
         self.steps = int(steps)
+        self.keep_autocast = keep_autocast
+
+    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
+        if not self.keep_autocast:
+            return super().__call__(images, labels)
+        device = model_device(self.model, images.device)
+        x = images.detach().to(device=device, dtype=torch.float32)
+        adv = self.perturb(x, labels.detach().to(device))
+        return adv.detach().to(images.device)
 
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
         if self.steps == 0:

@@ -43,23 +43,46 @@ def lr_scale(cfg: Config, epoch: int) -> float:
     return cfg.train.lr_gamma ** sum(epoch >= m for m in milestones)
 
 
+# ``perf.data_on_device: auto`` keeps a dataset on the GPU when it takes at most this share of the card's
+# memory: trials sharing a card through fractional ``search.resources`` each hold their own copy.
+DEVICE_DATA_SHARE = 0.1
+
+
 @dataclass
 class PerfOptions:
+    """The GPU fast path (config ``perf``), resolved for one device: ``auto`` means on for CUDA, off elsewhere.
+
+    bf16: autocast to bfloat16 for the student's and teachers' forwards during training, training PGD
+        included; losses, balancing, validation and every evaluation attack stay fp32.
+    channels_last: student, teachers and batches in NHWC memory format.
+    compile: ``torch.compile`` of the student (off unless asked: each trial pays the compilation).
+    data_on_device: the uint8 dataset lives on the device, and batching, crop and flip run there.
+    """
+
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
     data_on_device: bool = False
 
     @classmethod
-    def resolve(cls, cfg: Config, device: torch.device) -> "PerfOptions":
+    def resolve(cls, cfg: Config, device: torch.device, data_bytes: int = 0) -> "PerfOptions":
         on_cuda = device.type == "cuda"
 
         def pick(value: bool | str) -> bool:
             return on_cuda if value == AUTO else bool(value)
 
         p = cfg.perf
+        data_on_device = pick(p.data_on_device)
+        if p.data_on_device == AUTO and on_cuda:
+            data_on_device = data_bytes <= DEVICE_DATA_SHARE * torch.cuda.get_device_properties(device).total_memory
         return cls(bf16=pick(p.bf16), channels_last=pick(p.channels_last), compile=bool(p.compile),
-                   data_on_device=pick(p.data_on_device))
+                   data_on_device=data_on_device)
+
+
+def data_bytes(data: DataBundle) -> int:
+    """Bytes of a bundle's images and labels, all splits."""
+    return sum(t.numel() * t.element_size()
+               for split in (data.train, data.val, data.test) for t in (split.images, split.labels))
 
 
 @dataclass
@@ -78,7 +101,7 @@ class Trainer:
                  teacher_robust: nn.Module | None = None, device: torch.device | None = None):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
-        self.perf = PerfOptions.resolve(cfg, self.device)
+        self.perf = PerfOptions.resolve(cfg, self.device, data_bytes(data))
         self.data = data.to(self.device) if self.perf.data_on_device else data
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -141,12 +164,7 @@ class Trainer:
         self.model.train()
         rows = []
         for x, y in batches:
-            x, y = self._to_input(x), y.to(self.device, non_blocking=True)
-            loss, row = self.objective.step(x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            rows.append(row)
+            rows.append(self.train_step(x, y))
         epoch_rows = torch.stack(rows).to("cpu", torch.float64)
         steps = torch.arange(self.step + 1, self.step + 1 + len(rows), dtype=torch.float64)
         epoch_col = torch.full_like(steps, epoch + 1)
@@ -167,6 +185,15 @@ class Trainer:
             metrics["epoch_time_s"] = epoch_time
             self.history.append(metrics)
         return EpochResult(self.epoch, metrics)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on a batch; returns its trace row, still on the device."""
+        x, y = self._to_input(x), y.to(self.device, non_blocking=True)
+        loss, row = self.objective.step(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return row
 
     # ------------------------------------------------------------------------------------ validation
 

@@ -36,9 +36,21 @@ def soft_kl(p: torch.Tensor, log_p: torch.Tensor, student_logits: torch.Tensor) 
     return (p * (log_p - F.log_softmax(student_logits.float(), dim=1))).mean()
 
 
+_CONSTANTS: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def _constant(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-d float32 tensor made once per device: a python float copied to a GPU every step would sync the host."""
+    key = (device, float(value).hex())
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(float(value), dtype=torch.float32, device=device)
+    return _CONSTANTS[key]
+
+
 def _trace(device: torch.device, **values: Any) -> torch.Tensor:
     row = [values.get(name, math.nan) for name in TRACE_COLUMNS]
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(()) for v in row])
+    return torch.stack([v.detach().to(device, torch.float32).reshape(()) if isinstance(v, torch.Tensor)
+                        else _constant(v, device) for v in row])
 
 
 class Objective:
@@ -48,7 +60,9 @@ class Objective:
         self.cfg = cfg
         self.student = student
         self.autocast = autocast
-        self.pgd = TrainPGD(student, cfg.attack.epsilon, cfg.attack.step_size, cfg.attack.steps)
+        # Training PGD runs under the objective's autocast (bf16 when perf.bf16); evaluation attacks stay fp32.
+        self.pgd = TrainPGD(student, cfg.attack.epsilon, cfg.attack.step_size, cfg.attack.steps,
+                            keep_autocast=True)
 
     def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Step 1: PGD on the student in eval mode, then back to train mode."""

@@ -1,0 +1,288 @@
+"""The GPU fast path (config ``perf``) gives the results of the plain fp32 loop, within stated tolerances,
+and the benchmark measures what it claims to. Every check runs on the CPU; none times anything.
+
+Tolerances:
+* bf16 autocast: a step's distillation losses within 5% (relative) of fp32 and the epoch-mean losses of a
+  short run within 10%. bf16 keeps 8 bits of mantissa (about 3 significant digits) in every conv/linear
+  output, and the PGD examples it produces can differ in the odd pixel, which then shifts the losses.
+* channels_last: a step's trace within 1e-4 (relative) of NCHW, the weights after three steps within
+  1e-4 relative or 1e-5 absolute; only the order of float sums changes.
+* torch.compile: a step's trace within 1e-4 (relative) of eager.
+* data on the device: bit-identical batches and traces.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tune_mtard.attacks import PGD, TrainPGD
+from tune_mtard.data import DataBundle, Split, iterate_batches
+from tune_mtard.engine import PerfOptions, Trainer, data_bytes
+from tune_mtard.methods import TRACE_COLUMNS, _trace
+
+CPU = torch.device("cpu")
+LOSSES = [TRACE_COLUMNS.index("loss_adv"), TRACE_COLUMNS.index("loss_nat")]
+ALL_OFF = {"perf.bf16": False, "perf.channels_last": False, "perf.compile": False, "perf.data_on_device": False}
+
+
+def trainer(cfg, data, teachers, **perf) -> Trainer:
+    """A CPU trainer with its own copies of the teachers (a trainer converts them in place)."""
+    cfg = cfg.with_values(dict(ALL_OFF, **{f"perf.{k}": v for k, v in perf.items()}))
+    clean, robust = (copy.deepcopy(teachers[role]) for role in ("clean", "robust"))
+    return Trainer(cfg, data, clean, robust, device=CPU)
+
+
+def first_batch(data, batch_size=64):
+    return next(iterate_batches(data.train, batch_size, shuffle=False))
+
+
+def fitted(cfg, data, teachers, **perf) -> Trainer:
+    """A finished run; built right before it trains, since a Trainer seeds the global RNG when built."""
+    t = trainer(cfg, data, teachers, **perf)
+    t.fit()
+    return t
+
+
+def steps(t: Trainer, x, y, n: int) -> torch.Tensor:
+    torch.manual_seed(123)
+    return torch.stack([t.train_step(x, y) for _ in range(n)])
+
+
+# ---- bf16 ------------------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_trains_with_losses_close_to_fp32(tiny_config, tiny_digits, tiny_teachers):
+    x, y = first_batch(tiny_digits)
+    fp32 = trainer(tiny_config, tiny_digits, tiny_teachers)
+    bf16 = trainer(tiny_config, tiny_digits, tiny_teachers, bf16=True)
+    first_fp32, first_bf16 = steps(fp32, x, y, 1)[0], steps(bf16, x, y, 1)[0]
+    assert first_bf16[LOSSES].tolist() == pytest.approx(first_fp32[LOSSES].tolist(), rel=0.05)
+
+    cfg = tiny_config.with_values({"train.epochs": 1})
+    initial = trainer(cfg, tiny_digits, tiny_teachers).student.state_dict()
+    runs = [fitted(cfg, tiny_digits, tiny_teachers, bf16=flag) for flag in (False, True)]
+    means = [run.trace[:, [2 + i for i in LOSSES]].mean(0) for run in runs]
+    assert torch.isfinite(runs[1].trace[:, 2:]).all()
+    assert means[1].tolist() == pytest.approx(means[0].tolist(), rel=0.10)
+    assert not torch.equal(initial["classifier.3.weight"], runs[1].student.state_dict()["classifier.3.weight"])
+    assert all(p.dtype == torch.float32 for p in runs[1].student.parameters())  # autocast, not a bf16 model
+
+
+def test_bf16_runs_the_student_teachers_and_training_pgd_in_bf16(tiny_config, tiny_digits, tiny_teachers):
+    x, y = first_batch(tiny_digits)
+    t = trainer(tiny_config, tiny_digits, tiny_teachers, bf16=True)
+    seen: dict[str, set[torch.dtype]] = {"student_eval": set(), "student_train": set(), "teachers": set()}
+
+    def student_hook(module, args, output):
+        seen["student_train" if module.training else "student_eval"].add(output.dtype)
+
+    def teacher_hook(module, args, output):
+        seen["teachers"].add(output.dtype)
+
+    t.student.register_forward_hook(student_hook)
+    t.objective.teacher_clean.register_forward_hook(teacher_hook)
+    t.objective.teacher_robust.register_forward_hook(teacher_hook)
+    row = t.train_step(x, y)
+    assert seen == {"student_eval": {torch.bfloat16}, "student_train": {torch.bfloat16}, "teachers": {torch.bfloat16}}
+    assert row.dtype == torch.float32
+
+
+def test_validation_under_bf16_is_fp32_and_equals_the_fp32_trainers(tiny_config, tiny_digits, tiny_teachers):
+    fp32 = trainer(tiny_config, tiny_digits, tiny_teachers)
+    bf16 = trainer(tiny_config, tiny_digits, tiny_teachers, bf16=True)
+    bf16.student.load_state_dict(fp32.student.state_dict())
+    dtypes = set()
+    bf16.student.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
+    assert bf16.validate() == fp32.validate()
+    assert dtypes == {torch.float32}
+
+
+def test_train_pgd_keeps_the_callers_autocast_only_when_asked(tiny_digits):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    dtypes = []
+    model.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    x, y = first_batch(tiny_digits, 8)
+    for keep, expected in ((False, torch.float32), (True, torch.bfloat16)):
+        dtypes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            adv = TrainPGD(model, 0.1, 0.025, 2, keep_autocast=keep)(x, y)
+        assert set(dtypes) == {expected}
+        assert adv.dtype == torch.float32 and adv.shape == x.shape
+        assert (adv - x).abs().max() <= 0.1 + 1e-6
+    dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        PGD(model, 0.1, 0.025, 2)(x, y)
+    assert set(dtypes) == {torch.float32}  # evaluation PGD is always fp32
+
+
+# ---- channels_last ---------------------------------------------------------------------------------
+
+
+def test_channels_last_gives_the_nchw_results(tiny_config, tiny_digits, tiny_teachers):
+    x, y = first_batch(tiny_digits)
+    nchw = trainer(tiny_config, tiny_digits, tiny_teachers)
+    nhwc = trainer(tiny_config, tiny_digits, tiny_teachers, channels_last=True)
+    conv = next(m for m in nhwc.student.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    rows_nchw, rows_nhwc = steps(nchw, x, y, 3), steps(nhwc, x, y, 3)
+    assert rows_nhwc.tolist() == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in rows_nchw.tolist()]
+    for key, value in nchw.student.state_dict().items():
+        assert torch.allclose(nhwc.student.state_dict()[key], value, rtol=1e-4, atol=1e-5), key
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aot_eager_compile(monkeypatch):
+    """torch.compile with the aot_eager backend: Dynamo's graph capture and AOTAutograd, without Inductor's
+    C++ code generation (minutes on a 2-core CPU). The Trainer's compile path is exercised as it is."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real, backend="aot_eager"))
+
+
+def test_compiling_the_student_gives_the_eager_step(aot_eager_compile, tiny_config, tiny_digits, tiny_teachers):
+    x, y = first_batch(tiny_digits)
+    eager = trainer(tiny_config, tiny_digits, tiny_teachers)
+    compiled = trainer(tiny_config, tiny_digits, tiny_teachers, compile=True)
+    assert compiled.model is not compiled.student  # the objective sees the compiled module
+    rows_eager, rows_compiled = steps(eager, x, y, 2), steps(compiled, x, y, 2)
+    assert rows_compiled.tolist() == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in rows_eager.tolist()]
+    assert set(compiled.state_dict()["student"]) == set(eager.state_dict()["student"])  # no _orig_mod. prefix
+
+
+@pytest.mark.skipif(os.environ.get("TUNE_MTARD_TEST_INDUCTOR") != "1",
+                    reason="Inductor's C++ compilation of the student takes about 3 minutes on a 2-core CPU; "
+                           "set TUNE_MTARD_TEST_INDUCTOR=1 to run it (the aot_eager test covers the code path)")
+def test_inductor_compiled_student_gives_the_eager_step(tiny_config, tiny_digits, tiny_teachers):
+    x, y = first_batch(tiny_digits)
+    rows_eager = steps(trainer(tiny_config, tiny_digits, tiny_teachers), x, y, 1)
+    rows_compiled = steps(trainer(tiny_config, tiny_digits, tiny_teachers, compile=True), x, y, 1)
+    assert rows_compiled.tolist() == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in rows_eager.tolist()]
+
+
+# ---- data on the device ----------------------------------------------------------------------------
+
+
+def device_under_test() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else CPU
+
+
+def test_the_loader_yields_the_same_batches_from_a_split_on_the_device(tiny_digits):
+    images = torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8)
+    split = Split(images, torch.randint(0, 10, (50,)))
+    device = device_under_test()
+    on_host = iterate_batches(split, 16, shuffle=True, generator=torch.Generator().manual_seed(5), crop_padding=4,
+                              hflip=True, device=device)
+    on_device = iterate_batches(split.to(device), 16, shuffle=True, generator=torch.Generator().manual_seed(5),
+                                crop_padding=4, hflip=True)
+    pairs = list(zip(on_host, on_device))
+    assert len(pairs) == 4
+    for (x_host, y_host), (x_dev, y_dev) in pairs:
+        assert x_dev.device.type == device.type and x_dev.dtype == torch.float32
+        assert torch.equal(x_host, x_dev) and torch.equal(y_host, y_dev)
+
+
+def test_a_run_with_its_data_on_the_device_is_identical(tiny_config, tiny_digits, tiny_teachers):
+    cfg = tiny_config.with_values({"train.epochs": 1})
+    runs = [fitted(cfg, tiny_digits, tiny_teachers, data_on_device=flag) for flag in (False, True)]
+    assert torch.equal(runs[0].trace, runs[1].trace)
+    assert runs[1].data.train.images.dtype == torch.uint8  # uint8 on the device, floats per batch
+
+
+def test_perf_auto_is_off_on_the_cpu_and_explicit_values_win(tiny_config):
+    assert PerfOptions.resolve(tiny_config, CPU) == PerfOptions(False, False, False, False)
+    cfg = tiny_config.with_values({"perf.bf16": True, "perf.channels_last": True, "perf.data_on_device": True})
+    assert PerfOptions.resolve(cfg, CPU) == PerfOptions(True, True, False, True)
+
+
+def test_perf_auto_on_cuda_turns_everything_on_and_keeps_large_datasets_on_the_host(tiny_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1000))
+    cuda = torch.device("cuda")
+    assert PerfOptions.resolve(tiny_config, cuda, data_bytes=100) == PerfOptions(True, True, False, True)
+    assert PerfOptions.resolve(tiny_config, cuda, data_bytes=101).data_on_device is False
+
+
+def test_data_bytes_counts_every_split(tiny_digits: DataBundle):
+    expected = sum(s.images.numel() + 8 * s.labels.numel() for s in (tiny_digits.train, tiny_digits.val, tiny_digits.test))
+    assert data_bytes(tiny_digits) == expected
+
+
+# ---- the trace row ---------------------------------------------------------------------------------
+
+
+def test_a_trace_row_holds_tensors_and_numbers_in_column_order_with_nan_for_the_rest():
+    row = _trace(CPU, loss_adv=torch.tensor(0.25, dtype=torch.float64), w_adv=1.0, w_nat=0.0)
+    assert row.dtype == torch.float32 and row.shape == (len(TRACE_COLUMNS),)
+    values = dict(zip(TRACE_COLUMNS, row.tolist()))
+    assert (values["loss_adv"], values["w_adv"], values["w_nat"]) == (0.25, 1.0, 0.0)
+    assert all(math.isnan(values[k]) for k in ("loss_nat", "entropy_adv", "entropy_nat", "tau_adv", "tau_nat"))
+    again = _trace(CPU, w_adv=1.0)
+    again[TRACE_COLUMNS.index("w_adv")] = 5.0  # rows are fresh tensors: the cached constants stay put
+    assert _trace(CPU, w_adv=1.0)[TRACE_COLUMNS.index("w_adv")] == 1.0
+
+
+# ---- the benchmark ---------------------------------------------------------------------------------
+
+
+def test_the_reference_step_computes_what_the_engine_does(tiny_config, tiny_digits, tiny_teachers):
+    """bench's authors'-style step is the same algorithm, so bmtard_over_reference compares like with like."""
+    from tune_mtard.bench import ReferenceStep
+
+    x, y = first_batch(tiny_digits)
+    engine = trainer(tiny_config, tiny_digits, tiny_teachers)
+    reference = ReferenceStep(engine.cfg, copy.deepcopy(engine.student), copy.deepcopy(tiny_teachers["clean"]),
+                              copy.deepcopy(tiny_teachers["robust"]))
+    rows = steps(engine, x, y, 3)
+    torch.manual_seed(123)
+    for row in rows.tolist():
+        expected = reference(x, y)
+        assert row == pytest.approx([expected[k] for k in TRACE_COLUMNS], rel=1e-4, abs=1e-6)
+
+
+def test_bench_step_writes_the_ratios_as_json(tiny_config_path, tmp_path):
+    from tune_mtard.bench import main
+
+    out = tmp_path / "step.json"
+    assert main(["step", "--config", str(tiny_config_path), "--repeats", "1", "--window-s", "0.01",
+                 "--warmup", "1", "--batch-size", "32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"bmtard_over_floor", "bmtard_over_reference", "steps_per_s", "machine"} <= result.keys()
+    assert set(result["steps_per_s"]) == {"bmtard_step", "pgdat_step", "teacher_clean_forward",
+                                          "teacher_robust_forward", "student_forward_backward", "compute_in_sequence",
+                                          "reference_step"}
+    assert result["bmtard_over_floor"] > 0 and result["bmtard_over_reference"] > 0
+    assert result["batch_size"] == 32
+
+
+@pytest.mark.parametrize("argv", [["step", "--repeats", "0"], ["search", "--num-samples", "0"],
+                                  ["step", "--out", "/no/such/folder/x.json"], ["nonsense"]])
+def test_bench_rejects_bad_flags_with_exit_code_2(argv, capsys):
+    from tune_mtard.bench import main
+    from tune_mtard.cli import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_bench_search_refuses_a_fifo_baseline_from_another_config(tmp_path, capsys):
+    from tune_mtard.bench import main
+    from tune_mtard.cli import run
+
+    earlier = tmp_path / "search.json"
+    earlier.write_text(json.dumps({"command": "search", "fifo": {}, "fifo_fingerprint": {"train": {"epochs": 1}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, ["search", "--fifo-from", str(earlier)])
+    assert exit_info.value.code == 2
+    assert "--fifo-from" in capsys.readouterr().err
