@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tune_mtard.cli import ArgumentParser, add_set_flag, run
-from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
+from tune_mtard.config import Config, Distribution, absolute_tracking_uri, load_config, to_yaml
 from tune_mtard.errors import ConfigError
 from tune_mtard.tuning import (
     BEST_CONFIG, PARENT_RUN_FILE, SPACE_FILE, TrialSummary, best_trial,
@@ -70,6 +70,20 @@ def reproducible_values(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
     """A trial's sampled values plus the thread count it ran with, so ``train`` repeats it exactly on a CPU."""
     threads = cfg.perf.threads or max(1, int(cfg.search.resources.cpu))
     return {**sampled, "perf.threads": threads}
+
+
+def teacher_config(cfg: Config) -> Config:
+    """The run config whose method needs every teacher some trial will use (``method`` may be searched)."""
+    from tune_mtard.config import Method
+    from tune_mtard.methods import NEEDS_TEACHERS
+
+    methods = {cfg.method} | {Method(m) for m in (cfg.space or {}).get("method", Distribution("categorical", choices=[])).choices or []}
+    roles = set().union(*(NEEDS_TEACHERS.get(m, ()) for m in methods))
+    if "clean" in roles:
+        return cfg.run_config().with_values({"method": Method.BMTARD.value})
+    if "robust" in roles:
+        return cfg.run_config().with_values({"method": Method.ARD.value})
+    return cfg.run_config()
 
 
 def experiment_dir(cfg: Config) -> Path:
@@ -148,7 +162,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
 
     data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
     device = resolve_device(cfg.device)
-    teachers = prepare_teachers(cfg.run_config(), data, device, progress=not quiet and sys.stderr.isatty())
+    teachers = prepare_teachers(teacher_config(cfg), data, device, progress=not quiet and sys.stderr.isatty())
     teacher_weights = {role: (getattr(cfg.teachers, role).arch, model.cpu().state_dict())
                        for role, model in teachers.items()}
 
