@@ -208,12 +208,13 @@ def test_perf_auto_is_off_on_the_cpu_and_explicit_values_win(tiny_config):
 def test_perf_auto_on_cuda_turns_everything_on_and_keeps_large_datasets_on_the_host(tiny_config, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1000))
     cuda = torch.device("cuda")
-    assert PerfOptions.resolve(tiny_config, cuda, data_bytes=100) == PerfOptions(True, True, False, True)
-    assert PerfOptions.resolve(tiny_config, cuda, data_bytes=101).data_on_device is False
+    assert PerfOptions.resolve(tiny_config, cuda, dataset_bytes=100) == PerfOptions(True, True, False, True)
+    assert PerfOptions.resolve(tiny_config, cuda, dataset_bytes=101).data_on_device is False
 
 
 def test_data_bytes_counts_every_split(tiny_digits: DataBundle):
-    expected = sum(s.images.numel() + 8 * s.labels.numel() for s in (tiny_digits.train, tiny_digits.val, tiny_digits.test))
+    splits = (tiny_digits.train, tiny_digits.val, tiny_digits.test)
+    expected = sum(s.images.numel() + 8 * s.labels.numel() for s in splits)
     assert data_bytes(tiny_digits) == expected
 
 

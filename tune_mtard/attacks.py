@@ -4,8 +4,8 @@ Every attack is an object built from the model it attacks and its settings (torc
 evaluation is a loop over names (``build_attack``). Images are float tensors in [0, 1]; epsilons and
 step sizes are in the same units (``8/255``). An attack returns a tensor of the input's shape on the
 input's device, runs in fp32 whatever autocast the caller has on (training PGD may opt in to the caller's
-bf16, ``TrainPGD(keep_autocast=True)``), takes gradients with respect to the input only (the parameters' ``.grad`` stay as they were) and leaves the model's train/eval mode alone:
-callers put the model in eval mode.
+bf16, ``TrainPGD(keep_autocast=True)``), takes gradients with respect to the input only (the parameters'
+``.grad`` stay as they were) and leaves the model's train/eval mode alone: callers put the model in eval mode.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m tune_mtard.bench step|platform|search|memory`` (docs/performance.md).
+"""Benchmarks: ``python -m tune_mtard.bench step|platform|search|memory`` (README, Performance).
 
 * ``step``: calls per second of the B-MTARD step (``Trainer.train_step``), of a PGD-AT step with the same
   student, attack and batch, of each teacher's forward alone on its own input, of one student train-mode
@@ -318,12 +318,14 @@ def print_step(result: dict[str, Any]) -> None:
     for name, ms in result["ms_per_call"].items():
         print(f"{name:28s} {ms:10.3f} {result['steps_per_s'][name]:10.1f}")
     print("(medians of the ratios of each round)")
-    print(f"bmtard_over_floor        B-MTARD / (PGD-AT + teacher forwards)              {result['bmtard_over_floor']:.3f}")
+    print(f"bmtard_over_floor        B-MTARD / (PGD-AT + teacher forwards)              "
+          f"{result['bmtard_over_floor']:.3f}")
     print(f"  ... + one more student forward/backward in the floor                      "
           f"{result['bmtard_over_floor_plus_student_pass']:.3f}")
     print(f"  ... those parts run back to back, as in the step (compute_in_sequence)    "
           f"{result['bmtard_over_compute_in_sequence']:.3f}")
-    print(f"bmtard_over_reference    B-MTARD / authors'-style step (< 1 = faster)       {result['bmtard_over_reference']:.3f}")
+    print(f"bmtard_over_reference    B-MTARD / authors'-style step (< 1 = faster)       "
+          f"{result['bmtard_over_reference']:.3f}")
 
 
 # ------------------------------------------------------------------------------------------ platform
@@ -487,7 +489,8 @@ def print_platform(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(f"platform benchmark: {result['dataset']}, {result['epochs']} epochs, {result['reports']} reports, "
           f"{result['threads_per_trial']} thread(s) per trial, {result['device']}, median of {result['repeats']}")
-    print(f"machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}, load {m['load_avg_before']} -> {m['load_avg_1_5_15']}")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}, "
+          f"load {m['load_avg_before']} -> {m['load_avg_1_5_15']}")
     print(f"bare Trainer (teachers + Trainer + fit)            {result['bare_s']:8.2f} s")
     print(f"Ray Tune trial, inside the trainable               {result['trial_loop_s']:8.2f} s")
     print(f"Ray Tune trial, Tuner.fit end to end               {result['tuner_fit_s']:8.2f} s")
@@ -704,16 +707,19 @@ def print_memory(result: dict[str, Any]) -> None:
     print(f"memory estimate of one B-MTARD trial: {result['dataset']}, batch {result['batch_size']}, student "
           f"{result['student']}, teachers {result['teachers']['clean']} / {result['teachers']['robust']}")
     p = result["params_millions"]
-    print(f"parameters (M): student {p['student']:.2f}, clean teacher {p['clean']:.2f}, robust teacher {p['robust']:.2f}")
+    print(f"parameters (M): student {p['student']:.2f}, clean teacher {p['clean']:.2f}, "
+          f"robust teacher {p['robust']:.2f}")
     print(f"weights + grads + momentum + teachers      {result['weights_grads_momentum_gib']:7.2f} GiB")
     saved = result["student_saved_activations_gib"]
-    print(f"student activations kept for backward      {saved['fp32']:7.2f} GiB fp32, {saved['bf16']:.2f} GiB bf16 (x2: s_adv, s_nat)")
+    print(f"student activations kept for backward      {saved['fp32']:7.2f} GiB fp32, "
+          f"{saved['bf16']:.2f} GiB bf16 (x2: s_adv, s_nat)")
     print(f"largest teacher activation (fp32)          {result['teacher_largest_activation_gib']:7.2f} GiB")
     print(f"dataset on the device (uint8)              {result['dataset_on_device_gib']:7.2f} GiB")
     print(f"CUDA context etc. (assumed, not measured)  {result['assumed_cuda_process_overhead_gib']:7.2f} GiB")
     for name, r in result["per_trial"].items():
+        share = 1 / max(r["trials_per_gpu"], 1)
         print(f"{name}: about {r['gib']:.1f} GiB per trial, {r['trials_per_gpu']} trials on a "
-              f"{result['gpu_gib']:.0f} GiB card by memory (search.resources.gpu = {1 / max(r['trials_per_gpu'], 1):.2g})")
+              f"{result['gpu_gib']:.0f} GiB card by memory (search.resources.gpu = {share:.2g})")
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -65,7 +65,7 @@ class PerfOptions:
     data_on_device: bool = False
 
     @classmethod
-    def resolve(cls, cfg: Config, device: torch.device, data_bytes: int = 0) -> "PerfOptions":
+    def resolve(cls, cfg: Config, device: torch.device, dataset_bytes: int = 0) -> "PerfOptions":
         on_cuda = device.type == "cuda"
 
         def pick(value: bool | str) -> bool:
@@ -74,7 +74,7 @@ class PerfOptions:
         p = cfg.perf
         data_on_device = pick(p.data_on_device)
         if p.data_on_device == AUTO and on_cuda:
-            data_on_device = data_bytes <= DEVICE_DATA_SHARE * torch.cuda.get_device_properties(device).total_memory
+            data_on_device = dataset_bytes <= DEVICE_DATA_SHARE * torch.cuda.get_device_properties(device).total_memory
         return cls(bf16=pick(p.bf16), channels_last=pick(p.channels_last), compile=bool(p.compile),
                    data_on_device=data_on_device)
 
