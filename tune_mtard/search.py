@@ -9,7 +9,6 @@ a parent run for the search and a child run per trial, and the best trial's conf
 from __future__ import annotations
 
 import csv
-import importlib.resources
 import json
 import math
 import os
@@ -19,27 +18,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tune_mtard.cli import ArgumentParser, add_set_flag, run
-from tune_mtard.config import Config, Distribution, absolute_tracking_uri, load_config, to_yaml
+from tune_mtard.config import Config, Distribution, absolute_tracking_uri, find_config_file, load_config, to_yaml
 from tune_mtard.errors import ConfigError
 from tune_mtard.tuning import (
     BEST_CONFIG, PARENT_RUN_FILE, SPACE_FILE, TrialSummary, best_trial,
 )
 
-SPACES_DIR = "search_spaces"
 
 
 def resolve_space(space: str) -> Path:
     """A path; else a file name in ``./search_spaces/``; else one of the spaces installed with the package."""
-    candidates = [Path(space), Path(SPACES_DIR) / space]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
-    packaged = importlib.resources.files(SPACES_DIR).joinpath(Path(space).name)
-    if packaged.is_file():
-        return Path(str(packaged))
-    available = sorted(p.name for p in importlib.resources.files(SPACES_DIR).iterdir() if p.name.endswith(".yaml"))
-    raise ConfigError("--space", f"{space} not found as a path, in ./{SPACES_DIR}/ or among the installed spaces "
-                                 f"({', '.join(available)})")
+    try:
+        return find_config_file(space)
+    except ConfigError as exc:
+        raise ConfigError("--space", f"{space}: {exc.message}") from None
 
 
 def build_search_config(args: Any) -> Config:
