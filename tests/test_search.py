@@ -85,13 +85,16 @@ def base_run_config(space: Path, root: Path, name: str):
 
 
 def ray_reports(folder: Path) -> dict[str, list[dict]]:
-    """Every report of every trial folder, from Ray's own result.json files: trial id -> rows in order."""
+    """Every report of every trial folder, from Ray's own result.json files: trial id -> rows in order.
+
+    A trial can have two folders: a resumed Ray names anew the folder of a trial its snapshot held as pending.
+    """
     reports = {}
     for result in folder.glob("train_bmtard_*/result.json"):
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         if rows:
-            reports[rows[0]["trial_id"]] = rows
-    return reports
+            reports.setdefault(rows[0]["trial_id"], []).extend(rows)
+    return {tid: sorted(rows, key=lambda r: r["timestamp"]) for tid, rows in reports.items()}
 
 
 def ray_trial_ids(folder: Path) -> set[str]:
@@ -484,6 +487,30 @@ def test_ray_deleting_a_checkpoint_that_is_already_gone_does_not_fail_the_trial(
     assert not (tmp_path / "checkpoint_000001").exists()
 
 
+def test_a_restarted_trial_finds_its_furthest_checkpoint_in_any_of_its_folders(tmp_path):
+    import pyarrow.fs
+    from ray import tune
+
+    from trainables.bmtard import find_checkpoints
+
+    def checkpoint(trial_dir: str, name: str, epoch: int | None) -> str:
+        path = tmp_path / trial_dir / name
+        path.mkdir(parents=True)
+        if epoch is not None:
+            tune.Checkpoint.from_directory(str(path)).set_metadata({"epoch": epoch})
+        return str(path)
+
+    old = "train_bmtard_ab12cd34_3_beta=1.5_2026-11-25_10-00-00"  # the folder before the kill
+    new = "train_bmtard_ab12cd34_3_beta=1.5_2026-11-25_10-05-00"  # named anew by the resumed Ray
+    e2, e3 = checkpoint(old, "checkpoint_000001", 2), checkpoint(old, "checkpoint_000002", 3)
+    torn = checkpoint(old, "checkpoint_000003", None)  # cut short by the kill: no metadata
+    e1_new = checkpoint(new, "checkpoint_000000", 1)  # numbering restarted: a higher name is not a later epoch
+    e3_new = checkpoint(new, "checkpoint_000001", 3)
+    checkpoint("train_bmtard_ab12cd99_4_beta=2.0_2026-11-25_10-00-00", "checkpoint_000009", 9)  # another trial
+    found = find_checkpoints(pyarrow.fs.LocalFileSystem(), str(tmp_path), new, "train_bmtard_ab12cd34")
+    assert [c.path for c in found] == [e3_new, e3, e2, e1_new, torn]
+
+
 # ---- kill and resume -------------------------------------------------------------------------------------
 
 
@@ -537,6 +564,7 @@ def test_killed_search_resumes_to_the_same_counts_without_rerunning_or_duplicati
             driver.kill()
         driver.wait()
     epochs_at_kill = _reported_epochs(folder)
+    checkpoints_at_kill = {r.name: sorted(c.name for c in r.glob("checkpoint_*")) for r in folder.glob("train_bmtard_*")}
     assert finished and midway, "the search ended before one trial finished while another was mid-way:\n" + \
         (tmp_path / "first.log").read_text()[-3000:]
 
@@ -575,7 +603,9 @@ def test_killed_search_resumes_to_the_same_counts_without_rerunning_or_duplicati
         # Mid-way at the kill: continued from its last checkpoint, not from scratch.
         rows = reports[trial_id]
         after = rows[epochs_at_kill[trial_id]:]
-        assert all(r["resumed_from_epoch"] >= epochs_at_kill[trial_id] for r in after), rows
+        assert all(r["resumed_from_epoch"] >= epochs_at_kill[trial_id] for r in after), \
+            (trial_id, epochs_at_kill[trial_id], [(r["epoch"], r["resumed_from_epoch"]) for r in rows],
+             {k: v for k, v in checkpoints_at_kill.items() if trial_id in k})
         continued += bool(after)
     assert continued, "no trial that was mid-way at the kill was continued"
 

@@ -26,6 +26,7 @@ from tune_mtard.models import create_model, save_checkpoint
 STATE_FILE = "state.pt"
 STUDENT_FILE = "student.pt"
 CHECKPOINT_PREFIX = "checkpoint_"
+EPOCH_KEY = "epoch"  # in each checkpoint's metadata: the epochs it has trained
 # Ray logs a line per persisted checkpoint, i.e. per trial and epoch here: too many to read in the driver.
 RAY_CHECKPOINT_LOGGER = "ray.train._internal.storage"
 
@@ -43,23 +44,44 @@ def _teacher(arch: str | None, weights: dict[str, torch.Tensor] | None, data: Da
     return model.eval().requires_grad_(False)
 
 
-def _checkpoints_newest_first() -> list[tune.Checkpoint]:
-    """The trial's checkpoints in its storage folder, the newest first.
+def find_checkpoints(fs: pyarrow.fs.FileSystem, experiment_path: str, trial_dir: str,
+                     trial_name: str) -> list[tune.Checkpoint]:
+    """Every checkpoint the trial left in the experiment folder, the furthest trained first.
 
-    Ray hands a restarted trial the last checkpoint recorded in its latest experiment snapshot; a driver
-    killed after a trial reported but before the next snapshot leaves newer ones in the folder.
+    Ray hands a restarted trial the last checkpoint recorded in its latest experiment snapshot, and
+    snapshots are throttled (10 s at least). A driver killed after a trial reported but before the next
+    snapshot leaves newer checkpoints in the trial's folder; one killed while the snapshot still held the
+    trial as pending leaves them in a folder the resumed Ray does not know (it names the trial's folder
+    anew, with a new date). So look in every folder of this trial (``<trial name>_...``), and order by
+    the epoch each checkpoint holds: checkpoint numbers restart from the snapshot's count after a resume.
     """
-    storage = tune.get_context().get_storage()
-    fs = storage.storage_filesystem
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(storage.trial_fs_path, allow_not_found=True))
-    folders = [i for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
-    folders.sort(key=lambda i: i.base_name, reverse=True)
-    return [tune.Checkpoint(i.path, filesystem=fs) for i in folders]
+    selector = pyarrow.fs.FileSelector(experiment_path, allow_not_found=True)
+    folders = [i for i in fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.Directory
+               and (i.base_name == trial_dir or i.base_name.startswith(trial_name + "_"))]
+    found = []
+    for folder in folders:
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder.path, allow_not_found=True)):
+            if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX):
+                checkpoint = tune.Checkpoint(info.path, filesystem=fs)
+                found.append(((_epoch_of(checkpoint), folder.base_name == trial_dir, info.base_name), checkpoint))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [checkpoint for _, checkpoint in found]
+
+
+def _epoch_of(checkpoint: tune.Checkpoint) -> int:
+    """The epoch a checkpoint holds, from its metadata; -1 where it has none (a torn copy)."""
+    try:
+        return int(checkpoint.get_metadata().get(EPOCH_KEY, -1))
+    except Exception:  # unreadable metadata: a copy cut short
+        return -1
 
 
 def _resume(trainer: Trainer) -> bool:
-    """Load the newest checkpoint that loads (the newest can be torn by a kill mid-copy); False if none."""
-    candidates = _checkpoints_newest_first()
+    """Load the furthest checkpoint that loads (the newest can be torn by a kill mid-copy); False if none."""
+    context = tune.get_context()
+    storage = context.get_storage()
+    candidates = find_checkpoints(storage.storage_filesystem, storage.experiment_fs_path, storage.trial_dir_name,
+                                  context.get_trial_name())
     given = tune.get_checkpoint()
     if given is not None and all(c.path != given.path for c in candidates):
         candidates.append(given)
@@ -92,13 +114,12 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
     resumed_from_epoch = trainer.epoch  # 0 for a fresh start: shows in the results that a restart continued
 
     def report(t: Trainer, metrics: dict[str, float]) -> None:
-        if len(metrics) <= 1:  # not a validation epoch: nothing to report
-            return
         with tempfile.TemporaryDirectory() as folder:
             t.save(Path(folder) / STATE_FILE)
             save_checkpoint(t.student, Path(folder) / STUDENT_FILE)
-            tune.report(dict(metrics, node_id=node_id, resumed_from_epoch=resumed_from_epoch),
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+            checkpoint = tune.Checkpoint.from_directory(folder)
+            checkpoint.set_metadata({EPOCH_KEY: t.epoch})
+            tune.report(dict(metrics, node_id=node_id, resumed_from_epoch=resumed_from_epoch), checkpoint=checkpoint)
 
     if resumed and trainer.history:
         # The driver may never have received the last checkpointed epoch: report it again (the MLflow
@@ -106,4 +127,4 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
         report(trainer, trainer.history[-1])
     if tune.get_context().get_trial_id() in finished:
         return
-    trainer.fit(lambda t, result: report(t, result.metrics))
+    trainer.fit(lambda t, result: report(t, result.metrics) if result.validated else None)
