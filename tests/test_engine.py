@@ -248,8 +248,9 @@ def test_each_validation_reports_the_spec_metrics_every_eval_every_epochs(tiny_c
 
     assert [r.epoch for r in results] == [1, 2, 3]
     assert results[0].metrics == {"epoch": 1}  # no validation between evaluations
-    evaluated = [r for r in results if len(r.metrics) > 1]
-    assert [r.epoch for r in evaluated] == [2, 3]  # every 2 epochs, and always after the last one
+    evaluated = [r for r in results if r.validated]
+    assert [r.epoch for r in evaluated] == [2, 3]
+    assert [len(r.metrics) > 1 for r in results] == [r.validated for r in results]  # every 2 epochs, and always after the last one
     assert trainer.history == [r.metrics for r in evaluated]
     steps_per_epoch = trainer.step // 3
     for result in evaluated:

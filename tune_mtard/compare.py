@@ -230,7 +230,7 @@ def train_and_test(method: str, cfg: Config, data: DataBundle, teachers: dict[st
                       teachers.get("robust") if "robust" in roles else None, device=device)
 
     def on_epoch_end(t: Trainer, result: EpochResult) -> None:
-        if len(result.metrics) > 1:
+        if result.validated:
             m = result.metrics
             tracking.log_metrics(client, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=result.epoch)
             print(f"  {method} seed {cfg.seed} epoch {result.epoch:3d}  val clean {m['val_clean_acc']:.4f}  "

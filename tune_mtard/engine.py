@@ -90,6 +90,11 @@ class EpochResult:
     epoch: int  # 1-based: the number of epochs done
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def validated(self) -> bool:
+        """Whether the epoch ran validation (every ``eval.every`` epochs and the last): ``metrics`` holds it."""
+        return "val_w_robust_acc" in self.metrics
+
 
 EpochCallback = Callable[["Trainer", EpochResult], None]
 

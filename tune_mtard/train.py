@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def on_epoch_end(t: Trainer, result: EpochResult) -> None:
         t.save(out / CHECKPOINT)
-        if len(result.metrics) > 1:
+        if result.validated:
             tracking.log_metrics(client, run_id, {k: v for k, v in result.metrics.items() if k != "epoch"},
                                  step=result.epoch)
             m = result.metrics
