@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pyautoattack.square import SquareAttack
 from torch import Tensor, nn
 
-ATTACK_NAMES = ("clean", "fgsm", "pgd20", "cw", "aa", "square")
+from tune_mtard.config import ATTACKS as ATTACK_NAMES  # defined where configs are checked, without torch
 
 # The standard version of AutoAttack (Croce & Hein, 2020), as its README and _set_version define it.
 AUTOATTACK_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")

@@ -38,7 +38,7 @@ class TeacherRecipe(str, enum.Enum):
 
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "tiny-imagenet")
-ATTACKS = ("clean", "fgsm", "pgd20", "cw", "aa", "square")
+ATTACKS = ("clean", "fgsm", "pgd20", "cw", "aa", "square")  # tune_mtard.attacks builds each of these
 AUTO = "auto"
 
 
