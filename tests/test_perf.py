@@ -18,6 +18,8 @@ import functools
 import json
 import math
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -31,6 +33,13 @@ from tune_mtard.methods import TRACE_COLUMNS, _trace
 
 CPU = torch.device("cpu")
 LOSSES = [TRACE_COLUMNS.index("loss_adv"), TRACE_COLUMNS.index("loss_nat")]
+PLATFORM_SEARCH = """\
+search:
+  num_samples: 1
+  resources: {cpu: 1, gpu: 0}
+space:
+  balance.beta: {type: float, low: 0.5, high: 3.0}
+"""
 ALL_OFF = {"perf.bf16": False, "perf.channels_last": False, "perf.compile": False, "perf.data_on_device": False}
 
 
@@ -263,6 +272,26 @@ def test_bench_step_writes_the_ratios_as_json(tiny_config_path, tmp_path):
                                           "reference_step"}
     assert result["bmtard_over_floor"] > 0 and result["bmtard_over_reference"] > 0
     assert result["batch_size"] == 32
+
+
+def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_config_path, tmp_path):
+    """The real platform benchmark, shrunk: a fresh Ray in a subprocess, one 1-epoch trial each way."""
+    space = tmp_path / "space.yaml"
+    space.write_text(tiny_config_path.read_text() + PLATFORM_SEARCH)
+    out = tmp_path / "platform.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "tune_mtard.bench", "platform", "--config", str(space),
+                           "--epochs", "1", "--repeats", "1", "--out", str(out)],
+                          cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["command"] == "platform" and result["epochs"] == 1 and result["repeats"] == 1
+    (run,) = result["runs"]
+    assert 0 < run["bare_epoch_time_sum_s"] <= run["bare_s"]
+    assert 0 < run["trial_epoch_time_sum_s"] <= run["trial_loop_s"] <= run["tuner_fit_s"]
+    assert result["platform_overhead"] == pytest.approx((run["trial_loop_s"] - run["bare_s"]) / run["trial_loop_s"])
+    assert run["driver_mlflow_s"] > 0 and run["driver_optuna_s"] > 0  # the search's own recorder and searcher ran
+    assert "platform_overhead" in done.stdout
 
 
 @pytest.mark.parametrize("argv", [["step", "--repeats", "0"], ["search", "--num-samples", "0"],

@@ -36,7 +36,9 @@ def trial_config(base: Config, sampled: dict[str, Any]) -> Config:
     return base.run_config().with_values(sampled)
 
 
-def _teacher(arch: str | None, weights: dict[str, torch.Tensor] | None, data: DataBundle) -> torch.nn.Module | None:
+def teacher_from_weights(arch: str | None, weights: dict[str, torch.Tensor] | None,
+                         data: DataBundle) -> torch.nn.Module | None:
+    """A frozen teacher in eval mode from its architecture and state dict; None when the method needs none."""
     if weights is None or arch is None:
         return None
     model = create_model(arch, data.num_classes, data.in_channels)
@@ -106,8 +108,8 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
     cfg = trial_config(base, sampled)
     cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(cfg.perf.threads or cpus)
-    clean = _teacher(*teachers.get("clean", (None, None)), data)
-    robust = _teacher(*teachers.get("robust", (None, None)), data)
+    clean = teacher_from_weights(*teachers.get("clean", (None, None)), data)
+    robust = teacher_from_weights(*teachers.get("robust", (None, None)), data)
     trainer = Trainer(cfg, data, clean, robust)
     node_id = ray.get_runtime_context().get_node_id()
     resumed = _resume(trainer)

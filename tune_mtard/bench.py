@@ -345,12 +345,12 @@ def _timed_trial(sampled: dict[str, Any], *, base: Config, data: DataBundle,
 def _bare_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dict[str, torch.Tensor]]],
                 threads: int) -> dict[str, float]:
     """What the trainable does, without Ray or MLflow: wall and CPU seconds, sum of epoch_time_s."""
-    from trainables.bmtard import _teacher
+    from trainables.bmtard import teacher_from_weights
 
     torch.set_num_threads(threads)
     start, cpu_start = time.perf_counter(), time.process_time()
-    clean = _teacher(*teachers["clean"], data)
-    robust = _teacher(*teachers["robust"], data)
+    clean = teacher_from_weights(*teachers["clean"], data)
+    robust = teacher_from_weights(*teachers["robust"], data)
     history = Trainer(cfg, data, clean, robust).fit()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"bare_s": wall, "bare_cpu_s": cpu, "bare_epoch_time_sum_s": sum(m["epoch_time_s"] for m in history)}
@@ -402,20 +402,20 @@ def _ray_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dic
     from ray import tune
 
     from tune_mtard import tracking
-    from tune_mtard.search import _new_tuner, _parent_run
+    from tune_mtard.search import new_tuner, parent_run
 
     s = cfg.search
     folder.mkdir(parents=True)
     timing_file = folder / "trial_timing.json"
     client = tracking.client_for(cfg.mlflow.tracking_uri)
     experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
-    parent_run_id = _parent_run(client, cfg, folder, experiment_id, resume=False)
+    parent_run_id = parent_run(client, cfg, folder, experiment_id, resume=False)
     trainable = tune.with_resources(
         tune.with_parameters(_timed_trial, base=cfg.run_config(), data=data, teachers=teachers,
                              timing_file=str(timing_file)),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
     )
-    tuner = _new_tuner(cfg, trainable, folder, experiment_id, parent_run_id, quiet=True)
+    tuner = new_tuner(cfg, trainable, folder, experiment_id, parent_run_id, quiet=True)
     driver: dict[str, float] = {}
     with _driver_time_per_result(driver):
         start = time.perf_counter()

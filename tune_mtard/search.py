@@ -168,7 +168,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     folder.mkdir(parents=True, exist_ok=True)
     client = tracking.client_for(cfg.mlflow.tracking_uri)
     experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
-    parent_run_id = _parent_run(client, cfg, folder, experiment_id, resume)
+    parent_run_id = parent_run(client, cfg, folder, experiment_id, resume)
 
     # A resumed trial that the killed driver had already finished only reports its last epoch again.
     finished = finished_optuna_trials(folder, cfg.name) if resume else set()
@@ -181,7 +181,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
         with quiet_experiment_analysis():
             tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
     else:
-        tuner = _new_tuner(cfg, trainable, folder, experiment_id, parent_run_id, quiet)
+        tuner = new_tuner(cfg, trainable, folder, experiment_id, parent_run_id, quiet)
     try:
         grid = tuner.fit()
     except BaseException:
@@ -209,7 +209,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     return 1 if best is None or failed else 0
 
 
-def _new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_run_id: str, quiet: bool):
+def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_run_id: str, quiet: bool):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -253,7 +253,7 @@ def _new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_
     )
 
 
-def _parent_run(client, cfg: Config, folder: Path, experiment_id: str, resume: bool) -> str:
+def parent_run(client, cfg: Config, folder: Path, experiment_id: str, resume: bool) -> str:
     """The search's parent run: the same one after a resume."""
     from tune_mtard import tracking
 
