@@ -244,7 +244,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """The run config as dotted keys (``balance.beta``), for MLflow params and comparisons."""
-        return dict(_flatten(self.to_dict()))
+        return flatten(self.to_dict())
 
     def get(self, dotted: str) -> Any:
         node: Any = self
@@ -644,7 +644,7 @@ def _validate_space(cfg: Config) -> None:
     """Space keys are run-config leaves; every value a distribution can sample must make a valid config."""
     space = cfg.space or {}
     base = cfg.to_dict()
-    leaves = dict(_flatten(base))
+    leaves = flatten(base)
     hints = _leaf_types()
     for key, dist in space.items():
         where = f"space.{key}"
@@ -725,13 +725,16 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-def _flatten(raw: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as dotted keys (``{"balance": {"beta": 1}}`` -> ``{"balance.beta": 1}``)."""
+    out: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            yield from _flatten(value, dotted + ".")
+            out.update(flatten(value, dotted + "."))
         else:
-            yield dotted, value
+            out[dotted] = value
+    return out
 
 
 def to_yaml(cfg: Config, with_search: bool = False) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tune_mtard.cli import ArgumentParser, add_set_flag, run
-from tune_mtard.config import Config, Distribution, absolute_tracking_uri, find_config_file, load_config, to_yaml
+from tune_mtard.config import Config, Distribution, absolute_tracking_uri, find_config_file, flatten, load_config, to_yaml
 from tune_mtard.errors import ConfigError
 from tune_mtard.tuning import (
     BEST_CONFIG, PARENT_RUN_FILE, SPACE_FILE, TrialSummary, best_trial,
@@ -267,21 +267,11 @@ def parent_run(client, cfg: Config, folder: Path, experiment_id: str, resume: bo
     run_id = run.info.run_id
     id_file.write_text(run_id)
     (folder / SPACE_FILE).write_text(to_yaml(cfg, with_search=True))
-    tracking.log_params(client, run_id, {f"search.{k}": v for k, v in _flat(cfg.to_dict(with_search=True)["search"]).items()})
+    tracking.log_params(client, run_id, flatten(cfg.to_dict(with_search=True)["search"], "search."))
     tracking.log_params(client, run_id, {"name": cfg.name, "data.dataset": cfg.data.dataset,
                                          "train.epochs": cfg.train.epochs, "method": cfg.method.value})
     client.log_artifact(run_id, str(folder / SPACE_FILE))
     return run_id
-
-
-def _flat(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def summarize_trials(grid_or_trials) -> list[TrialSummary]:
