@@ -67,14 +67,7 @@ class RunResult:
 
 
 def parse_methods(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise ConfigError("--methods", "expected a comma-separated list of methods")
-    for name in names:
-        if name not in VARIANTS:
-            raise ConfigError("--methods", f"unknown method {name!r} (valid: {', '.join(VARIANTS)})")
-    _no_repeats(names, "--methods")
-    return names
+    return _parse_names(text, "--methods", "method", VARIANTS)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -91,13 +84,18 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_attacks(text: str) -> list[str]:
+    return _parse_names(text, "--attacks", "attack", ATTACKS)
+
+
+def _parse_names(text: str, flag: str, kind: str, valid: Sequence[str]) -> list[str]:
+    """A comma-separated list of distinct names, each one of ``valid``."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ConfigError("--attacks", "expected a comma-separated list of attacks")
+        raise ConfigError(flag, f"expected a comma-separated list of {kind}s")
     for name in names:
-        if name not in ATTACKS:
-            raise ConfigError("--attacks", f"unknown attack {name!r} (valid: {', '.join(ATTACKS)})")
-    _no_repeats(names, "--attacks")
+        if name not in valid:
+            raise ConfigError(flag, f"unknown {kind} {name!r} (valid: {', '.join(valid)})")
+    _no_repeats(names, flag)
     return names
 
 
