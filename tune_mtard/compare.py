@@ -20,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 import torch.nn as nn
@@ -87,7 +87,7 @@ def parse_attacks(text: str) -> list[str]:
     return _parse_names(text, "--attacks", "attack", ATTACKS)
 
 
-def _parse_names(text: str, flag: str, kind: str, valid: Sequence[str]) -> list[str]:
+def _parse_names(text: str, flag: str, kind: str, valid: Collection[str]) -> list[str]:
     """A comma-separated list of distinct names, each one of ``valid``."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
