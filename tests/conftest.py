@@ -73,7 +73,7 @@ def ray_address():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
                  logging_level="warning", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -11,17 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_mtard.attacks import (
-    ATTACK_NAMES,
-    CWInf,
-    FGSM,
-    PGD,
-    AutoAttack,
-    AutoAttackSettingsError,
-    Square,
-    TrainPGD,
-    build_attack,
-)
+from tune_mtard.attacks import ATTACKS, FGSM, PGD, AutoAttackSettingsError, CWInf, TrainPGD, build_attack
+from tune_mtard.attacks.autoattack import AutoAttack, Square
 from tune_mtard.evaluation import evaluate_attacks, robust_accuracy, transfer_accuracy, w_robust_acc
 
 NUM_CLASSES = 10
@@ -83,7 +74,7 @@ def assert_valid_adversarial(adv: torch.Tensor, images: torch.Tensor, epsilon: f
 # ---------------------------------------------------------------- every attack
 
 
-CHEAP_ATTACKS = [name for name in ATTACK_NAMES if name != "aa"]
+CHEAP_ATTACKS = [name for name in ATTACKS if name != "aa"]
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -138,7 +129,7 @@ def test_attacks_work_inside_no_grad():
     assert linf(adv, images) > 0
 
 
-# ---------------------------------------------------------------- TrainPGD: SPEC section 4, step 1
+# ---------------------------------------------------------------- TrainPGD: docs/algorithm.md, step 1
 
 
 def test_train_pgd_follows_spec_step_1_exactly():

@@ -1,4 +1,4 @@
-"""The balancers follow SPEC section 4, steps 4 and 5, on cases computed by hand."""
+"""The balancers follow docs/algorithm.md, steps 4 and 5, on cases computed by hand."""
 
 import math
 

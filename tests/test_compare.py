@@ -11,8 +11,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tune_mtard import compare
-from tune_mtard.cli import run
+from tune_mtard import comparison as comparison_lib
+from tune_mtard import pipeline
+from tune_mtard.cli import compare
+from tune_mtard.cli.common import run
 from tune_mtard.config import load_config
 from tune_mtard.engine import Trainer
 
@@ -101,7 +103,7 @@ def test_compare_writes_a_csv_row_per_method_and_seed_and_each_runs_files(compar
         run_dir = out / row["method"] / "seed0"
         for name in ("metrics.json", "balance_trace.csv", "config.yaml", "student.pt"):
             assert (run_dir / name).is_file()
-        assert load_config(run_dir / "config.yaml", check_files=False).method.value == row["method"]
+        assert load_config(run_dir / "config.yaml", check_files=False).method == row["method"]
 
 
 def test_mlflow_holds_one_parent_and_one_child_per_method_and_seed(comparison):
@@ -128,12 +130,12 @@ def test_mlflow_holds_one_parent_and_one_child_per_method_and_seed(comparison):
 
 def test_ablations_switch_the_balancers_and_keep_everything_else(tmp_path):
     base = load_config(tiny_config(tmp_path), check_files=False)
-    configs = compare.run_configs(base, ["b-mtard", "b-mtard-no-ebb", "b-mtard-no-nlb", "b-mtard-none"], [3])
+    configs = comparison_lib.run_configs(base, ["b-mtard", "b-mtard-no-ebb", "b-mtard-no-nlb", "b-mtard-none"], [3])
     switches = {m: (c.balance.entropy, c.balance.loss) for (m, _), c in configs.items()}
     assert switches == {"b-mtard": (True, True), "b-mtard-no-ebb": (False, True),
                         "b-mtard-no-nlb": (True, False), "b-mtard-none": (False, False)}
     for cfg in configs.values():
-        assert cfg.seed == 3 and cfg.method.value == "b-mtard"
+        assert cfg.seed == 3 and cfg.method == "b-mtard"
         assert cfg.train == base.train and cfg.attack == base.attack
 
 
@@ -171,11 +173,11 @@ def test_the_command_rejects_an_unknown_method_with_exit_code_2(tmp_path):
 def test_a_failed_run_is_recorded_failed_and_the_others_still_run(tmp_path, monkeypatch):
     class PgdAtFails(Trainer):
         def fit(self, *args, **kwargs):
-            if self.cfg.method.value == "pgd-at":
+            if self.cfg.method == "pgd-at":
                 raise RuntimeError("injected failure")
             return super().fit(*args, **kwargs)
 
-    monkeypatch.setattr(compare, "Trainer", PgdAtFails)
+    monkeypatch.setattr(pipeline, "Trainer", PgdAtFails)
     out = tmp_path / "out"
     code = compare.main(["--config", str(tiny_config(tmp_path, epochs=1)), "--methods", "pgd-at,natural",
                          "--seeds", "0", "--out", str(out), "--set", "eval.final_n_examples=64"])

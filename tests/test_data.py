@@ -10,7 +10,6 @@ from scipy.io import savemat
 
 from tune_mtard.data import (
     DataBundle,
-    DatasetName,
     Split,
     iterate_batches,
     load_data,
@@ -44,7 +43,7 @@ def digits() -> DataBundle:
 
 
 def test_digits_loads_offline_as_8x8_greyscale_uint8_with_ten_classes(digits):
-    assert digits.name is DatasetName.DIGITS
+    assert digits.name == "digits"
     assert (digits.num_classes, digits.in_channels, digits.image_size) == (10, 1, 8)
     for split in (digits.train, digits.val, digits.test):
         assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 8, 8)
@@ -88,7 +87,7 @@ def test_different_seed_gives_a_different_split(digits):
 
 
 def test_validation_is_carved_from_training_only_so_test_ignores_val_fraction(digits):
-    larger_val = load_data(DatasetName.DIGITS, val_fraction=0.3, seed=0)
+    larger_val = load_data("digits", val_fraction=0.3, seed=0)
     assert torch.equal(larger_val.test.images, digits.test.images)
     assert rows(larger_val.train) | rows(larger_val.val) == rows(digits.train) | rows(digits.val)
     assert len(larger_val.val) > len(digits.val)

@@ -1,4 +1,4 @@
-"""Specification of the training loop (tune_mtard.engine.Trainer) against SPEC section 4 and 5, on tiny digits runs."""
+"""Specification of the training loop (tune_mtard.engine.Trainer) against docs/algorithm.md and docs/search.md, on tiny digits runs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import math
 import pytest
 import torch
 
-from tune_mtard.config import Config, Method
-from tune_mtard.engine import TRACE_HEADER, EpochResult, Trainer, lr_scale, write_trace
+from tune_mtard.config import Config
+from tune_mtard.methods import METHODS
+from tune_mtard.engine import EpochResult, Trainer, lr_scale
+from tune_mtard.metrics import TRACE_HEADER
+from tune_mtard.trace import write_trace
 
 CPU = torch.device("cpu")
 SPEC_TRACE_HEADER = "step,epoch,loss_adv,loss_nat,entropy_adv,entropy_nat,tau_adv,tau_nat,w_adv,w_nat"
@@ -28,7 +31,7 @@ BALANCED_RUN = {
 
 
 def make_trainer(cfg: Config, data, teachers) -> Trainer:
-    return Trainer(cfg, data, teachers.get("clean"), teachers.get("robust"), device=CPU)
+    return Trainer(cfg, data, teachers, device=CPU)
 
 
 def finished(cfg: Config, data, teachers) -> Trainer:
@@ -52,7 +55,7 @@ def balanced_run(balanced_cfg, tiny_digits, tiny_teachers) -> Trainer:
     return finished(balanced_cfg, tiny_digits, tiny_teachers)
 
 
-# ---- the balance trace follows SPEC section 4 step by step -------------------------------------
+# ---- the balance trace follows docs/algorithm.md step by step -------------------------------------
 
 
 def expected_tau(tau: float, e_self: float, e_other: float, lr: float, b) -> tuple[float, bool]:
@@ -237,7 +240,7 @@ def test_lr_milestones_scale_with_the_number_of_epochs():
     assert lr_scale(Config().with_values({"train.lr_milestones": []}), 299) == 1.0
 
 
-# ---- validation metrics (SPEC section 5) ---------------------------------------------------------
+# ---- validation metrics (docs/search.md) ---------------------------------------------------------
 
 
 def test_each_validation_reports_the_spec_metrics_every_eval_every_epochs(tiny_config, tiny_digits, tiny_teachers):
@@ -282,9 +285,9 @@ def test_validation_uses_the_first_n_validation_examples_and_leaves_training_rng
 # ---- every method --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", list(Method), ids=[m.value for m in Method])
+@pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_trains_an_epoch_with_finite_losses(method, tiny_config, tiny_digits, tiny_teachers):
-    cfg = tiny_config.with_values({"train.epochs": 1, "method": method.value})
+    cfg = tiny_config.with_values({"train.epochs": 1, "method": method})
     trainer = make_trainer(cfg, tiny_digits, tiny_teachers)
     x = tiny_digits.train.floats()[:32]
     y = tiny_digits.train.labels[:32]

@@ -1,4 +1,4 @@
-"""Specification of `python -m tune_mtard.evaluate` (SPEC section 2) and of a search's final test evaluation
+"""Specification of `python -m tune_mtard.evaluate` (docs/cli.md) and of a search's final test evaluation
 (`tune_mtard.final_eval`), on a tiny PGD-AT digits student trained once for this module.
 
 The AutoAttack wrapper itself (settings check on a tampered object, per-stage counts, RNG and grads left
@@ -18,11 +18,11 @@ import pyautoattack
 import pytest
 import torch
 
-from tune_mtard.cli import run
+from tune_mtard.cli.common import run
 from tune_mtard.config import from_dict
 from tune_mtard.data import load_data
 from tune_mtard.engine import Trainer
-from tune_mtard.evaluate import main as evaluate_main
+from tune_mtard.cli.evaluate import main as evaluate_main
 from tune_mtard.models import create_model, save_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -209,8 +209,8 @@ def test_evaluate_refuses_to_run_a_tampered_autoattack(trained, capsys, monkeypa
 
 def test_evaluate_top_trials_logs_test_metrics_to_the_right_child_runs(trained, tmp_path):
     from tune_mtard import tracking
-    from tune_mtard.final_eval import evaluate_top_trials, rank_trials
-    from tune_mtard.tuning import TrialSummary, best_trial
+    from tune_mtard.search.final_eval import evaluate_top_trials
+    from tune_mtard.search.trials import TrialSummary, best_trial, rank_trials
 
     cfg = trained["cfg"].with_values({"search.final_eval": {"top_k": 2, "attacks": ["pgd20"], "n_examples": 16},
                                       "space": {"balance.beta": {"type": "float", "low": 0.5, "high": 3.0}}})
@@ -227,7 +227,7 @@ def test_evaluate_top_trials_logs_test_metrics_to_the_right_child_runs(trained, 
         else:
             folder.mkdir()
             (folder / "student.pt").write_bytes(model_path.read_bytes())
-        trials.append(TrialSummary(trial_id, {"balance.beta": beta}, "TERMINATED", epochs,
+        trials.append(TrialSummary(trial_id, {"balance.beta": beta}, False, epochs,
                                    {"val_w_robust_acc": val}, str(folder)))
 
     client = tracking.client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")

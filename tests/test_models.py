@@ -9,7 +9,6 @@ from torch import nn
 from tune_mtard import models
 from tune_mtard.errors import ConfigError
 from tune_mtard.models import (
-    WideResNet,
     available_models,
     create_model,
     load_checkpoint,
@@ -17,6 +16,7 @@ from tune_mtard.models import (
     register_model,
     save_checkpoint,
 )
+from tune_mtard.models.wide_resnet import WideResNet
 
 CIFAR_MODELS = ["resnet18", "preact_resnet18", "mobilenet_v2", "wrn34_10", "wrn28_10", "resnet56"]
 DIGITS_MODELS = ["digits_cnn", "digits_cnn_large"]
@@ -125,7 +125,7 @@ def test_create_model_with_unknown_name_raises_key_error_listing_the_names():
 
 
 def test_a_decorated_function_becomes_a_buildable_architecture(monkeypatch):
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(models.MODELS, "_entries", dict(models.MODELS._entries))
 
     @register_model
     def tiny_linear(num_classes: int, in_channels: int) -> nn.Module:

@@ -28,8 +28,10 @@ import torch.nn as nn
 
 from tune_mtard.attacks import PGD, TrainPGD
 from tune_mtard.data import DataBundle, Split, iterate_batches
-from tune_mtard.engine import PerfOptions, Trainer, data_bytes
-from tune_mtard.methods import TRACE_COLUMNS, _trace
+from tune_mtard.engine import Trainer
+from tune_mtard.perf import PerfOptions, data_bytes
+from tune_mtard.methods import trace_row
+from tune_mtard.metrics import TRACE_COLUMNS
 
 CPU = torch.device("cpu")
 LOSSES = [TRACE_COLUMNS.index("loss_adv"), TRACE_COLUMNS.index("loss_nat")]
@@ -46,8 +48,7 @@ ALL_OFF = {"perf.bf16": False, "perf.channels_last": False, "perf.compile": Fals
 def trainer(cfg, data, teachers, **perf) -> Trainer:
     """A CPU trainer with its own copies of the teachers (a trainer converts them in place)."""
     cfg = cfg.with_values(dict(ALL_OFF, **{f"perf.{k}": v for k, v in perf.items()}))
-    clean, robust = (copy.deepcopy(teachers[role]) for role in ("clean", "robust"))
-    return Trainer(cfg, data, clean, robust, device=CPU)
+    return Trainer(cfg, data, {role: copy.deepcopy(teachers[role]) for role in ("clean", "robust")}, device=CPU)
 
 
 def first_batch(data, batch_size=64):
@@ -231,14 +232,14 @@ def test_data_bytes_counts_every_split(tiny_digits: DataBundle):
 
 
 def test_a_trace_row_holds_tensors_and_numbers_in_column_order_with_nan_for_the_rest():
-    row = _trace(CPU, loss_adv=torch.tensor(0.25, dtype=torch.float64), w_adv=1.0, w_nat=0.0)
+    row = trace_row(CPU, loss_adv=torch.tensor(0.25, dtype=torch.float64), w_adv=1.0, w_nat=0.0)
     assert row.dtype == torch.float32 and row.shape == (len(TRACE_COLUMNS),)
     values = dict(zip(TRACE_COLUMNS, row.tolist()))
     assert (values["loss_adv"], values["w_adv"], values["w_nat"]) == (0.25, 1.0, 0.0)
     assert all(math.isnan(values[k]) for k in ("loss_nat", "entropy_adv", "entropy_nat", "tau_adv", "tau_nat"))
-    again = _trace(CPU, w_adv=1.0)
+    again = trace_row(CPU, w_adv=1.0)
     again[TRACE_COLUMNS.index("w_adv")] = 5.0  # rows are fresh tensors: the cached constants stay put
-    assert _trace(CPU, w_adv=1.0)[TRACE_COLUMNS.index("w_adv")] == 1.0
+    assert trace_row(CPU, w_adv=1.0)[TRACE_COLUMNS.index("w_adv")] == 1.0
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def test_a_trace_row_holds_tensors_and_numbers_in_column_order_with_nan_for_the_
 
 def test_the_reference_step_computes_what_the_engine_does(tiny_config, tiny_digits, tiny_teachers):
     """bench's authors'-style step is the same algorithm, so bmtard_over_reference compares like with like."""
-    from tune_mtard.bench import ReferenceStep
+    from tune_mtard.benchmarks.reference_step import ReferenceStep
 
     x, y = first_batch(tiny_digits)
     engine = trainer(tiny_config, tiny_digits, tiny_teachers)
@@ -260,7 +261,7 @@ def test_the_reference_step_computes_what_the_engine_does(tiny_config, tiny_digi
 
 
 def test_bench_step_writes_the_ratios_as_json(tiny_config_path, tmp_path):
-    from tune_mtard.bench import main
+    from tune_mtard.cli.bench import main
 
     out = tmp_path / "step.json"
     assert main(["step", "--config", str(tiny_config_path), "--repeats", "1", "--window-s", "0.01",
@@ -297,8 +298,8 @@ def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_
 @pytest.mark.parametrize("argv", [["step", "--repeats", "0"], ["search", "--num-samples", "0"],
                                   ["step", "--out", "/no/such/folder/x.json"], ["nonsense"]])
 def test_bench_rejects_bad_flags_with_exit_code_2(argv, capsys):
-    from tune_mtard.bench import main
-    from tune_mtard.cli import run
+    from tune_mtard.cli.bench import main
+    from tune_mtard.cli.common import run
 
     with pytest.raises(SystemExit) as exit_info:
         run(main, argv)
@@ -307,8 +308,8 @@ def test_bench_rejects_bad_flags_with_exit_code_2(argv, capsys):
 
 
 def test_bench_search_refuses_a_fifo_baseline_from_another_config(tmp_path, capsys):
-    from tune_mtard.bench import main
-    from tune_mtard.cli import run
+    from tune_mtard.cli.bench import main
+    from tune_mtard.cli.common import run
 
     earlier = tmp_path / "search.json"
     earlier.write_text(json.dumps({"command": "search", "fifo": {}, "fifo_fingerprint": {"train": {"epochs": 1}}}))

@@ -1,4 +1,4 @@
-"""Specification of `python -m tune_mtard.search` and `python -m tune_mtard.export` (SPEC sections 2, 3, 5).
+"""Specification of `python -m tune_mtard.search` and `python -m tune_mtard.export` (docs/cli.md, docs/search.md).
 
 Tiny digits searches (5 trials of 3 epochs, ASHA with grace period 1) on the session's Ray, each with its
 own storage folder and MLflow store; the teachers are the session's, trained once into a shared cache.
@@ -23,8 +23,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tune_mtard import export, search, train
-from tune_mtard.cli import run
+from tune_mtard.cli import export, search, train
+from tune_mtard.search import driver as search_driver
+from tune_mtard.cli.common import run
 from tune_mtard.config import load_config, to_yaml
 
 EPOCHS = 3
@@ -120,7 +121,7 @@ def mlflow_runs(root: Path, name: str):
 
 
 def expected_best(reports: dict[str, list[dict]]) -> tuple[set[str], float]:
-    """SPEC section 5: highest metric at the last report among full-epoch trials (all trials if none)."""
+    """docs/search.md: highest metric at the last report among full-epoch trials (all trials if none)."""
     last = {tid: rows[-1] for tid, rows in reports.items()}
     full = {tid: r for tid, r in last.items() if r["epoch"] >= EPOCHS} or last
     top = max(r["val_w_robust_acc"] for r in full.values())
@@ -342,7 +343,7 @@ BAD_INPUTS = {
 def test_bad_search_input_exits_2_with_one_line_before_ray_starts_or_anything_is_written(
         case, space_file, tmp_path, capsys, monkeypatch):
     extra, named = BAD_INPUTS[case]
-    monkeypatch.setattr(search, "run_search", lambda *a, **k: pytest.fail("the search started"))
+    monkeypatch.setattr(search_driver, "run_search", lambda *a, **k: pytest.fail("the search started"))
     with pytest.raises(SystemExit) as exit_info:
         run(search.main, search_args(space_file, tmp_path, "bad", *extra))
     assert exit_info.value.code == 2
@@ -353,7 +354,7 @@ def test_bad_search_input_exits_2_with_one_line_before_ray_starts_or_anything_is
 
 
 def test_unknown_space_file_exits_2_naming_it(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(search, "run_search", lambda *a, **k: pytest.fail("the search started"))
+    monkeypatch.setattr(search_driver, "run_search", lambda *a, **k: pytest.fail("the search started"))
     with pytest.raises(SystemExit) as exit_info:
         run(search.main, ["--space", "no_such_space.yaml", "--storage", str(tmp_path / "results")])
     assert exit_info.value.code == 2
@@ -363,7 +364,7 @@ def test_unknown_space_file_exits_2_naming_it(tmp_path, capsys, monkeypatch):
 
 
 def test_a_second_search_with_the_same_name_without_resume_exits_2(finished_search, space_file, capsys, monkeypatch):
-    monkeypatch.setattr(search, "run_search", lambda *a, **k: pytest.fail("the search started"))
+    monkeypatch.setattr(search_driver, "run_search", lambda *a, **k: pytest.fail("the search started"))
     before = sorted(p.name for p in finished_search["folder"].iterdir())
     with pytest.raises(SystemExit) as exit_info:
         run(search.main, search_args(space_file, finished_search["root"], finished_search["name"]))
@@ -378,7 +379,7 @@ def test_a_second_search_with_the_same_name_without_resume_exits_2(finished_sear
 
 def _searcher(folder: Path, name: str = "unit"):
     from tune_mtard.config import Distribution
-    from tune_mtard.tuning import PrunedAwareOptunaSearch, optuna_distributions, optuna_storage_url
+    from tune_mtard.search.searcher import PrunedAwareOptunaSearch, optuna_distributions, optuna_storage_url
 
     space = optuna_distributions({"balance.beta": Distribution(type="float", low=0.5, high=3.0)})
     return PrunedAwareOptunaSearch(space=space, metric="val_w_robust_acc", mode="max", study_name=name,
@@ -432,7 +433,7 @@ def test_restored_searcher_leaves_trials_the_study_already_holds_as_finished_alo
 
 
 def test_orphaned_running_optuna_trials_are_closed_as_fail_and_known_ones_left(tmp_path):
-    from tune_mtard.tuning import close_orphaned_optuna_trials
+    from tune_mtard.search.searcher import close_orphaned_optuna_trials
 
     searcher = _searcher(tmp_path)
     searcher.suggest("known")
@@ -450,7 +451,7 @@ class _Trial:
 
 def test_mlflow_recorder_after_a_resume_finds_the_trials_run_and_logs_each_epoch_once(tmp_path):
     from tune_mtard import tracking
-    from tune_mtard.tuning import MlflowTrialRecorder
+    from tune_mtard.search.recorder import MlflowTrialRecorder
 
     client = tracking.client_for(tracking_uri(tmp_path))
     experiment_id = tracking.experiment_id(client, "unit")
@@ -478,7 +479,7 @@ def test_ray_deleting_a_checkpoint_that_is_already_gone_does_not_fail_the_trial(
     import pyarrow.fs
     from ray.train._internal import checkpoint_manager
 
-    from tune_mtard.tuning import tolerate_deleted_checkpoints
+    from tune_mtard.search.compat import tolerate_deleted_checkpoints
 
     tolerate_deleted_checkpoints()
     checkpoint_manager._delete_fs_path(fs=pyarrow.fs.LocalFileSystem(), fs_path=str(tmp_path / "checkpoint_000000"))
@@ -491,7 +492,7 @@ def test_a_restarted_trial_finds_its_furthest_checkpoint_in_any_of_its_folders(t
     import pyarrow.fs
     from ray import tune
 
-    from trainables.bmtard import find_checkpoints
+    from tune_mtard.trainables.bmtard import find_checkpoints
 
     def checkpoint(trial_dir: str, name: str, epoch: int | None) -> str:
         path = tmp_path / trial_dir / name
@@ -622,7 +623,7 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_
                                                         "object_store_memory": 100 * 1024**2})
 cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
 cluster.wait_for_nodes()
-from tune_mtard.search import main
+from tune_mtard.cli.search import main
 
 try:
     code = main(sys.argv[1:] + ["--address", cluster.address])

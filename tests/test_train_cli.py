@@ -1,5 +1,5 @@
-"""Specification of the real commands `python -m tune_mtard.train` and `python -m tune_mtard.teachers` (SPEC
-section 2), run as subprocesses on the tiny digits config whose teachers the session fixture has already trained."""
+"""Specification of the real commands `python -m tune_mtard.train` and `python -m tune_mtard.teachers` (docs/cli.md),
+run as subprocesses on the tiny digits config whose teachers the session fixture has already trained."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tune_mtard.config import load_config
-from tune_mtard.engine import TRACE_HEADER
+from tune_mtard.metrics import TRACE_HEADER
 from tune_mtard.models import create_model, load_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,6 @@ after every validation epoch, ``tune.report`` the metrics with a checkpoint of t
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,15 @@ import ray
 import torch
 from ray import tune
 
+from tune_mtard import files
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
 from tune_mtard.engine import Trainer
 from tune_mtard.models import create_model, save_checkpoint
+from tune_mtard.search import compat
 
-STATE_FILE = "state.pt"
-STUDENT_FILE = "student.pt"
 CHECKPOINT_PREFIX = "checkpoint_"
 EPOCH_KEY = "epoch"  # in each checkpoint's metadata: the epochs it has trained
-# Ray logs a line per persisted checkpoint, i.e. per trial and epoch here: too many to read in the driver.
-RAY_CHECKPOINT_LOGGER = "ray.train._internal.storage"
 
 
 def trial_config(base: Config, sampled: dict[str, Any]) -> Config:
@@ -36,11 +33,8 @@ def trial_config(base: Config, sampled: dict[str, Any]) -> Config:
     return base.run_config().with_values(sampled)
 
 
-def teacher_from_weights(arch: str | None, weights: dict[str, torch.Tensor] | None,
-                         data: DataBundle) -> torch.nn.Module | None:
-    """A frozen teacher in eval mode from its architecture and state dict; None when the method needs none."""
-    if weights is None or arch is None:
-        return None
+def teacher_from_weights(arch: str, weights: dict[str, torch.Tensor], data: DataBundle) -> torch.nn.Module:
+    """A frozen teacher in eval mode from its architecture and state dict."""
     model = create_model(arch, data.num_classes, data.in_channels)
     model.load_state_dict(weights)
     return model.eval().requires_grad_(False)
@@ -80,17 +74,15 @@ def _epoch_of(checkpoint: tune.Checkpoint) -> int:
 
 def _resume(trainer: Trainer) -> bool:
     """Load the furthest checkpoint that loads (the newest can be torn by a kill mid-copy); False if none."""
-    context = tune.get_context()
-    storage = context.get_storage()
-    candidates = find_checkpoints(storage.storage_filesystem, storage.experiment_fs_path, storage.trial_dir_name,
-                                  context.get_trial_name())
+    fs, experiment_path, trial_dir = compat.trial_storage()
+    candidates = find_checkpoints(fs, experiment_path, trial_dir, tune.get_context().get_trial_name())
     given = tune.get_checkpoint()
     if given is not None and all(c.path != given.path for c in candidates):
         candidates.append(given)
     for checkpoint in candidates:
         try:
             with checkpoint.as_directory() as folder:
-                trainer.load(Path(folder) / STATE_FILE)
+                trainer.load(Path(folder) / files.TRIAL_STATE)
             return True
         except Exception:  # an incomplete copy: fall back to the one before
             continue
@@ -104,21 +96,20 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
     ``finished`` holds the ids of trials that a killed driver had already finished (told to Optuna): when
     a resumed search restarts one, it only reports its last epoch again, so Ray records its final result.
     """
-    logging.getLogger(RAY_CHECKPOINT_LOGGER).setLevel(logging.WARNING)
+    compat.quiet_checkpoint_log()
     cfg = trial_config(base, sampled)
     cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(cfg.perf.threads or cpus)
-    clean = teacher_from_weights(*teachers.get("clean", (None, None)), data)
-    robust = teacher_from_weights(*teachers.get("robust", (None, None)), data)
-    trainer = Trainer(cfg, data, clean, robust)
+    trainer = Trainer(cfg, data, {role: teacher_from_weights(arch, weights, data)
+                                  for role, (arch, weights) in teachers.items()})
     node_id = ray.get_runtime_context().get_node_id()
     resumed = _resume(trainer)
     resumed_from_epoch = trainer.epoch  # 0 for a fresh start: shows in the results that a restart continued
 
     def report(t: Trainer, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            t.save(Path(folder) / STATE_FILE)
-            save_checkpoint(t.student, Path(folder) / STUDENT_FILE)
+            t.save(Path(folder) / files.TRIAL_STATE)
+            save_checkpoint(t.student, Path(folder) / files.STUDENT)
             checkpoint = tune.Checkpoint.from_directory(folder)
             checkpoint.set_metadata({EPOCH_KEY: t.epoch})
             tune.report(dict(metrics, node_id=node_id, resumed_from_epoch=resumed_from_epoch), checkpoint=checkpoint)

@@ -1,4 +1,4 @@
-"""The two balancing algorithms of B-MTARD (SPEC section 4, steps 4 and 5).
+"""The two balancing algorithms of B-MTARD (docs/algorithm.md, steps 4 and 5).
 
 Both balancers are plain objects. Their state lives in tensors on whatever device the
 inputs come from, so a training loop on a GPU can call ``update`` every step without a
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 Number = float | torch.Tensor
 
-# The reference adds this inside the log of the teacher's soft labels (SPEC section 4, step 3).
+# The reference adds this inside the log of the teacher's soft labels (docs/algorithm.md, step 3).
 LOG_EPS = 1e-5
 
 

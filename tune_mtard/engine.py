@@ -8,8 +8,6 @@ the trace rows stay on the device and are copied back once per epoch.
 from __future__ import annotations
 
 import contextlib
-import csv
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,71 +16,25 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from tune_mtard.attacks import PGD, Clean
-from tune_mtard.config import AUTO, Config
+from tune_mtard.config import Config
 from tune_mtard.data import DataBundle, iterate_batches, num_batches
-from tune_mtard.evaluation import robust_accuracy, w_robust_acc
-from tune_mtard.methods import TRACE_COLUMNS, Objective, build_objective
+from tune_mtard.evaluation import progress_bar, robust_accuracy
+from tune_mtard.methods import Objective, Teachers, build_objective, needed_teachers
+from tune_mtard.metrics import (
+    EPOCH, EPOCH_ENDS, EPOCH_MEANS, EPOCH_TIME_S, LR, TRACE_COLUMNS, TRACE_HEADER, VAL_CLEAN_ACC, VAL_ROBUST_ACC,
+    VAL_W_ROBUST_ACC, w_robust_acc,
+)
 from tune_mtard.models import create_model
-
-TRACE_HEADER = ("step", "epoch") + TRACE_COLUMNS
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU."""
-    if name == AUTO:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from tune_mtard.perf import PerfOptions, data_bytes, resolve_device
+from tune_mtard.trace import write_trace
 
 
 def lr_scale(cfg: Config, epoch: int) -> float:
     """``lr_gamma`` to the number of milestones (fractions of ``train.epochs``) passed by ``epoch`` (0-based)."""
     milestones = [round(m * cfg.train.epochs) for m in cfg.train.lr_milestones]
     return cfg.train.lr_gamma ** sum(epoch >= m for m in milestones)
-
-
-# ``perf.data_on_device: auto`` keeps a dataset on the GPU when it takes at most this share of the card's
-# memory: trials sharing a card through fractional ``search.resources`` each hold their own copy.
-DEVICE_DATA_SHARE = 0.1
-
-
-@dataclass
-class PerfOptions:
-    """The GPU fast path (config ``perf``), resolved for one device: ``auto`` means on for CUDA, off elsewhere.
-
-    bf16: autocast to bfloat16 for the student's and teachers' forwards during training, training PGD
-        included; losses, balancing, validation and every evaluation attack stay fp32.
-    channels_last: student, teachers and batches in NHWC memory format.
-    compile: ``torch.compile`` of the student (off unless asked: each trial pays the compilation).
-    data_on_device: the uint8 dataset lives on the device, and batching, crop and flip run there.
-    """
-
-    bf16: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    data_on_device: bool = False
-
-    @classmethod
-    def resolve(cls, cfg: Config, device: torch.device, dataset_bytes: int = 0) -> "PerfOptions":
-        on_cuda = device.type == "cuda"
-
-        def pick(value: bool | str) -> bool:
-            return on_cuda if value == AUTO else bool(value)
-
-        p = cfg.perf
-        data_on_device = pick(p.data_on_device)
-        if p.data_on_device == AUTO and on_cuda:
-            data_on_device = dataset_bytes <= DEVICE_DATA_SHARE * torch.cuda.get_device_properties(device).total_memory
-        return cls(bf16=pick(p.bf16), channels_last=pick(p.channels_last), compile=bool(p.compile),
-                   data_on_device=data_on_device)
-
-
-def data_bytes(data: DataBundle) -> int:
-    """Bytes of a bundle's images and labels, all splits."""
-    return sum(t.numel() * t.element_size()
-               for split in (data.train, data.val, data.test) for t in (split.images, split.labels))
 
 
 @dataclass
@@ -93,7 +45,7 @@ class EpochResult:
     @property
     def validated(self) -> bool:
         """Whether the epoch ran validation (every ``eval.every`` epochs and the last): ``metrics`` holds it."""
-        return "val_w_robust_acc" in self.metrics
+        return VAL_W_ROBUST_ACC in self.metrics
 
 
 EpochCallback = Callable[["Trainer", EpochResult], None]
@@ -102,8 +54,8 @@ EpochCallback = Callable[["Trainer", EpochResult], None]
 class Trainer:
     """One student trained by one objective; ``state_dict`` holds everything a resume needs."""
 
-    def __init__(self, cfg: Config, data: DataBundle, teacher_clean: nn.Module | None = None,
-                 teacher_robust: nn.Module | None = None, device: torch.device | None = None):
+    def __init__(self, cfg: Config, data: DataBundle, teachers: Teachers | None = None,
+                 device: torch.device | None = None):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.perf = PerfOptions.resolve(cfg, self.device, data_bytes(data))
@@ -115,13 +67,14 @@ class Trainer:
         if self.perf.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
         self.model = torch.compile(self.student) if self.perf.compile else self.student
-        teachers = [t for t in (teacher_clean, teacher_robust) if t is not None]
-        for teacher in teachers:
-            teacher.to(self.device).eval().requires_grad_(False)
-            if self.perf.channels_last:
-                teacher.to(memory_format=torch.channels_last)
-        self.objective: Objective = build_objective(cfg, self.model, teacher_clean, teacher_robust,
-                                                    autocast=self._autocast).to(self.device)
+        # Only the teachers the method distils from; any others given are left where they are.
+        teachers = {role: (teachers or {}).get(role) for role in needed_teachers(cfg.method)}
+        for teacher in teachers.values():
+            if teacher is not None:
+                teacher.to(self.device).eval().requires_grad_(False)
+                if self.perf.channels_last:
+                    teacher.to(memory_format=torch.channels_last)
+        self.objective: Objective = build_objective(cfg, self.model, teachers, autocast=self._autocast).to(self.device)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay)
         self.epoch = 0
@@ -161,9 +114,7 @@ class Trainer:
                                   drop_last=False, device=self.device)
         total = num_batches(len(self.data.train), cfg.data.batch_size, drop_last=False)
         if progress:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False)
+            batches = progress_bar(batches, total=total, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
 
         start = time.perf_counter()
         self.model.train()
@@ -178,16 +129,16 @@ class Trainer:
         self.epoch += 1
         epoch_time = time.perf_counter() - start
 
-        metrics: dict[str, float] = {"epoch": self.epoch}
+        metrics: dict[str, float] = {EPOCH: self.epoch}
         if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.train.epochs:
             metrics.update(self.validate())
             means = epoch_rows.nanmean(0)
-            for i, name in enumerate(TRACE_COLUMNS[:4]):
-                metrics[name] = float(means[i])
-            for i, name in enumerate(TRACE_COLUMNS[4:], start=4):
-                metrics[name] = float(epoch_rows[-1, i])
-            metrics["lr"] = cfg.train.lr * scale
-            metrics["epoch_time_s"] = epoch_time
+            for name in EPOCH_MEANS:
+                metrics[name] = float(means[TRACE_COLUMNS.index(name)])
+            for name in EPOCH_ENDS:
+                metrics[name] = float(epoch_rows[-1, TRACE_COLUMNS.index(name)])
+            metrics[LR] = cfg.train.lr * scale
+            metrics[EPOCH_TIME_S] = epoch_time
             self.history.append(metrics)
         return EpochResult(self.epoch, metrics)
 
@@ -214,11 +165,7 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + 7919 * self.epoch)
             clean = robust_accuracy(self.model, Clean(self.model), x, y, batch_size=e.batch_size)
             robust = robust_accuracy(self.model, attack, x, y, batch_size=e.batch_size)
-        return {
-            "val_clean_acc": clean,
-            "val_robust_acc": robust,
-            "val_w_robust_acc": w_robust_acc(clean, robust, e.clean_weight),
-        }
+        return {VAL_CLEAN_ACC: clean, VAL_ROBUST_ACC: robust, VAL_W_ROBUST_ACC: w_robust_acc(clean, robust, e.clean_weight)}
 
     # ---------------------------------------------------------------------------------- checkpointing
 
@@ -282,18 +229,3 @@ def _numpy_state() -> dict[str, Any]:
 def _set_numpy_state(state: dict[str, Any]) -> None:
     keys = state["keys"].numpy().astype(np.uint32)
     np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]))
-
-
-def write_trace(trace: torch.Tensor, path: str | Path) -> None:
-    """``balance_trace.csv``: one row per optimiser step, header as SPEC section 4 fixes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(TRACE_HEADER)
-        for row in trace.tolist():
-            writer.writerow([int(row[0]), int(row[1])] + [_fmt(v) for v in row[2:]])
-
-
-def _fmt(value: float) -> str:
-    return "nan" if math.isnan(value) else repr(value)

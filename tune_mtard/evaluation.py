@@ -6,16 +6,29 @@ given back in the mode they came in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .attacks import Attack, AutoAttack, Clean, build_attack, model_device
+from tune_mtard.attacks import Attack, Clean, build_attack, model_device
+from tune_mtard.config import Config
+from tune_mtard.data import DataBundle
+from tune_mtard.metrics import TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, w_robust_acc
 
 TRANSFER_ATTACKS = ("fgsm", "pgd20", "cw")
+
+
+def progress_bar(iterable: Iterable, total: int | None = None, desc: str = "", disable: bool = False) -> Iterable:
+    """A tqdm progress bar over ``iterable`` when tqdm is installed (it is optional for the training core)."""
+    if disable:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
 
 
 @contextmanager
@@ -55,7 +68,7 @@ def robust_accuracy(
             images = attack(images, labels)
         attack_each_batch = not (attack.attacks_whole_set or isinstance(attack, Clean))
         correct = torch.zeros((), dtype=torch.long, device=device)
-        for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
+        for start in progress_bar(range(0, n, batch_size), desc=desc, disable=not progress):
             x = images[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)
             if attack_each_batch:
@@ -101,15 +114,10 @@ def evaluate_attacks(
     results: dict[str, float] = {}
     for name, attack in attacks.items():
         results[f"{name}_acc"] = robust_accuracy(model, attack, images, labels, batch_size, progress, desc=name)
-        if isinstance(attack, AutoAttack):
+        if hasattr(attack, "per_attack_accuracy"):  # AutoAttack: the robust accuracy after each of its stages
             for stage, accuracy in attack.per_attack_accuracy.items():
                 results[f"{name}_{stage.replace('-', '_')}_acc"] = accuracy
     return results
-
-
-def w_robust_acc(clean: float, robust: float, clean_weight: float) -> float:
-    """W-Robust Acc = ``clean_weight * clean + (1 - clean_weight) * robust``."""
-    return clean_weight * clean + (1.0 - clean_weight) * robust
 
 
 def transfer_accuracy(
@@ -135,3 +143,25 @@ def transfer_accuracy(
         attack_name, source_model, epsilon=epsilon, pgd_step_size=pgd_step_size, pgd_steps=pgd_steps
     )
     return robust_accuracy(model, attack, images, labels, batch_size, progress, desc=f"transfer {attack_name}")
+
+
+def final_test_metrics(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device,
+                       progress: bool = False) -> dict[str, float]:
+    """The final test evaluation of a run: ``test_<attack>_acc`` for ``clean`` and each of ``eval.final_attacks``
+    on the first ``eval.final_n_examples`` test examples (all when 0), ``test_w_robust_acc_<attack>`` for each
+    robust one, and ``test_n_examples``. The attacks' random starts come from ``cfg.seed``."""
+    e = cfg.eval
+    test = data.test.head(e.final_n_examples) if e.final_n_examples else data.test
+    x, y = test.floats().to(device), test.labels.to(device)
+    names = list(dict.fromkeys(["clean"] + list(e.final_attacks)))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        accs = evaluate_attacks(model, x, y, names, epsilon=cfg.attack.epsilon, num_classes=data.num_classes,
+                                batch_size=e.batch_size, pgd_step_size=e.pgd_step_size, progress=progress)
+    metrics = {f"test_{key}": value for key, value in accs.items()}
+    for name in names:
+        if name != "clean":
+            metrics[TEST_W_ROBUST_ACC.format(name)] = w_robust_acc(accs["clean_acc"], accs[f"{name}_acc"],
+                                                                  e.clean_weight)
+    metrics[TEST_N_EXAMPLES] = len(test)
+    return metrics

@@ -1,20 +1,22 @@
-"""MLflow records: runs, params as dotted config keys, per-epoch metrics, and the balance-trace plot.
+"""MLflow records: one run lifecycle, params as dotted config keys, metrics by epoch, artifacts.
 
 All writes go through one :class:`mlflow.MlflowClient` in one process (a search's driver, or the
-``train`` command), so a sqlite store never sees two writers.
+``train`` / ``compare`` command), so a sqlite store never sees two writers. :func:`open_run` is the one
+way a run is opened: it always ends the run FINISHED, FAILED or KILLED, so a failure is never recorded
+as a result (docs/search.md, "Records").
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import math
-import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
-
-from tune_mtard.config import Config
+from tune_mtard.errors import Interrupted
 
 if TYPE_CHECKING:  # mlflow takes over a second to import: commands that reject bad input never pay it
     from mlflow.tracking import MlflowClient
@@ -22,8 +24,10 @@ if TYPE_CHECKING:  # mlflow takes over a second to import: commands that reject 
 MAX_PARAM_LENGTH = 6000
 _BATCH = 900  # MLflow accepts at most 1000 entries per log_batch
 
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
-def client_for(tracking_uri: str) -> "MlflowClient":
+
+def client_for(tracking_uri: str) -> MlflowClient:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -31,7 +35,8 @@ def client_for(tracking_uri: str) -> "MlflowClient":
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def experiment_id(client: "MlflowClient", name: str) -> str:
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment called ``name``, created (or restored from the bin) if needed."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -49,83 +54,91 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return None
 
 
-def params_of(values: dict[str, Any]) -> list:
+def log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
+    """Params not already on the run (MLflow refuses to change a param), values cut to MLflow's limit."""
     from mlflow.entities import Param
 
-    return [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in values.items()]
-
-
-def log_params(client: "MlflowClient", run_id: str, values: dict[str, Any]) -> None:
     existing = client.get_run(run_id).data.params
-    fresh = {k: v for k, v in values.items() if k not in existing}
-    params = params_of(fresh)
+    params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items() if k not in existing]
     for i in range(0, len(params), _BATCH):
         client.log_batch(run_id, params=params[i : i + _BATCH])
 
 
-def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    """The numeric, non-NaN entries of ``metrics`` at ``step``; anything else is skipped."""
     from mlflow.entities import Metric
 
-    now = _now_ms()
+    now = int(time.time() * 1000)
     entries = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not math.isnan(float(v))]
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))]
     for i in range(0, len(entries), _BATCH):
         client.log_batch(run_id, metrics=entries[i : i + _BATCH])
 
 
-def set_tags(client: "MlflowClient", run_id: str, tags: dict[str, str]) -> None:
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def config_params(cfg: Config) -> dict[str, Any]:
-    return cfg.run_config().flat()
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
-
-
-def plot_trace(trace_csv: str | Path, png: str | Path) -> None:
-    """tau and w over optimiser steps, the two balancing algorithms at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns: dict[str, list[float]] = {}
-    with Path(trace_csv).open() as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            for key, value in row.items():
-                columns.setdefault(key, []).append(float(value))
-    steps = columns.get("step", [])
-    fig, (ax_tau, ax_w) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for name in ("tau_adv", "tau_nat"):
-        ax_tau.plot(steps, columns.get(name, []), label=name)
-    ax_tau.set_ylabel("temperature")
-    ax_tau.legend()
-    for name in ("w_adv", "w_nat"):
-        ax_w.plot(steps, columns.get(name, []), label=name)
-    ax_w.set_ylabel("loss weight")
-    ax_w.set_xlabel("step")
-    ax_w.legend()
-    fig.suptitle("B-MTARD balance trace")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def log_artifacts(client: "MlflowClient", run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+def log_artifacts(client: MlflowClient, run_id: str, paths: Iterable[str | Path],
+                  artifact_path: str | None = None) -> None:
     for path in paths:
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_text(client: "MlflowClient", run_id: str, text: str, name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(text)
-        client.log_artifact(run_id, str(path))
+def status_for(error: BaseException | None) -> str:
+    """How a run that ended with ``error`` (None: it ended normally) is recorded."""
+    if error is None:
+        return FINISHED
+    if isinstance(error, (KeyboardInterrupt, Interrupted)):
+        return KILLED
+    return FAILED
+
+
+@dataclass
+class RunHandle:
+    """An open MLflow run: where its records go. ``failed`` ends it FAILED even without an exception."""
+
+    client: MlflowClient
+    run_id: str
+    failed: bool = False
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        log_params(self.client, self.run_id, values)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        log_metrics(self.client, self.run_id, metrics, step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        set_tags(self.client, self.run_id, tags)
+
+    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+        log_artifacts(self.client, self.run_id, paths, artifact_path)
+
+    def logged_steps(self, metric: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+
+
+@contextlib.contextmanager
+def open_run(client: MlflowClient, experiment: str, name: str, tags: dict[str, Any] | None = None,
+             reopen: str | None = None) -> Iterator[RunHandle]:
+    """A run from start to its end status: FINISHED when the block ends normally (and ``failed`` is not set),
+    KILLED on an interrupt, FAILED on any other exception, which propagates.
+
+    ``reopen`` continues an existing run (a resume) instead of creating one; ``tags`` are set either way.
+    """
+    if reopen is not None:
+        client.update_run(reopen, status=RUNNING)
+        run_id = reopen
+    else:
+        run_id = client.create_run(experiment, run_name=name).info.run_id
+    handle = RunHandle(client, run_id)
+    if tags:
+        handle.set_tags(tags)
+    try:
+        yield handle
+    except BaseException as error:
+        client.set_terminated(run_id, status_for(error))
+        raise
+    client.set_terminated(run_id, FAILED if handle.failed else FINISHED)

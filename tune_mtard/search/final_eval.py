@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,14 @@ import torch
 from tune_mtard import tracking
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
-from tune_mtard.engine import resolve_device
+from tune_mtard.evaluation import final_test_metrics
+from tune_mtard.files import FINAL_EVAL_CSV, STUDENT
 from tune_mtard.models import create_model, load_checkpoint
-from tune_mtard.train import final_test_metrics
-from tune_mtard.tuning import STUDENT_FILE, TrialSummary
+from tune_mtard.perf import resolve_device
+from tune_mtard.search.recorder import child_run_id
+from tune_mtard.search.trials import TrialSummary, rank_trials
 
 log = logging.getLogger(__name__)
-
-FINAL_EVAL_CSV = "final_eval.csv"
 
 
 @dataclass
@@ -38,28 +37,6 @@ class FinalEvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def rank_trials(trials: list[TrialSummary], metric: str, mode: str, full_epochs: int) -> list[TrialSummary]:
-    """Trials in ``tuning.best_trial``'s order: those that ran ``full_epochs`` first, best ``metric`` first, then the rest.
-
-    Trials without the metric are left out. The first one is always ``best_trial(...)``.
-    """
-    scored = [t for t in trials if not math.isnan(t.metric(metric))]
-    sign = -1 if mode == "max" else 1
-    full = sorted((t for t in scored if t.epochs >= full_epochs), key=lambda t: sign * t.metric(metric))
-    partial = sorted((t for t in scored if t.epochs < full_epochs), key=lambda t: sign * t.metric(metric))
-    return full + partial
-
-
-def child_run_id(client, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
-    """The MLflow child run the search recorded for ``trial_id`` under ``parent_run_id``."""
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        max_results=1,
-    )
-    return found[0].info.run_id if found else None
-
-
 def evaluate_trial(cfg: Config, trial: TrialSummary, data: DataBundle, device: torch.device) -> dict[str, float]:
     """``test_<attack>_acc`` and ``test_w_robust_acc_<attack>`` of the trial's final student.
 
@@ -70,7 +47,7 @@ def evaluate_trial(cfg: Config, trial: TrialSummary, data: DataBundle, device: t
     trial_cfg = cfg.run_config().with_values(
         {**trial.sampled, "eval.final_attacks": list(final.attacks), "eval.final_n_examples": final.n_examples})
     model = create_model(trial_cfg.student.arch, data.num_classes, data.in_channels)
-    load_checkpoint(model, Path(trial.checkpoint_dir) / STUDENT_FILE)
+    load_checkpoint(model, Path(trial.checkpoint_dir) / STUDENT)
     model.to(device).eval()
     return final_test_metrics(trial_cfg, model, data, device)
 
@@ -79,8 +56,9 @@ def evaluate_top_trials(cfg: Config, trials: list[TrialSummary], data: DataBundl
                         folder: str | Path) -> list[FinalEvalResult]:
     """Evaluate the ``search.final_eval.top_k`` best trials on the first ``search.final_eval.n_examples`` test examples.
 
-    Trials are ranked exactly as :func:`tune_mtard.tuning.best_trial` picks the best one (full-epoch
-    trials first by ``search.metric``, then the rest), so rank 1 is the best trial. This never changes
+    Trials are ranked by :func:`~tune_mtard.search.trials.rank_trials`, whose first trial is the best one
+    (full-epoch trials first by ``search.metric``, then the rest; failed trials never), so rank 1 is the
+    best trial. This never changes
     which trial is best: selection stays on validation, and test results are only reported, never ranked
     on. A trial without a saved student, or whose evaluation fails, is skipped with a warning and the next
     one taken.
@@ -97,7 +75,7 @@ def evaluate_top_trials(cfg: Config, trials: list[TrialSummary], data: DataBundl
     for rank, trial in enumerate(rank_trials(trials, s.metric, s.mode, cfg.train.epochs), start=1):
         if len(results) >= s.final_eval.top_k:
             break
-        if trial.checkpoint_dir is None or not (Path(trial.checkpoint_dir) / STUDENT_FILE).is_file():
+        if trial.checkpoint_dir is None or not (Path(trial.checkpoint_dir) / STUDENT).is_file():
             log.warning("final evaluation: trial %s (rank %d) has no saved student; skipped", trial.trial_id, rank)
             continue
         try:

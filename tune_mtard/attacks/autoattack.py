@@ -1,209 +1,25 @@
-"""Adversarial attacks, all with one call shape: ``attack(images, labels) -> adv_images``.
+"""AutoAttack (standard version) and the Square black-box attack, through ``pyautoattack``.
 
-Every attack is an object built from the model it attacks and its settings (torchattacks style), so
-evaluation is a loop over names (``build_attack``). Images are float tensors in [0, 1]; epsilons and
-step sizes are in the same units (``8/255``). An attack returns a tensor of the input's shape on the
-input's device, runs in fp32 whatever autocast the caller has on (training PGD may opt in to the caller's
-bf16, ``TrainPGD(keep_autocast=True)``), takes gradients with respect to the input only (the parameters'
-``.grad`` stay as they were) and leaves the model's train/eval mode alone: callers put the model in eval mode.
+The only module that imports pyautoattack: the training core and every other attack run without it.
 """
 
 from __future__ import annotations
 
-import itertools
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import pyautoattack
 import torch
-import torch.nn.functional as F
 from pyautoattack.square import SquareAttack
 from torch import Tensor, nn
 
-from tune_mtard.config import ATTACKS as ATTACK_NAMES  # defined where configs are checked, without torch
+from tune_mtard.attacks.base import Attack, AutoAttackSettingsError, model_device
 
 # The standard version of AutoAttack (Croce & Hein, 2020), as its README and _set_version define it.
 AUTOATTACK_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 AUTOATTACK_TARGET_CLASSES = 9
 AUTOATTACK_SQUARE_QUERIES = 5000
 SQUARE_P_INIT = 0.8
-
-# The reference's training attack starts from x + 0.001 * N(0, I) (SPEC section 4, step 1).
-TRAIN_PGD_NOISE = 0.001
-# Confidence of the CW loss in the TRADES / MTARD evaluation scripts' CW-inf attack.
-CW_CONFIDENCE = 50.0
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-class AutoAttackSettingsError(RuntimeError):
-    """The installed pyautoattack would not run the standard AutoAttack the results claim to be."""
-
-
-def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
-    """The device of the model's first parameter (or buffer); ``default`` (or CPU) for a model without either."""
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    if tensor is not None:
-        return tensor.device
-    return default if default is not None else torch.device("cpu")
-
-
-class Attack(ABC):
-    """Base class: ``__call__`` moves the batch to the model's device in fp32, ``perturb`` does the attack."""
-
-    # True when the attack must see the whole evaluation set in one call (it batches internally).
-    attacks_whole_set = False
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
-        device = model_device(self.model, images.device)
-        x = images.detach().to(device=device, dtype=torch.float32)
-        y = labels.detach().to(device)
-        with torch.autocast(device.type, enabled=False):
-            adv = self.perturb(x, y)
-        return adv.detach().to(images.device)
-
-    @abstractmethod
-    def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Adversarial examples for fp32 ``images`` and ``labels`` already on the model's device."""
-
-
-def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    # Summed as in the reference: the sign of the input gradient is that of the mean, without its underflow.
-    return F.cross_entropy(logits, labels, reduction="sum")
-
-
-def cw_loss(logits: Tensor, labels: Tensor, confidence: float = CW_CONFIDENCE) -> Tensor:
-    """The CW-inf loss of the TRADES / MTARD evaluation scripts: ``-sum(relu(z_y - max_{j!=y} z_j + confidence))``.
-
-    Ascending it raises the margin ``max_{j!=y} z_j - z_y`` until it passes ``confidence``.
-    """
-    is_label = F.one_hot(labels, logits.shape[1]).bool()
-    correct = logits[is_label]
-    best_other = logits.masked_fill(is_label, float("-inf")).amax(dim=1)
-    return -F.relu(correct - best_other + confidence).sum()
-
-
-def input_gradient(model: nn.Module, loss_fn: LossFn, images: Tensor, labels: Tensor) -> Tensor:
-    """Gradient of ``loss_fn(model(images), labels)`` with respect to the images only."""
-    images = images.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_fn(model(images), labels)
-        (grad,) = torch.autograd.grad(loss, [images])
-    return grad
-
-
-def sign_step(x_adv: Tensor, x: Tensor, grad: Tensor, step_size: float, epsilon: float) -> Tensor:
-    """``clip_[0,1](Proj_{||x_adv - x||inf <= epsilon}(x_adv + step_size * sign(grad)))``."""
-    x_adv = x_adv + step_size * grad.sign()
-    x_adv = torch.min(torch.max(x_adv, x - epsilon), x + epsilon)
-    return x_adv.clamp(0.0, 1.0)
-
-
-class Clean(Attack):
-    """The identity: clean accuracy through the same interface."""
-
-    def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
-        return images.clone()
-
-
-class TrainPGD(Attack):
-    """The training attack of SPEC section 4, step 1.
-
-    ``x' = x + 0.001 * N(0, I)`` (global RNG), then ``steps`` times
-    ``x' <- clip_[0,1](Proj_{||x'-x||inf <= epsilon}(x' + step_size * sign(grad CE(S(x'), y))))``.
-    As in the reference, the noisy start is not clipped before the first step. ``steps=0`` gives ``x``.
-
-    ``keep_autocast=True`` lets the model's forward and backward run under the caller's autocast (bf16
-    training on a GPU) instead of fp32; the examples themselves stay fp32. Only training opts in:
-    evaluation attacks always run in fp32.
-    """
-
-    def __init__(self, model: nn.Module, epsilon: float, step_size: float, steps: int, keep_autocast: bool = False):
-        super().__init__(model)
-        self.epsilon = float(epsilon)
-        self.step_size = float(step_size)
-        self.steps = int(steps)
-        self.keep_autocast = keep_autocast
-
-    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
-        if not self.keep_autocast:
-            return super().__call__(images, labels)
-        device = model_device(self.model, images.device)
-        x = images.detach().to(device=device, dtype=torch.float32)
-        adv = self.perturb(x, labels.detach().to(device))
-        return adv.detach().to(images.device)
-
-    def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
-        if self.steps == 0:
-            return images.clone()
-        x_adv = images + TRAIN_PGD_NOISE * torch.randn_like(images)
-        for _ in range(self.steps):
-            grad = input_gradient(self.model, cross_entropy_sum, x_adv, labels)
-            x_adv = sign_step(x_adv, images, grad, self.step_size, self.epsilon)
-        return x_adv
-
-
-class PGD(Attack):
-    """Evaluation PGD (Madry et al.) on the cross-entropy: uniform start in the eps-ball, sign steps."""
-
-    def __init__(self, model: nn.Module, epsilon: float, step_size: float, steps: int, random_start: bool = True):
-        super().__init__(model)
-        self.epsilon = float(epsilon)
-        self.step_size = float(step_size)
-        self.steps = int(steps)
-        self.random_start = random_start
-
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return cross_entropy_sum(logits, labels)
-
-    def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
-        x_adv = images.clone()
-        if self.random_start:
-            noise = torch.empty_like(images).uniform_(-self.epsilon, self.epsilon)
-            x_adv = (x_adv + noise).clamp(0.0, 1.0)
-        for _ in range(self.steps):
-            grad = input_gradient(self.model, self.loss, x_adv, labels)
-            x_adv = sign_step(x_adv, images, grad, self.step_size, self.epsilon)
-        return x_adv
-
-
-class CWInf(PGD):
-    """CW-inf: PGD on the CW margin loss (``cw_loss``), as in the TRADES / MTARD evaluation scripts.
-
-    The default step size is 2/255 at epsilon 8/255 and scales with epsilon (``epsilon / 4``).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        epsilon: float,
-        steps: int = 30,
-        step_size: float | None = None,
-        confidence: float = CW_CONFIDENCE,
-        random_start: bool = True,
-    ):
-        step_size = epsilon / 4 if step_size is None else step_size
-        super().__init__(model, epsilon, step_size, steps, random_start)
-        self.confidence = float(confidence)
-
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return cw_loss(logits, labels, self.confidence)
-
-
-class FGSM(Attack):
-    """One signed-gradient step of size epsilon on the cross-entropy (Goodfellow et al.)."""
-
-    def __init__(self, model: nn.Module, epsilon: float):
-        super().__init__(model)
-        self.epsilon = float(epsilon)
-
-    def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
-        grad = input_gradient(self.model, cross_entropy_sum, images, labels)
-        return sign_step(images, images, grad, self.epsilon, self.epsilon)
 
 
 @contextmanager
@@ -412,36 +228,3 @@ class Square(Attack):
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
         with torch.no_grad(), caller_rng_kept(images.device):
             return self.square.perturb(images, labels)
-
-
-def build_attack(
-    name: str,
-    model: nn.Module,
-    *,
-    epsilon: float,
-    num_classes: int | None = None,
-    pgd_step_size: float = 2 / 255,
-    pgd_steps: int = 20,
-    batch_size: int = 256,
-    square_queries: int = 100,
-) -> Attack:
-    """The attack called ``name`` (one of ``ATTACK_NAMES``) against ``model``.
-
-    ``pgd20`` is PGD with ``pgd_steps`` steps of ``pgd_step_size`` and a random start; ``aa`` is standard
-    AutoAttack and needs ``num_classes``; ``square`` is Square Attack with ``square_queries`` queries.
-    """
-    if name not in ATTACK_NAMES:
-        raise ValueError(f"unknown attack {name!r} (valid names: {', '.join(ATTACK_NAMES)})")
-    if name == "clean":
-        return Clean(model)
-    if name == "fgsm":
-        return FGSM(model, epsilon)
-    if name == "pgd20":
-        return PGD(model, epsilon, pgd_step_size, pgd_steps, random_start=True)
-    if name == "cw":
-        return CWInf(model, epsilon)
-    if name == "square":
-        return Square(model, epsilon, n_queries=square_queries)
-    if num_classes is None:
-        raise ValueError("attack 'aa' needs num_classes")
-    return AutoAttack(model, epsilon, num_classes, batch_size=batch_size)

@@ -1,16 +1,17 @@
 """What every command shares: argument parsing that fails in one line, and the exit-code contract.
 
-Exit codes (SPEC section 2): 0 success; 2 bad input (config, flags, paths), one line on stderr, no
-traceback, nothing started; 1 a failure while running.
+Exit codes (docs/cli.md): 0 success; 2 bad input (config, flags, paths), one line on stderr, no
+traceback, nothing started; 1 a failure while running; 130 (SIGINT) or 143 (SIGTERM) when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-from tune_mtard.errors import ConfigError
+from tune_mtard.errors import ConfigError, Interrupted
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -21,9 +22,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def parser_for(command: str, description: str) -> ArgumentParser:
+    return ArgumentParser(prog=f"python -m tune_mtard.{command}", description=description)
+
+
 def add_set_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted, value parsed as YAML); repeatable")
+
+
+def progress_wanted(no_progress: bool) -> bool:
+    """Progress bars only on a terminal, unless turned off."""
+    return not no_progress and sys.stderr.isatty()
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:
@@ -36,4 +46,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
     raise SystemExit(code)

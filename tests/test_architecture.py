@@ -1,0 +1,203 @@
+"""The layout a newcomer relies on (docs/architecture.md): the library never imports a command, no command
+imports another, the training core runs with torch, numpy, pyyaml and scikit-learn alone, and one
+registry holds each kind of name."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "tune_mtard"
+COMMANDS = ("search", "train", "teachers", "export", "evaluate", "compare", "bench")
+# `python -m tune_mtard.<command>` entry points: two-line shims over tune_mtard/cli/<command>.py.
+SHIMS = {PACKAGE / f"{c}.py" for c in COMMANDS} | {PACKAGE / c / "__main__.py" for c in COMMANDS} | {
+    PACKAGE / "__main__.py"}
+# The orchestration stack and the optional extras: the training core must import and run without them.
+HEAVY = ("ray", "optuna", "mlflow", "pyautoattack", "matplotlib", "tqdm", "pandas", "pyarrow")
+MAX_MODULE_LINES = 450
+
+
+def modules() -> dict[Path, str]:
+    found = {path: path.read_text() for path in PACKAGE.rglob("*.py")}
+    found.update({path: path.read_text() for path in (ROOT / "trainables").rglob("*.py")})
+    return found
+
+
+def imported(source: str) -> set[str]:
+    """Every module an import statement names, at any depth (imports inside functions count)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def is_command(path: Path) -> bool:
+    return path.parent == PACKAGE / "cli" or path in SHIMS
+
+
+def is_benchmark(path: Path) -> bool:
+    return path.parent == PACKAGE / "benchmarks"
+
+
+def test_the_library_never_imports_a_command_or_a_benchmark():
+    offenders = []
+    for path, source in modules().items():
+        if is_command(path) or is_benchmark(path):
+            continue
+        bad = {name for name in imported(source) if name.startswith(("tune_mtard.cli", "tune_mtard.benchmarks"))}
+        if bad:
+            offenders.append(f"{path.relative_to(ROOT)}: {sorted(bad)}")
+    assert offenders == []
+
+
+def test_no_command_imports_another():
+    for path, source in modules().items():
+        if path.parent != PACKAGE / "cli" or path.name in ("__init__.py", "common.py"):
+            continue
+        others = {name for name in imported(source) if name.startswith("tune_mtard.cli.")
+                  and name not in ("tune_mtard.cli.common",) and not name.startswith("tune_mtard.cli.common.")}
+        assert others == set(), f"{path.name} imports {others}"
+
+
+def test_every_command_has_its_module_entry_point_and_a_cli_module():
+    for command in COMMANDS:
+        assert (PACKAGE / "cli" / f"{command}.py").is_file()
+        assert (PACKAGE / f"{command}.py").is_file() or (PACKAGE / command / "__main__.py").is_file()
+
+
+def test_no_module_is_larger_than_one_cohesive_thing():
+    sizes = {str(path.relative_to(ROOT)): source.count("\n") for path, source in modules().items()}
+    assert {path: n for path, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+def test_private_ray_and_optuna_internals_are_used_in_the_compatibility_module_only():
+    """Attribute access to `_ot_*`, `_completed_trials`, `_storage`, `_trial_id` or Ray's `_internal`."""
+    private = ("._ot_", "._completed_trials", "._storage", "._trial_id", "_internal", ".get_storage()")
+    compat = PACKAGE / "search" / "compat.py"
+    offenders = [f"{path.relative_to(ROOT)}: {marker}" for path, source in modules().items() if path != compat
+                 for marker in private if marker in source]
+    assert offenders == []
+
+
+# Blocked packages look installed to a spec lookup (torch probes some) but fail when imported.
+BLOCKER = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, runpy, sys
+
+    BLOCKED = {blocked!r}
+
+    class Refuse(importlib.abc.Loader):
+        def create_module(self, spec):
+            raise ImportError(f"{{spec.name}} is blocked: the training core must not need it")
+
+        def exec_module(self, module):
+            pass
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                return importlib.machinery.ModuleSpec(name, Refuse())
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    {body}
+""")
+
+
+def run_blocked(body: str, *argv: str) -> subprocess.CompletedProcess:
+    code = BLOCKER.format(blocked=HEAVY, body=textwrap.dedent(body).strip())
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_the_training_core_imports_and_trains_with_the_orchestration_stack_blocked(tmp_path):
+    result = run_blocked(f"""
+        import torch
+        from tune_mtard import attacks, balance, config, data, engine, evaluation, methods, models
+        from tune_mtard.config import load_config
+        from tune_mtard.data import load_data
+        from tune_mtard.engine import Trainer
+        from tune_mtard.evaluation import final_test_metrics
+        cfg = load_config("digits.yaml", ["device=cpu", "train.epochs=1", "method=pgd-at", "eval.n_examples=16",
+                                          "eval.final_n_examples=16", "eval.final_attacks=[clean, fgsm, pgd20, cw]"],
+                          check_files=False).run_config()
+        data = load_data("digits")
+        trainer = Trainer(cfg, data)
+        trainer.fit()
+        print(sorted(final_test_metrics(cfg, trainer.model, data, torch.device("cpu"))))
+        for name in {HEAVY!r}:
+            assert name not in sys.modules, name
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test_cw_acc" in result.stdout
+
+
+def test_bench_step_runs_with_the_orchestration_stack_blocked(tmp_path):
+    out = tmp_path / "step.json"
+    result = run_blocked("""
+        sys.argv = ["tune_mtard.bench", *sys.argv[1:]]
+        runpy.run_module("tune_mtard.bench", run_name="__main__")
+    """, "step", "--config", "digits.yaml", "--repeats", "1", "--window-s", "0.02", "--warmup", "1",
+        "--set", "device=cpu", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.is_file() and "bmtard_over_reference" in out.read_text()
+
+
+def test_autoattack_says_what_is_missing_when_pyautoattack_is_not_installed():
+    result = run_blocked("""
+        from tune_mtard.attacks import build_attack
+        from tune_mtard.models import create_model
+        try:
+            build_attack("aa", create_model("digits_cnn", 10, 1), epsilon=0.1, num_classes=10)
+        except ImportError as exc:
+            print("refused:", exc)
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused:" in result.stdout and "pyautoattack" in result.stdout
+
+
+@pytest.mark.parametrize("registry, names", [
+    ("tune_mtard.methods:METHODS", {"natural", "pgd-at", "trades", "ard", "rslad", "mtard", "b-mtard"}),
+    ("tune_mtard.data:DATASETS", {"digits", "synthetic", "cifar10", "cifar100", "svhn", "tiny-imagenet"}),
+    ("tune_mtard.attacks:ATTACKS", {"clean", "fgsm", "pgd20", "cw", "aa", "square"}),
+    ("tune_mtard.models:MODELS", {"resnet18", "preact_resnet18", "mobilenet_v2", "wrn34_10", "wrn28_10", "resnet56",
+                                  "digits_cnn", "digits_cnn_large"}),
+])
+def test_each_kind_of_name_lives_in_one_registry(registry, names):
+    import importlib
+
+    module, attribute = registry.split(":")
+    assert set(getattr(importlib.import_module(module), attribute)) == names
+
+
+def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
+    """Registered, it is valid in a config, trains in the loop and is a variant `compare` accepts."""
+    import torch.nn.functional as F
+
+    from tune_mtard.engine import Trainer
+    from tune_mtard.methods import METHODS, Objective, register_method, trace_row
+
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
+
+    @register_method("clean-ce-twice")
+    class CleanTwice(Objective):
+        def step(self, x, y):
+            loss_nat = 2 * F.cross_entropy(self.student(x).float(), y)
+            return loss_nat, trace_row(x.device, loss_nat=loss_nat, w_adv=0.0, w_nat=1.0)
+
+    cfg = tiny_config.with_values({"method": "clean-ce-twice", "train.epochs": 1})
+    history = Trainer(cfg, tiny_digits).fit()
+    assert history[-1]["val_clean_acc"] > 0.1
+
+    from tune_mtard.comparison import parse_methods
+
+    assert parse_methods("clean-ce-twice,b-mtard") == ["clean-ce-twice", "b-mtard"]

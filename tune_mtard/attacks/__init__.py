@@ -1,0 +1,90 @@
+"""Adversarial attacks, all with one call shape: ``attack(images, labels) -> adv_images``.
+
+``ATTACKS`` names every attack an evaluation can run (``eval.final_attacks``, ``evaluate --attacks``);
+:func:`build_attack` builds one by name. ``base`` holds the shared interface, ``gradient`` the white-box
+attacks (training PGD, PGD, CW-inf, FGSM) and ``autoattack`` the two that need pyautoattack (standard
+AutoAttack and Square), imported only when one of them is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from tune_mtard.attacks.base import Attack, AutoAttackSettingsError, model_device
+from tune_mtard.attacks.gradient import FGSM, PGD, Clean, CWInf, TrainPGD
+from tune_mtard.registry import Registry
+
+AttackFactory = Callable[..., Attack]
+ATTACKS: Registry[AttackFactory] = Registry("attack")
+
+
+def _from_autoattack_module(name: str) -> type:
+    try:
+        from tune_mtard.attacks import autoattack
+    except ImportError as exc:
+        raise ImportError(f"attack {name} needs the pyautoattack package (pip install pyautoattack): {exc}") from exc
+    return getattr(autoattack, name)
+
+
+@ATTACKS.register("clean")
+def _clean(model: nn.Module, **_) -> Attack:
+    return Clean(model)
+
+
+@ATTACKS.register("fgsm")
+def _fgsm(model: nn.Module, *, epsilon: float, **_) -> Attack:
+    return FGSM(model, epsilon)
+
+
+@ATTACKS.register("pgd20")
+def _pgd(model: nn.Module, *, epsilon: float, pgd_step_size: float, pgd_steps: int, **_) -> Attack:
+    return PGD(model, epsilon, pgd_step_size, pgd_steps, random_start=True)
+
+
+@ATTACKS.register("cw")
+def _cw(model: nn.Module, *, epsilon: float, **_) -> Attack:
+    return CWInf(model, epsilon)
+
+
+@ATTACKS.register("aa")
+def _autoattack(model: nn.Module, *, epsilon: float, num_classes: int | None, batch_size: int, **_) -> Attack:
+    AutoAttack = _from_autoattack_module("AutoAttack")
+
+    if num_classes is None:
+        raise ValueError("attack 'aa' needs num_classes")
+    return AutoAttack(model, epsilon, num_classes, batch_size=batch_size)
+
+
+@ATTACKS.register("square")
+def _square(model: nn.Module, *, epsilon: float, square_queries: int, **_) -> Attack:
+    Square = _from_autoattack_module("Square")
+
+    return Square(model, epsilon, n_queries=square_queries)
+
+
+def build_attack(
+    name: str,
+    model: nn.Module,
+    *,
+    epsilon: float,
+    num_classes: int | None = None,
+    pgd_step_size: float = 2 / 255,
+    pgd_steps: int = 20,
+    batch_size: int = 256,
+    square_queries: int = 100,
+) -> Attack:
+    """The attack called ``name`` (one of ``ATTACKS``) against ``model``.
+
+    ``pgd20`` is PGD with ``pgd_steps`` steps of ``pgd_step_size`` and a random start; ``aa`` is standard
+    AutoAttack and needs ``num_classes``; ``square`` is Square Attack with ``square_queries`` queries.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r} (valid names: {', '.join(ATTACKS)})")
+    return ATTACKS.get(name)(model, epsilon=epsilon, num_classes=num_classes, pgd_step_size=pgd_step_size,
+                             pgd_steps=pgd_steps, batch_size=batch_size, square_queries=square_queries)
+
+
+__all__ = ["ATTACKS", "Attack", "AutoAttackSettingsError", "CWInf", "Clean", "FGSM", "PGD", "TrainPGD",
+           "build_attack", "model_device"]

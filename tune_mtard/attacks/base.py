@@ -1,0 +1,91 @@
+"""What every attack shares: one call shape, ``attack(images, labels) -> adv_images`` (torchattacks style).
+
+Every attack is an object built from the model it attacks and its settings, so evaluation is a loop over
+names (:func:`tune_mtard.attacks.build_attack`). Images are float tensors in [0, 1]; epsilons and step
+sizes are in the same units (``8/255``). An attack returns a tensor of the input's shape on the input's
+device, runs in fp32 whatever autocast the caller has on (training PGD may opt in to the caller's bf16,
+``TrainPGD(keep_autocast=True)``), takes gradients with respect to the input only (the parameters' ``.grad``
+stay as they were) and leaves the model's train/eval mode alone: callers put the model in eval mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# The reference's training attack starts from x + 0.001 * N(0, I) (docs/algorithm.md, step 1).
+TRAIN_PGD_NOISE = 0.001
+# Confidence of the CW loss in the TRADES / MTARD evaluation scripts' CW-inf attack.
+CW_CONFIDENCE = 50.0
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class AutoAttackSettingsError(RuntimeError):
+    """The installed pyautoattack would not run the standard AutoAttack the results claim to be."""
+
+def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
+    """The device of the model's first parameter (or buffer); ``default`` (or CPU) for a model without either."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if tensor is not None:
+        return tensor.device
+    return default if default is not None else torch.device("cpu")
+
+
+class Attack(ABC):
+    """Base class: ``__call__`` moves the batch to the model's device in fp32, ``perturb`` does the attack."""
+
+    # True when the attack must see the whole evaluation set in one call (it batches internally).
+    attacks_whole_set = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
+        device = model_device(self.model, images.device)
+        x = images.detach().to(device=device, dtype=torch.float32)
+        y = labels.detach().to(device)
+        with torch.autocast(device.type, enabled=False):
+            adv = self.perturb(x, y)
+        return adv.detach().to(images.device)
+
+    @abstractmethod
+    def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Adversarial examples for fp32 ``images`` and ``labels`` already on the model's device."""
+
+
+def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    # Summed as in the reference: the sign of the input gradient is that of the mean, without its underflow.
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def cw_loss(logits: Tensor, labels: Tensor, confidence: float = CW_CONFIDENCE) -> Tensor:
+    """The CW-inf loss of the TRADES / MTARD evaluation scripts: ``-sum(relu(z_y - max_{j!=y} z_j + confidence))``.
+
+    Ascending it raises the margin ``max_{j!=y} z_j - z_y`` until it passes ``confidence``.
+    """
+    is_label = F.one_hot(labels, logits.shape[1]).bool()
+    correct = logits[is_label]
+    best_other = logits.masked_fill(is_label, float("-inf")).amax(dim=1)
+    return -F.relu(correct - best_other + confidence).sum()
+
+
+def input_gradient(model: nn.Module, loss_fn: LossFn, images: Tensor, labels: Tensor) -> Tensor:
+    """Gradient of ``loss_fn(model(images), labels)`` with respect to the images only."""
+    images = images.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(model(images), labels)
+        (grad,) = torch.autograd.grad(loss, [images])
+    return grad
+
+
+def sign_step(x_adv: Tensor, x: Tensor, grad: Tensor, step_size: float, epsilon: float) -> Tensor:
+    """``clip_[0,1](Proj_{||x_adv - x||inf <= epsilon}(x_adv + step_size * sign(grad)))``."""
+    x_adv = x_adv + step_size * grad.sign()
+    x_adv = torch.min(torch.max(x_adv, x - epsilon), x + epsilon)
+    return x_adv.clamp(0.0, 1.0)

@@ -1,0 +1,75 @@
+"""What every benchmark shares: the machine the figures come from, and a timer of repeated windows."""
+
+from __future__ import annotations
+
+import os
+import platform as platform_module
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    """Where the figures come from: CPU model, cores, torch threads, load average, GPU."""
+    cpu = platform_module.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
+        "gpu": None,
+    }
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+class StepTimer:
+    """Times named callables in rounds: each round runs every callable for its own window of calls."""
+
+    def __init__(self, device: torch.device, window_s: float, warmup: int):
+        self.sync = synchronizer(device)
+        self.window_s = window_s
+        self.warmup = warmup
+        self.calls: dict[str, int] = {}
+        self.seconds: dict[str, list[float]] = {}
+
+    def calibrate(self, name: str, fn: Callable[[], Any]) -> None:
+        """Warm up and choose the window so one window of ``name`` lasts about ``window_s``."""
+        per_call = []
+        for _ in range(self.warmup):
+            self.sync()
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            per_call.append(time.perf_counter() - start)
+        self.calls[name] = max(3, min(100_000, round(self.window_s / max(statistics.median(per_call), 1e-7))))
+        self.seconds[name] = []
+
+    def window(self, name: str, fn: Callable[[], Any]) -> float:
+        """One timed window; what ``fn`` returns is kept and stacked to the host at the end, as an epoch is."""
+        n = self.calls[name]
+        kept = []
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            kept.append(fn())
+        rows = [r for r in kept if isinstance(r, torch.Tensor)]
+        if rows:
+            torch.stack(rows).cpu()
+        self.sync()
+        per_call = (time.perf_counter() - start) / n
+        self.seconds[name].append(per_call)
+        return per_call

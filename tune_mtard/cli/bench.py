@@ -1,0 +1,99 @@
+"""``bench step|platform|search|memory``: performance figures (docs/performance.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tune_mtard.cli.common import add_set_flag, parser_for
+from tune_mtard.config import find_config_file, load_config
+from tune_mtard.errors import ConfigError
+
+DEFAULT_SPACE = "digits.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = parser_for("bench", "Performance figures: a table on stdout and, with --out, JSON with the machine "
+                                 "they were measured on.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{step,platform,search,memory}")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", default=None,
+                         help=f"run config or search space: a path, or a name in ./search_spaces/ or among the "
+                              f"installed spaces (default: {DEFAULT_SPACE})")
+        sub.add_argument("--out", default=None, help="write the figures as JSON to this file")
+        add_set_flag(sub)
+        return sub
+
+    step = command("step", "steps/s of the B-MTARD step against PGD-AT + teacher forwards and a reference step")
+    step.add_argument("--batch-size", type=int, default=None, help="batch size (default: data.batch_size)")
+    step.add_argument("--repeats", type=int, default=7, help="timed windows per variant (median taken)")
+    step.add_argument("--window-s", type=float, default=1.0, help="seconds per timed window")
+    step.add_argument("--warmup", type=int, default=5, help="untimed calls per variant first")
+    step.add_argument("--threads", type=int, default=None,
+                      help="torch intra-op threads (default: search.resources.cpu, what one trial gets, "
+                           "else torch's default)")
+    plat = command("platform", "the same short trial bare and as a Ray Tune trial with MLflow logging")
+    plat.add_argument("--epochs", type=int, default=3, help="epochs of the trial")
+    plat.add_argument("--repeats", type=int, default=1, help="bare/trial pairs (median taken)")
+    memory = command("memory", "GPU memory of one trial, estimated on the CPU, and how many trials share a card")
+    memory.add_argument("--batch-size", type=int, default=None, help="batch size (default: data.batch_size)")
+    memory.add_argument("--gpu-gib", type=float, default=80.0, help="memory of the card (default: 80)")
+    search = command("search", "epochs and best W-Robust Acc of ASHA against running every trial to the end")
+    search.add_argument("--num-samples", type=int, default=None, help="trials per search (search.num_samples)")
+    search.add_argument("--max-epochs", type=int, default=None, help="shrink train.epochs")
+    search.add_argument("--storage", default=None, help="keep the two searches here (default: a temp folder)")
+    search.add_argument("--fifo-from", default=None, metavar="JSON",
+                        help="reuse the FIFO search of an earlier `bench search --out JSON` with the same config, "
+                             "samples and epochs (to compare ASHA settings against one full-budget search)")
+    args = parser.parse_args(argv)
+
+    for flag in ("batch_size", "repeats", "epochs", "num_samples", "max_epochs", "warmup", "threads"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}", "must be >= 1")
+    if getattr(args, "window_s", 1.0) <= 0:
+        raise ConfigError("--window-s", "must be > 0")
+    if getattr(args, "gpu_gib", 1.0) <= 0:
+        raise ConfigError("--gpu-gib", "must be > 0")
+    try:
+        args.config = str(find_config_file(args.config or DEFAULT_SPACE))
+    except ConfigError as exc:
+        raise ConfigError("--config", exc.message) from None
+    if args.out is not None and not Path(args.out).resolve().parent.is_dir():
+        raise ConfigError("--out", f"folder {Path(args.out).parent} does not exist")
+
+    if args.command == "step":
+        import torch
+
+        from tune_mtard.benchmarks.step import bench_step, print_step
+
+        cfg = load_config(args.config, args.overrides, check_files=False)
+        threads = args.threads or (int(cfg.search.resources.cpu) if cfg.search is not None else None)
+        if threads:
+            torch.set_num_threads(max(1, threads))
+        result = bench_step(cfg, args.batch_size, args.repeats, args.window_s, args.warmup)
+        print_step(result)
+    elif args.command == "platform":
+        from tune_mtard.benchmarks.platform import bench_platform, print_platform
+
+        result = bench_platform(load_config(args.config, args.overrides, check_files=False), args.epochs, args.repeats)
+        print_platform(result)
+    elif args.command == "memory":
+        from tune_mtard.benchmarks.memory import bench_memory, print_memory
+
+        result = bench_memory(load_config(args.config, args.overrides, check_files=False), args.batch_size,
+                              args.gpu_gib)
+        print_memory(result)
+    else:
+        from tune_mtard.benchmarks.search import bench_search, print_search
+
+        result = bench_search(args.config, args.overrides, args.num_samples, args.max_epochs, args.storage,
+                              args.fifo_from)
+        print_search(result)
+    if args.out is not None:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0

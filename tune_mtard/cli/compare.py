@@ -1,0 +1,26 @@
+"""``compare --config FILE --methods LIST``: methods side by side, over seeds (docs/methods.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tune_mtard.cli.common import add_set_flag, parser_for
+from tune_mtard.comparison import CompareRequest, compare, variants
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = parser_for("compare", "Run B-MTARD, its ablations and the baseline methods with the same loop, data and "
+                                   "evaluation over seeds, and print a markdown table.")
+    parser.add_argument("--config", required=True, help="run config or search space file (the base config)")
+    parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(variants())}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    parser.add_argument("--attacks", default=None,
+                        help="test attacks, comma-separated from clean,fgsm,pgd20,cw,aa,square "
+                             "(default: eval.final_attacks)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/<name>-compare)")
+    add_set_flag(parser)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: mlflow.tracking_uri)")
+    args = parser.parse_args(argv)
+
+    return compare(CompareRequest(config=args.config, methods=args.methods, seeds=args.seeds, attacks=args.attacks,
+                                  out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri))

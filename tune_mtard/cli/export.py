@@ -1,0 +1,26 @@
+"""``export --experiment DIR``: the run config of a search's best (or a named) trial (docs/search.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tune_mtard.cli.common import parser_for
+from tune_mtard.files import BEST_CONFIG
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = parser_for("export", "Write a complete run config for the best (or the named) trial of a finished "
+                                  "or interrupted search.")
+    parser.add_argument("--experiment", required=True, help="the search's folder, <storage>/<name>")
+    parser.add_argument("--trial", default=None, help="a trial id (default: the best trial)")
+    parser.add_argument("--out", default=None, help=f"output file (default: DIR/{BEST_CONFIG}, or DIR/trial_<ID>.yaml)")
+    args = parser.parse_args(argv)
+
+    from tune_mtard.search.export import ExportRequest, export_trial
+
+    exported = export_trial(ExportRequest(experiment=args.experiment, trial=args.trial, out=args.out))
+    t = exported.trial
+    print(f"trial {t.trial_id}: {exported.metric} {t.metric(exported.metric):.4f} after "
+          f"{t.epochs}/{exported.full_epochs} epochs")
+    print(f"wrote {exported.path}")
+    return 0

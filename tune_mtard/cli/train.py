@@ -1,0 +1,25 @@
+"""``train --config FILE``: one full training run (docs/cli.md, "train")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tune_mtard.cli.common import add_set_flag, parser_for, progress_wanted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = parser_for("train", "One full training run from a run config; writes metrics.json, student.pt, "
+                                 "balance_trace.csv and config.yaml and logs one MLflow run.")
+    parser.add_argument("--config", required=True, help="run config (e.g. an exported best_config.yaml) or search space file")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
+    add_set_flag(parser)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: mlflow.tracking_uri)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    from tune_mtard.training import TrainRequest, train
+
+    train(TrainRequest(config=args.config, out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri,
+                       resume=args.resume, progress=progress_wanted(args.no_progress)))
+    return 0

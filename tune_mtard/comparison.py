@@ -1,0 +1,329 @@
+"""Methods side by side: what the ``compare`` command does (docs/methods.md, "Comparing methods").
+
+Every method (and B-MTARD ablation) trains through the same loop from the same base config: the same
+data split, teachers, PGD, schedule and evaluation; only ``method`` (and, for the ablations,
+``balance.entropy`` / ``balance.loss``) and ``seed`` change. Each trained student is evaluated on the
+test split with ``--attacks``. Writes ``<out>/comparison.csv`` (one row per method and seed),
+``<out>/comparison_summary.csv`` (mean and standard deviation over seeds) and ``<out>/comparison.md``
+(the table it prints), each run's files under ``<out>/<method>/seed<N>/``, and logs one MLflow parent
+run with one child run per method and seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Collection, Sequence
+
+import torch.nn as nn
+
+from tune_mtard import files
+from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
+from tune_mtard.data import DataBundle
+from tune_mtard.errors import ConfigError
+from tune_mtard.methods import METHODS
+from tune_mtard.metrics import TEST_ACC, TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, VAL_CLEAN_ACC, VAL_ROBUST_ACC, \
+    VAL_W_ROBUST_ACC
+
+
+def variants() -> dict[str, dict[str, Any]]:
+    """What each name in ``--methods`` sets on the base config: every registered method and its variants
+    (the B-MTARD ablations are variants of b-mtard)."""
+    return {variant: {"method": method, **settings}
+            for method, spec in METHODS.items() for variant, settings in spec.variants.items()}
+
+ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf", "aa": "AutoAttack",
+                 "square": "Square"}
+
+FINISHED, FAILED = "FINISHED", "FAILED"
+
+
+@dataclass
+class CompareRequest:
+    """What the ``compare`` command asks for (docs/cli.md, "compare")."""
+
+    config: str
+    methods: str
+    seeds: str = "0,1,2"
+    attacks: str | None = None
+    out: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    tracking_uri: str | None = None
+
+
+@dataclass
+class RunResult:
+    """One (method, seed) run: its status, its final metrics (fractions) and its MLflow run."""
+
+    method: str
+    seed: int
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str = ""
+    error: str = ""
+
+
+# ------------------------------------------------------------------------------------ parsing input
+
+
+def parse_methods(text: str) -> list[str]:
+    return _parse_names(text, "--methods", "method", variants())
+
+
+def parse_seeds(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("--seeds", "expected a comma-separated list of seeds, e.g. 0,1,2")
+    seeds = []
+    for part in parts:
+        if not part.isdigit():
+            raise ConfigError("--seeds", f"expected non-negative integers, got {part!r}")
+        seeds.append(int(part))
+    _no_repeats(seeds, "--seeds")
+    return seeds
+
+
+def parse_attacks(text: str) -> list[str]:
+    from tune_mtard.attacks import ATTACKS
+
+    return _parse_names(text, "--attacks", "attack", ATTACKS.names())
+
+
+def _parse_names(text: str, flag: str, kind: str, valid: Collection[str]) -> list[str]:
+    """A comma-separated list of distinct names, each one of ``valid``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(flag, f"expected a comma-separated list of {kind}s")
+    for name in names:
+        if name not in valid:
+            raise ConfigError(flag, f"unknown {kind} {name!r} (valid: {', '.join(valid)})")
+    _no_repeats(names, flag)
+    return names
+
+
+def _no_repeats(items: Sequence[Any], flag: str) -> None:
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise ConfigError(flag, f"{item!r} given twice")
+
+
+def run_configs(base: Config, methods: Sequence[str], seeds: Sequence[int]) -> dict[tuple[str, int], Config]:
+    """The validated config of every (method, seed): the base config with the variant's keys and the seed.
+
+    Seed by seed, so a comparison cut short has every method for its first seeds.
+    """
+    configs = {}
+    settings = variants()
+    for seed in seeds:
+        for method in methods:
+            try:
+                configs[method, seed] = base.with_values({**settings[method], "seed": seed})
+            except ConfigError as exc:
+                raise ConfigError(exc.key, f"{exc.message} (in the config of {method}, seed {seed})") from None
+    return configs
+
+
+# ------------------------------------------------------------------------------------- aggregation
+
+
+def metric_keys(attacks: Sequence[str]) -> list[str]:
+    """The table's columns as metric names: clean, each attack, then W-Robust Acc for each robust attack."""
+    robust = [a for a in attacks if a != "clean"]
+    return ([TEST_ACC.format("clean")] + [TEST_ACC.format(a) for a in robust]
+            + [TEST_W_ROBUST_ACC.format(a) for a in robust])
+
+
+def column_titles(attacks: Sequence[str]) -> list[str]:
+    robust = [a for a in attacks if a != "clean"]
+    return (["Clean"] + [ATTACK_TITLES[a] for a in robust]
+            + [f"W-Robust ({ATTACK_TITLES[a]})" for a in robust])
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the deviation of a single value is 0."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(results: Sequence[RunResult], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Per method: the number of finished and failed seeds, and mean/std of every final metric."""
+    rows = []
+    for method in methods:
+        runs = [r for r in results if r.method == method]
+        done = [r for r in runs if r.status == FINISHED]
+        row: dict[str, Any] = {"method": method, "seeds_finished": len(done), "seeds_failed": len(runs) - len(done)}
+        keys = [k for k in (done[0].metrics if done else {}) if k.startswith(("test_", "val_")) or k == "train_time_s"]
+        for key in keys:
+            if key == TEST_N_EXAMPLES:
+                continue
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r.metrics[key] for r in done])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(summary: Sequence[dict[str, Any]], attacks: Sequence[str], seeds: Sequence[int],
+                   n_test: int, epsilon: float, clean_weight: float) -> str:
+    """The comparison as a markdown table: accuracies in %, mean ± std over the seeds."""
+    keys, titles = metric_keys(attacks), column_titles(attacks)
+    over = (f"mean ± sample std over seeds {', '.join(str(s) for s in seeds)}" if len(seeds) > 1
+            else f"seed {seeds[0]}")
+    lines = [
+        f"Test accuracy in % (n = {n_test}, eps = {epsilon:.4g}), {over}; "
+        f"W-Robust = {clean_weight:g} * clean + {1 - clean_weight:g} * robust.",
+        "",
+        "| method | " + " | ".join(titles) + " |",
+        "|---|" + "---:|" * len(titles),
+    ]
+    for row in summary:
+        name = row["method"]
+        if row["seeds_failed"]:
+            name += f" ({row['seeds_failed']} of {row['seeds_finished'] + row['seeds_failed']} seeds failed)"
+        if row["seeds_finished"] == 0:
+            cells = ["failed"] * len(keys)
+        else:
+            cells = [_percent(row[f"{k}_mean"], row[f"{k}_std"], len(seeds) > 1) for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(mean: float, std: float, with_std: bool) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if with_std else f"{100 * mean:.2f}"
+
+
+def write_results(out: Path, results: Sequence[RunResult], summary: Sequence[dict[str, Any]], table: str) -> list[Path]:
+    """``comparison.csv`` (one row per run), ``comparison_summary.csv`` and ``comparison.md``."""
+    per_run = out / files.COMPARISON_CSV
+    metric_names = list(dict.fromkeys(k for r in results for k in r.metrics))
+    _write_csv(per_run, ["method", "seed", "status", "mlflow_run_id", *metric_names, "error"],
+               [{"method": r.method, "seed": r.seed, "status": r.status, "mlflow_run_id": r.run_id,
+                 **r.metrics, "error": r.error} for r in results])
+    summary_path = out / files.COMPARISON_SUMMARY_CSV
+    _write_csv(summary_path, list(dict.fromkeys(k for row in summary for k in row)), summary)
+    markdown = out / files.COMPARISON_MD
+    markdown.write_text(table)
+    return [per_run, summary_path, markdown]
+
+
+def _write_csv(path: Path, header: list[str], rows: Sequence[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dict[str, nn.Module], out: Path,
+            client, experiment: str, parent_id: str, data_seed: int) -> RunResult:
+    """One (method, seed) through the run pipeline, as a child run of the comparison; a failure is recorded
+    (FAILED, with its error as a tag), not raised; an interrupt ends it KILLED and propagates."""
+    from tune_mtard import tracking
+    from tune_mtard.pipeline import new_trainer, run_pipeline
+
+    run_dir = out / method / f"seed{seed}"
+    tags = {"mlflow.parentRunId": parent_id, "tune_mtard.command": "compare", "compare.method": method,
+            "compare.seed": str(seed), "compare.data_seed": str(data_seed)}
+
+    def show(result) -> None:
+        if result.validated:
+            m = result.metrics
+            print(f"  {method} seed {seed} epoch {result.epoch:3d}  val clean {m[VAL_CLEAN_ACC]:.4f}  "
+                  f"robust {m[VAL_ROBUST_ACC]:.4f}  w-robust {m[VAL_W_ROBUST_ACC]:.4f}  "
+                  f"{m['epoch_time_s']:.1f}s", flush=True)
+
+    run_id = ""
+    try:
+        with tracking.open_run(client, experiment, f"{cfg.name}-{method}-seed{seed}", tags=tags) as run:
+            run_id = run.run_id
+            run.log_params(cfg.flat())
+            try:
+                result = run_pipeline(new_trainer(cfg, data, teachers, run_dir), data, run_dir, run=run, on_epoch=show)
+            except Exception as exc:
+                run.set_tags({"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:5000]})
+                raise
+    except Exception as exc:  # one failed method must not cost the others their results
+        traceback.print_exc()
+        return RunResult(method, seed, FAILED, run_id=run_id, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return RunResult(method, seed, FINISHED, result.metrics, run_id)
+
+
+def plan(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tuple[str, int], Config], Path]:
+    """Everything checked before anything runs, is written or is logged: the base config, methods, seeds,
+    each run's config and the output folder."""
+    from tune_mtard.teachers import check_teacher_files, roles_for
+
+    methods = parse_methods(request.methods)
+    seeds = parse_seeds(request.seeds)
+    base = load_config(request.config, request.overrides, check_files=False).run_config()
+    if request.attacks is not None:
+        base = base.with_values({"eval.final_attacks": parse_attacks(request.attacks)})
+    if request.tracking_uri:
+        base.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
+    configs = run_configs(base, methods, seeds)
+    check_teacher_files(base, roles_for({c.method for c in configs.values()}))
+    out = Path(request.out or Path("runs") / f"{base.name}-compare").resolve()
+    if (out / files.COMPARISON_CSV).exists():
+        raise ConfigError("--out", f"{out} already holds a comparison; choose another --out")
+    return base, methods, seeds, configs, out
+
+
+def compare(request: CompareRequest) -> int:
+    """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records."""
+    from tune_mtard import tracking
+    from tune_mtard.data import load_data
+    from tune_mtard.perf import resolve_device
+    from tune_mtard.teachers import prepare_teachers, roles_for
+
+    base, methods, seeds, configs, out = plan(request)
+    attacks = list(dict.fromkeys(["clean", *base.eval.final_attacks]))
+    data = load_data(base.data.dataset, base.data.root, base.data.download, base.data.val_fraction, base.seed)
+    n_test = min(base.eval.final_n_examples or len(data.test), len(data.test))
+    device = resolve_device(base.device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / files.RUN_CONFIG).write_text(to_yaml(base))
+    client = tracking.client_for(base.mlflow.tracking_uri)
+    experiment = tracking.experiment_id(client, base.mlflow.experiment)
+    with tracking.open_run(client, experiment, f"{base.name}-compare",
+                           tags={"tune_mtard.command": "compare", "tune_mtard.out": str(out)}) as parent:
+        parent.log_params({"compare.methods": ",".join(methods), "compare.seeds": ",".join(map(str, seeds)),
+                           "compare.attacks": ",".join(attacks),
+                           **{k: v for k, v in base.flat().items() if k not in ("method", "seed")}})
+        print(f"compare {base.name}: {', '.join(methods)} x seeds {', '.join(map(str, seeds))} on "
+              f"{base.data.dataset}, {base.train.epochs} epochs each on {device}; output in {out}; "
+              f"MLflow parent run {parent.run_id}", flush=True)
+        teachers = prepare_teachers(base, data, device, progress=False,
+                                    roles=roles_for({c.method for c in configs.values()}))
+        results: list[RunResult] = []
+        for i, ((method, seed), cfg) in enumerate(configs.items(), start=1):
+            print(f"[{i}/{len(configs)}] {method} seed {seed}", flush=True)
+            result = run_one(method, seed, cfg, data, teachers, out, client, experiment, parent.run_id, base.seed)
+            results.append(result)
+            if result.status == FINISHED:
+                shown = "  ".join(f"{k[5:]} {result.metrics[k]:.4f}" for k in metric_keys(attacks))
+                print(f"[{i}/{len(configs)}] {method} seed {seed}: {shown}  "
+                      f"({result.metrics['train_time_s']:.0f}s)", flush=True)
+            else:
+                print(f"[{i}/{len(configs)}] {method} seed {seed} FAILED: {result.error}", flush=True)
+            summary = summarize(results, [m for m in methods if any(r.method == m for r in results)])
+            table = markdown_table(summary, attacks, seeds, n_test, base.attack.epsilon, base.eval.clean_weight)
+            written = write_results(out, results, summary, table)  # after every run: a cut-short comparison keeps its rows
+
+        failed = [r for r in results if r.status == FAILED]
+        parent.log_metrics({f"{row['method']}/{key}": value for row in summary for key, value in row.items()
+                            if key != "method" and isinstance(value, (int, float)) and not math.isnan(value)}, step=0)
+        parent.log_artifacts([*written, out / files.RUN_CONFIG])
+        parent.set_tags({"compare.failed_runs": str(len(failed))})
+        parent.failed = bool(failed)
+    print(f"\n{table}\nfiles in {out}: {files.COMPARISON_CSV} {files.COMPARISON_SUMMARY_CSV} {files.COMPARISON_MD}")
+    if failed:
+        print(f"{len(failed)} of {len(results)} runs failed: "
+              + "; ".join(f"{r.method} seed {r.seed}: {r.error}" for r in failed), file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,419 @@
+"""The config schema (docs/configuration.md): one dataclass per section, its rules beside its fields.
+
+Defaults are the paper's CIFAR-10 settings. Every ``check`` raises :class:`~tune_mtard.errors.ConfigError`
+naming the dotted key at fault. Names of datasets, architectures, methods and attacks are checked against
+their registries (:mod:`tune_mtard.registry`), imported only when a check runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from tune_mtard.config.coerce import AUTO, flatten, to_plain
+from tune_mtard.errors import ConfigError
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def require_name(name: str, valid: list[str], key: str, kind: str) -> None:
+    require(name in valid, key, f"unknown {kind} {name!r} (valid: {', '.join(valid)})")
+
+
+def _archs() -> list[str]:
+    from tune_mtard.models import available_models
+
+    return available_models()
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    root: str = "./data"
+    download: bool = False
+    val_fraction: float = 0.1
+    batch_size: int = 128
+
+    def check(self) -> None:
+        from tune_mtard.data import DATASETS
+
+        require_name(self.dataset, DATASETS.names(), "data.dataset", "dataset")
+        require(0 < self.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction:g}")
+        require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "resnet18"
+
+    def check(self) -> None:
+        require_name(self.arch, _archs(), "student.arch", "arch")
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher: its file, or ``checkpoint: auto`` and the recipe that trains it once (docs/methods.md)."""
+
+    arch: str = "resnet56"
+    checkpoint: str = AUTO
+    recipe: str = "natural"  # a method that needs no teacher: natural, pgd-at or trades
+    epochs: int = 100
+    lr: float = 0.1
+    trades_beta: float = 6.0
+
+    def check(self, key: str, check_files: bool) -> None:
+        from tune_mtard.methods import METHODS
+
+        require_name(self.arch, _archs(), f"{key}.arch", "arch")
+        recipes = [name for name, spec in METHODS.items() if not spec.teachers]
+        require_name(self.recipe, recipes, f"{key}.recipe", "recipe")
+        require(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
+        require(self.lr > 0, f"{key}.lr", "must be > 0")
+        require(self.trades_beta >= 0, f"{key}.trades_beta", "must be >= 0")
+        require(bool(self.checkpoint), f"{key}.checkpoint", "must be a path or auto")
+        if check_files and self.checkpoint != AUTO:
+            path = Path(self.checkpoint).expanduser()
+            require(path.is_file(), f"{key}.checkpoint", f"file not found: {path.resolve()} (train it with "
+                                                         "python -m tune_mtard.teachers, or set checkpoint: auto)")
+
+
+def _clean_teacher() -> TeacherConfig:
+    return TeacherConfig(arch="resnet56", checkpoint="teachers/cifar10-resnet56-natural.pt")
+
+
+def _robust_teacher() -> TeacherConfig:
+    return TeacherConfig(arch="wrn34_10", checkpoint="teachers/cifar10-wrn34_10-trades.pt", recipe="trades")
+
+
+@dataclass
+class TeachersConfig:
+    clean: TeacherConfig = field(default_factory=_clean_teacher)
+    robust: TeacherConfig = field(default_factory=_robust_teacher)
+    cache_dir: str = "./teachers/auto"  # where `checkpoint: auto` teachers are trained once and kept
+
+    def check(self, check_files: bool) -> None:
+        self.clean.check("teachers.clean", check_files)
+        self.robust.check("teachers.robust", check_files)
+
+
+@dataclass
+class AttackConfig:
+    """The training attack (docs/algorithm.md, step 1); ``epsilon`` is also the evaluation budget."""
+
+    epsilon: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+
+    def check(self) -> None:
+        require(self.epsilon >= 0, "attack.epsilon", f"must be >= 0, got {self.epsilon:g}")
+        require(self.step_size > 0, "attack.step_size", f"must be > 0, got {self.step_size:g}")
+        require(self.steps >= 0, "attack.steps", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2.0e-4
+    lr_milestones: list[float] = field(default_factory=lambda: [0.7167, 0.8667, 0.95])  # fractions of epochs
+    lr_gamma: float = 0.1
+
+    def check(self) -> None:
+        require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr:g}")
+        require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        require(all(0 < m <= 1 for m in self.lr_milestones), "train.lr_milestones",
+                "fractions of train.epochs must be in (0, 1]")
+        require(self.lr_milestones == sorted(self.lr_milestones), "train.lr_milestones", "must be increasing")
+        require(0 < self.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
+
+
+@dataclass
+class BalanceConfig:
+    """Entropy-Based Balance and Normalization Loss Balance (docs/algorithm.md, steps 4 and 5)."""
+
+    entropy: bool = True
+    loss: bool = True
+    beta: float = 1.0
+    tau_init: float = 1.0
+    tau_min: float = 1.0
+    tau_max: float = 10.0
+    tau_lr: float = 0.001
+    weight_lr: float = 0.025
+
+    def check(self) -> None:
+        require(self.beta > 0, "balance.beta", f"must be > 0, got {self.beta:g}")
+        require(self.tau_min > 0, "balance.tau_min", f"must be > 0, got {self.tau_min:g}")
+        require(self.tau_max > 0, "balance.tau_max", f"must be > 0, got {self.tau_max:g}")
+        require(self.tau_min <= self.tau_max, "balance.tau_min",
+                f"({self.tau_min:g}) must be <= balance.tau_max ({self.tau_max:g})")
+        require(self.tau_init > 0, "balance.tau_init", f"must be > 0, got {self.tau_init:g}")
+        require(self.tau_lr >= 0, "balance.tau_lr", f"must be >= 0, got {self.tau_lr:g}")
+        require(0 <= self.weight_lr <= 1, "balance.weight_lr", f"must be in [0, 1], got {self.weight_lr:g}")
+
+
+@dataclass
+class BaselinesConfig:
+    """Settings of the comparison methods (``method`` other than b-mtard, docs/methods.md)."""
+
+    trades_beta: float = 6.0
+    ard_temperature: float = 30.0
+    ard_alpha: float = 1.0
+
+    def check(self) -> None:
+        require(self.trades_beta >= 0, "baselines.trades_beta", "must be >= 0")
+        require(self.ard_temperature > 0, "baselines.ard_temperature", "must be > 0")
+        require(0 <= self.ard_alpha <= 1, "baselines.ard_alpha", "must be in [0, 1]")
+
+
+def check_attack_names(names: list[str], key: str) -> None:
+    from tune_mtard.attacks import ATTACKS
+
+    for i, name in enumerate(names):
+        require_name(name, ATTACKS.names(), f"{key}[{i}]", "attack")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # epochs between validation evaluations
+    n_examples: int = 1000  # validation examples per evaluation
+    pgd_steps: int = 20
+    pgd_step_size: float = 2 / 255
+    clean_weight: float = 0.5  # W-Robust Acc = clean_weight * clean + (1 - clean_weight) * robust
+    final_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    final_n_examples: int = 0  # 0: the whole test split
+    batch_size: int = 256
+
+    def check(self) -> None:
+        require(self.every >= 1, "eval.every", "must be >= 1")
+        require(self.n_examples >= 1, "eval.n_examples", "must be >= 1")
+        require(self.pgd_steps >= 1, "eval.pgd_steps", "must be >= 1")
+        require(self.pgd_step_size > 0, "eval.pgd_step_size", "must be > 0")
+        require(0 <= self.clean_weight <= 1, "eval.clean_weight", f"must be in [0, 1], got {self.clean_weight:g}")
+        require(self.final_n_examples >= 0, "eval.final_n_examples", "must be >= 0 (0: the whole test split)")
+        require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        check_attack_names(self.final_attacks, "eval.final_attacks")
+
+
+@dataclass
+class PerfConfig:
+    """GPU fast path (docs/performance.md). ``auto`` turns an option on for CUDA and off on the CPU."""
+
+    bf16: Union[bool, str] = AUTO
+    channels_last: Union[bool, str] = AUTO
+    compile: bool = False
+    # CPU threads for torch (0: torch's default). A search runs each trial with search.resources.cpu
+    # threads and writes that number into best_config.yaml: float sums, and so results, depend on it.
+    threads: int = 0
+    data_on_device: Union[bool, str] = AUTO
+
+    def check(self) -> None:
+        require(self.threads >= 0, "perf.threads", "must be >= 0 (0: torch's default)")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "cifar10-bmtard"
+
+    def check(self) -> None:
+        require(bool(self.experiment), "mlflow.experiment", "must not be empty")
+        require(bool(self.tracking_uri), "mlflow.tracking_uri", "must not be empty")
+
+
+@dataclass
+class Resources:
+    cpu: float = 4
+    gpu: float = 0.5  # a fraction shares one card between trials
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = "asha"  # asha | fifo
+    grace_period: int = 10
+    reduction_factor: float = 3
+
+
+@dataclass
+class SamplerConfig:
+    type: str = "tpe"  # tpe | random
+    seed: int = 0
+    n_startup_trials: int = 10
+
+
+@dataclass
+class FinalEvalConfig:
+    top_k: int = 0
+    attacks: list[str] = field(default_factory=lambda: ["aa"])
+    n_examples: int = 1000
+
+
+@dataclass
+class SearchConfig:
+    """How a search runs (docs/search.md); ``space`` says what it samples."""
+
+    num_samples: int = 64
+    max_concurrent: int = 4
+    metric: str = "val_w_robust_acc"
+    mode: str = "max"
+    resources: Resources = field(default_factory=Resources)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    storage: str = "./tune_results"
+    max_failures: int = 1
+    final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+
+    def check(self) -> None:
+        require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
+        require(self.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
+        require(self.mode in ("max", "min"), "search.mode", f"must be max or min, got {self.mode!r}")
+        require(bool(self.metric), "search.metric", "must not be empty")
+        require(self.resources.cpu > 0, "search.resources.cpu", "must be > 0")
+        require(self.resources.gpu >= 0, "search.resources.gpu", "must be >= 0")
+        s = self.scheduler
+        require(s.type in ("asha", "fifo"), "search.scheduler.type", f"must be asha or fifo, got {s.type!r}")
+        require(s.grace_period >= 1, "search.scheduler.grace_period", "must be >= 1")
+        require(s.reduction_factor > 1, "search.scheduler.reduction_factor", "must be > 1")
+        require(self.sampler.type in ("tpe", "random"), "search.sampler.type",
+                f"must be tpe or random, got {self.sampler.type!r}")
+        require(self.sampler.n_startup_trials >= 0, "search.sampler.n_startup_trials", "must be >= 0")
+        require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
+        require(bool(self.storage), "search.storage", "must not be empty")
+        require(self.final_eval.top_k >= 0, "search.final_eval.top_k", "must be >= 0")
+        require(self.final_eval.n_examples >= 1, "search.final_eval.n_examples", "must be >= 1")
+        check_attack_names(self.final_eval.attacks, "search.final_eval.attacks")
+
+
+@dataclass
+class Distribution:
+    """One searched key of ``space`` (docs/configuration.md, "Search space"): ``float``/``int`` with ``low``,
+    ``high``, optional ``log``/``step``; or ``categorical`` with ``choices``. Parsed and checked in space.py."""
+
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    def extremes(self) -> list[Any]:
+        """The values that bound what this distribution can sample (to check the config's rules)."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        return [self.low, self.high]
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in (self.choices or [])
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def check(self, where: str) -> None:
+        if self.type in ("float", "int"):
+            for bound in ("low", "high"):
+                require(getattr(self, bound) is not None, f"{where}.{bound}", f"required for type {self.type}")
+            require(self.choices is None, f"{where}.choices", f"not allowed for type {self.type}")
+            require(self.low < self.high, where, f"low ({self.low:g}) must be < high ({self.high:g})")
+            require(not self.log or self.low > 0, f"{where}.low", "must be > 0 with log: true")
+            require(self.step is None or self.step > 0, f"{where}.step", "must be > 0")
+            require(not (self.log and self.step is not None), where, "log and step cannot be combined")
+            if self.type == "int":
+                for bound in ("low", "high", "step"):
+                    value = getattr(self, bound)
+                    if value is not None:
+                        require(float(value).is_integer(), f"{where}.{bound}",
+                                f"must be an integer for type int, got {value!r}")
+                        setattr(self, bound, int(value))
+        elif self.type == "categorical":
+            require(bool(self.choices), f"{where}.choices", "a non-empty list is required for type categorical")
+            for bound in ("low", "high", "step"):
+                require(getattr(self, bound) is None, f"{where}.{bound}", "not allowed for type categorical")
+        else:
+            raise ConfigError(f"{where}.type", f"unknown distribution {self.type!r} (valid: float, int, categorical)")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+@dataclass
+class Config:
+    """A run config; with ``search`` and ``space`` it is a search space (docs/configuration.md)."""
+
+    name: str = "cifar10-bmtard"
+    seed: int = 0
+    device: str = AUTO  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    method: str = "b-mtard"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    search: SearchConfig | None = None
+    space: dict[str, Distribution] | None = None
+
+    def check(self, check_files: bool = True) -> None:
+        """Every rule of the run config, and of the search section when there is one (the space: space.py)."""
+        from tune_mtard.methods import METHODS
+
+        require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        require(self.seed >= 0, "seed", "must be >= 0")
+        require(bool(_DEVICE.match(self.device)), "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self.data.check()
+        self.student.check()
+        self.teachers.check(check_files)
+        require_name(self.method, METHODS.names(), "method", "method")
+        self.attack.check()
+        self.train.check()
+        self.balance.check()
+        self.baselines.check()
+        self.eval.check()
+        self.perf.check()
+        self.mlflow.check()
+        if self.search is not None:
+            self.search.check()
+
+    def to_dict(self, with_search: bool = False) -> dict[str, Any]:
+        """Plain YAML-ready dict; the run config alone unless ``with_search``."""
+        raw = to_plain(self)
+        if not with_search or self.search is None:
+            raw.pop("search", None)
+            raw.pop("space", None)
+        return raw
+
+    def run_config(self) -> Config:
+        """This config without its ``search`` and ``space`` sections."""
+        return dataclasses.replace(self, search=None, space=None)
+
+    def flat(self) -> dict[str, Any]:
+        """The run config as dotted keys (``balance.beta``), for MLflow params and comparisons."""
+        return flatten(self.to_dict())
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+    def with_values(self, values: dict[str, Any]) -> Config:
+        """A new validated config with dotted keys set (e.g. a trial's sampled values)."""
+        from tune_mtard.config.loading import with_values
+
+        return with_values(self, values)
+
+    def dump(self, path: str | Path, with_search: bool = False) -> None:
+        from tune_mtard.config.loading import to_yaml
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(to_yaml(self, with_search=with_search))

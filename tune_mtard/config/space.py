@@ -1,0 +1,103 @@
+"""The ``space`` section of a search: dotted run-config keys mapped to the distributions a search samples.
+
+Distribution types: ``float`` and ``int`` (``low``, ``high``, optional ``log``, ``step``) and
+``categorical`` (``choices``). Every value a distribution can sample must make a valid run config, and
+rules that tie keys together (``tau_min <= tau_max``) must hold at every corner of the space
+(docs/configuration.md, "Search space").
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from typing import Any, Iterable, get_type_hints
+
+from tune_mtard.config.coerce import build, flatten
+from tune_mtard.config.schema import Config, Distribution, require
+from tune_mtard.errors import ConfigError
+
+# Past this many corners every pair of keys is checked at its corners, which covers every two-key rule.
+MAX_CORNERS = 4096
+
+
+def parse_space(raw: Any) -> dict[str, Distribution]:
+    if not isinstance(raw, dict):
+        raise ConfigError("space", "expected a mapping of dotted config keys to distributions")
+    space = {}
+    for key, spec in raw.items():
+        where = f"space.{key}"
+        if not isinstance(spec, dict):
+            raise ConfigError(where, "expected a mapping like {type: float, low: .., high: ..}")
+        dist = build(Distribution, spec, where)
+        dist.check(where)
+        space[key] = dist
+    return space
+
+
+def check_space(cfg: Config) -> None:
+    """Space keys are run-config leaves; every value a distribution can sample must make a valid config."""
+    from tune_mtard.config.loading import from_dict, set_dotted
+
+    space = cfg.space or {}
+    base = cfg.to_dict()
+    leaves = flatten(base)
+    kinds = leaf_types()
+    for key, dist in space.items():
+        where = f"space.{key}"
+        require(key in leaves, where, "not a key of the run config")
+        kind = kinds[key]
+        if dist.type == "float":
+            require(kind is float, where, f"type float cannot sample {key}, which is {_kind_name(kind)}")
+        if dist.type == "int":
+            require(kind in (int, float), where, f"type int cannot sample {key}, which is {_kind_name(kind)}")
+        for value in dist.extremes():
+            raw = copy.deepcopy(base)
+            set_dotted(raw, key, value, origin=where)
+            try:
+                from_dict(raw, check_files=False)
+            except ConfigError as exc:
+                raise ConfigError(where, f"value {value!r} is invalid: {exc.message}") from None
+    if len(space) > 1:
+        for combo in _corners(space):
+            raw = copy.deepcopy(base)
+            for k, v in combo:
+                set_dotted(raw, k, v, origin=f"space.{k}")
+            try:
+                from_dict(raw, check_files=False)
+            except ConfigError as exc:
+                values = ", ".join(f"{k}={v!r}" for k, v in combo)
+                raise ConfigError(f"space.{exc.key}", f"samples can break a rule of the run config: {exc.message} "
+                                                      f"(at {values})") from None
+
+
+def _corners(space: dict[str, Distribution]) -> Iterable[tuple]:
+    corners = [[(k, v) for v in d.extremes()] for k, d in space.items()]
+    n_corners = 1
+    for c in corners:
+        n_corners *= max(len(c), 1)
+    if n_corners <= MAX_CORNERS:
+        return itertools.product(*corners)
+    return ((a, b) for i, ca in enumerate(corners) for cb in corners[i + 1:] for a in ca for b in cb)
+
+
+def _kind_name(kind: Any) -> str:
+    return {float: "a float", int: "an integer", bool: "a boolean", str: "a string"}.get(kind, "not a number")
+
+
+def leaf_types() -> dict[str, Any]:
+    """Dotted run-config key -> the Python type its values have."""
+    out: dict[str, Any] = {}
+
+    def walk(cls: Any, prefix: str) -> None:
+        for name, hint in get_type_hints(cls).items():
+            if cls is Config and name in ("search", "space"):
+                continue
+            key = f"{prefix}{name}"
+            if dataclasses.is_dataclass(hint):
+                walk(hint, key + ".")
+            else:
+                out[key] = hint if hint in (int, float, bool, str) else object
+
+    walk(Config, "")
+    return out

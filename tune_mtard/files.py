@@ -1,0 +1,26 @@
+"""Names of the files runs and searches write, in one place (docs/search.md, "Files")."""
+
+# A run's folder (train, compare, a search's trial checkpoints)
+STUDENT = "student.pt"
+TRACE_CSV = "balance_trace.csv"
+TRACE_PNG = "balance_trace.png"
+METRICS_JSON = "metrics.json"
+RUN_CONFIG = "config.yaml"
+CHECKPOINT = "checkpoint.pt"  # the whole loop state, every epoch (train --resume)
+RUN_ID = "mlflow_run_id"
+TRIAL_STATE = "state.pt"  # the whole loop state inside a trial's Ray checkpoint
+
+# A search's folder, <storage>/<name>
+BEST_CONFIG = "best_config.yaml"
+SPACE = "search_space.yaml"
+SUMMARY_JSON = "summary.json"
+TRIALS_CSV = "trials.csv"
+TRIALS_PLOT = "trials_clean_vs_robust.png"
+OPTUNA_DB = "optuna.db"
+PARENT_RUN_ID = "mlflow_parent_run_id"
+FINAL_EVAL_CSV = "final_eval.csv"
+
+# A comparison's folder
+COMPARISON_CSV = "comparison.csv"
+COMPARISON_SUMMARY_CSV = "comparison_summary.csv"
+COMPARISON_MD = "comparison.md"

@@ -1,0 +1,58 @@
+"""Where a run computes, and the GPU fast path (config ``perf``, docs/performance.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tune_mtard.config import AUTO, Config
+from tune_mtard.data import DataBundle
+
+# ``perf.data_on_device: auto`` keeps a dataset on the GPU when it takes at most this share of the card's
+# memory: trials sharing a card through fractional ``search.resources`` each hold their own copy.
+DEVICE_DATA_SHARE = 0.1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU."""
+    if name == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def data_bytes(data: DataBundle) -> int:
+    """Bytes of a bundle's images and labels, all splits."""
+    return sum(t.numel() * t.element_size()
+               for split in (data.train, data.val, data.test) for t in (split.images, split.labels))
+
+
+@dataclass
+class PerfOptions:
+    """The GPU fast path resolved for one device: ``auto`` means on for CUDA, off elsewhere.
+
+    bf16: autocast to bfloat16 for the student's and teachers' forwards during training, training PGD
+        included; losses, balancing, validation and every evaluation attack stay fp32.
+    channels_last: student, teachers and batches in NHWC memory format.
+    compile: ``torch.compile`` of the student (off unless asked: each trial pays the compilation).
+    data_on_device: the uint8 dataset lives on the device, and batching, crop and flip run there.
+    """
+
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    data_on_device: bool = False
+
+    @classmethod
+    def resolve(cls, cfg: Config, device: torch.device, dataset_bytes: int = 0) -> PerfOptions:
+        on_cuda = device.type == "cuda"
+
+        def pick(value: bool | str) -> bool:
+            return on_cuda if value == AUTO else bool(value)
+
+        p = cfg.perf
+        data_on_device = pick(p.data_on_device)
+        if p.data_on_device == AUTO and on_cuda:
+            data_on_device = dataset_bytes <= DEVICE_DATA_SHARE * torch.cuda.get_device_properties(device).total_memory
+        return cls(bf16=pick(p.bf16), channels_last=pick(p.channels_last), compile=bool(p.compile),
+                   data_on_device=data_on_device)

@@ -1,0 +1,217 @@
+"""The MLflow side of a search: the parent run's records and the one writer of the child runs.
+
+:class:`MlflowTrialRecorder` runs in the driver, so many concurrent trials never lock a sqlite store:
+one child run per trial, named and tagged by its Ray Tune trial id, params = the sampled dotted keys,
+metrics per epoch, and at the end the trial's balance trace, its plot and the student weights
+(docs/search.md, "Records").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray.tune import Callback
+
+from tune_mtard import files, tracking
+from tune_mtard.config import Config, flatten
+from tune_mtard.metrics import EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
+from tune_mtard.plots import plot_clean_vs_robust, plot_trace
+from tune_mtard.search.trials import TrialState, TrialSummary, trial_state
+from tune_mtard.trace import write_trace
+
+log = logging.getLogger(__name__)
+
+TRIAL_ID_TAG = "trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint_dir) / files.TRIAL_STATE, map_location="cpu", weights_only=True)
+
+
+def child_runs_filter(parent_run_id: str, trial_id: str | None = None) -> str:
+    """The MLflow search filter for the child runs of a search (or for one trial's)."""
+    parent = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    return parent if trial_id is None else f"tags.{TRIAL_ID_TAG} = '{trial_id}' and {parent}"
+
+
+class MlflowTrialRecorder(Callback):
+    """The one MLflow writer of a search (runs in the driver). Picklable: Ray stores it with the tuner.
+
+    A resumed search finds each trial's child run again by its ``trial_id`` tag, logs only the epochs the
+    run does not hold yet (a trial continued from a checkpoint older than its last report repeats an
+    epoch), and does not log the files of a run that is already finished again.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, full_epochs: int,
+                 search_name: str):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.full_epochs = full_epochs
+        self.search_name = search_name
+        self._client = None
+        self._run_ids: dict[str, str] = {}
+        self._logged_epochs: dict[str, set[int]] = {}
+        self._finished_runs: dict[str, int] = {}  # run id -> epochs it was finished with
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = tracking.client_for(self.tracking_uri)
+        return self._client
+
+    def run_id(self, trial) -> str:
+        """The trial's child run: found again after a resume (no duplicates), created otherwise."""
+        trial_id = trial.trial_id
+        if trial_id in self._run_ids:
+            return self._run_ids[trial_id]
+        found = self.client.search_runs([self.experiment_id], filter_string=child_runs_filter(self.parent_run_id,
+                                                                                              trial_id), max_results=1)
+        if found:
+            run = found[0]
+            run_id = run.info.run_id
+            self._logged_epochs[run_id] = {m.step for m in self.client.get_metric_history(run_id, VAL_CLEAN_ACC)}
+            if run.info.status == tracking.FINISHED and "epochs_run" in run.data.tags:
+                self._finished_runs[run_id] = int(run.data.tags["epochs_run"])
+            self.client.update_run(run_id, status=tracking.RUNNING)
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags={
+                PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial_id, "tune_mtard.search": self.search_name})
+            run_id = run.info.run_id
+            self._logged_epochs[run_id] = set()
+            tracking.log_params(self.client, run_id, dict(trial.config))
+        self._run_ids[trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        run_id = self.run_id(trial)
+        epoch = int(result.get(EPOCH, result.get("training_iteration", 0)))
+        if "node_id" in result:
+            tracking.set_tags(self.client, run_id, {"node_id": result["node_id"]})
+        if epoch in self._logged_epochs[run_id]:
+            return
+        tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items() if k in EPOCH_METRICS}, step=epoch)
+        self._logged_epochs[run_id].add(epoch)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        run_id = self.run_id(trial)
+        epochs = int((trial.last_result or {}).get(EPOCH, 0))
+        state = trial_state(epochs, self.full_epochs, failed=False)
+        tracking.set_tags(self.client, run_id, {"epochs_run": epochs, "trial_state": state.value})
+        if self._finished_runs.get(run_id) != epochs:
+            try:
+                self._log_trial_files(trial, run_id)
+            except Exception as exc:  # a missing checkpoint must not lose the rest of the records
+                log.warning("could not log the files of trial %s: %s", trial.trial_id, exc)
+        self.client.set_terminated(run_id, tracking.FINISHED)
+        self._finished_runs[run_id] = epochs
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        run_id = self.run_id(trial)
+        tracking.set_tags(self.client, run_id, {"trial_state": TrialState.FAIL.value})
+        self.client.set_terminated(run_id, tracking.FAILED)
+
+    def _log_trial_files(self, trial, run_id: str) -> None:
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+            state = read_checkpoint_state(folder)
+            trace_csv, trace_png = Path(tmp) / files.TRACE_CSV, Path(tmp) / files.TRACE_PNG
+            write_trace(state["trace"], trace_csv)
+            plot_trace(trace_csv, trace_png, title=f"trial {trial.trial_id}: balance trace")
+            tracking.log_artifacts(self.client, run_id, [trace_csv, trace_png])
+            tracking.log_artifacts(self.client, run_id, [Path(folder) / files.STUDENT], "model")
+
+
+def delete_orphaned_child_runs(client, experiment_id: str, parent_run_id: str, trial_ids: set[str]) -> int:
+    """Child runs of trials that a killed driver started but its last snapshot never recorded.
+
+    Ray does not know these trials after a resume (it samples new ones in their place), so their runs
+    would be duplicates with no trial behind them.
+    """
+    runs = client.search_runs([experiment_id], filter_string=child_runs_filter(parent_run_id), max_results=10_000)
+    orphans = [r for r in runs if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids]
+    for run in orphans:
+        client.delete_run(run.info.run_id)
+    return len(orphans)
+
+
+def child_run_id(client, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
+    """The MLflow child run the search recorded for ``trial_id`` under ``parent_run_id``."""
+    found = client.search_runs([experiment_id], filter_string=child_runs_filter(parent_run_id, trial_id),
+                               max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def start_parent_run(client, cfg: Config, folder: Path, experiment_id: str) -> str:
+    """A new search's parent run: the space (file and ``search.*`` params) and the search's settings."""
+    run_id = client.create_run(experiment_id, run_name=cfg.name).info.run_id
+    tracking.set_tags(client, run_id, {"tune_mtard.command": "search", "tune_mtard.experiment_dir": str(folder)})
+    (folder / files.PARENT_RUN_ID).write_text(run_id)
+    cfg.dump(folder / files.SPACE, with_search=True)
+    tracking.log_params(client, run_id, flatten(cfg.to_dict(with_search=True)["search"], "search."))
+    tracking.log_params(client, run_id, {"name": cfg.name, "data.dataset": cfg.data.dataset,
+                                         "train.epochs": cfg.train.epochs, "method": cfg.method})
+    client.log_artifact(run_id, str(folder / files.SPACE))
+    return run_id
+
+
+def write_trials_csv(trials: list[TrialSummary], path: Path, space_keys: list[str], full_epochs: int) -> None:
+    columns = ["trial_id", "state", "epochs", *VALIDATION, *space_keys]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for t in trials:
+            writer.writerow([t.trial_id, t.state(full_epochs).value, t.epochs] + [t.metrics.get(k, "") for k in VALIDATION]
+                            + [t.sampled.get(k, "") for k in space_keys])
+
+
+def record_search(client, run_id: str, cfg: Config, folder: Path, trials: list[TrialSummary],
+                  best: TrialSummary | None, wall: float) -> dict[str, Any]:
+    """The parent run's records of a search that ran: ``trials.csv``, the clean-vs-robust plot, the summary
+    (also ``summary.json``) and the best config. Returns the summary."""
+    full = cfg.train.epochs
+    trials_csv = folder / files.TRIALS_CSV
+    write_trials_csv(trials, trials_csv, list(cfg.space or {}), full)
+    scatter = folder / files.TRIALS_PLOT
+    points = [(t.trial_id, t.metric(VAL_CLEAN_ACC), t.metric(VAL_ROBUST_ACC)) for t in trials]
+    plot_clean_vs_robust(points, scatter, None if best is None else
+                         (best.trial_id, best.metric(VAL_CLEAN_ACC), best.metric(VAL_ROBUST_ACC)))
+    states = [t.state(full) for t in trials]
+    summary: dict[str, Any] = {
+        "n_trials": len(trials),
+        "n_complete": states.count(TrialState.COMPLETE),
+        "n_pruned": states.count(TrialState.PRUNED),
+        "n_failed": states.count(TrialState.FAIL),
+        "epochs_spent": sum(t.epochs for t in trials),
+        "epochs_full_budget": len(trials) * full,
+        "wall_time_s": wall,
+    }
+    artifacts = [trials_csv, scatter]
+    if best is not None:
+        for key in VALIDATION:
+            summary[f"best_{key}"] = best.metric(key)
+        artifacts.append(folder / files.BEST_CONFIG)
+        tracking.set_tags(client, run_id, {"best_trial_id": best.trial_id})
+    tracking.log_metrics(client, run_id, summary, step=0)
+    summary["best_trial_id"] = best.trial_id if best else None
+    (folder / files.SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+    artifacts.append(folder / files.SUMMARY_JSON)
+    tracking.log_artifacts(client, run_id, artifacts)
+    return summary

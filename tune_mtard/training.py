@@ -1,0 +1,117 @@
+"""One full training run from a config: what the ``train`` command does (docs/cli.md, "train").
+
+Writes ``DIR/metrics.json``, ``DIR/student.pt``, ``DIR/balance_trace.csv`` (+ ``.png``), ``DIR/config.yaml``
+(the resolved config) and ``DIR/checkpoint.pt`` (the full loop state, every epoch), and logs one MLflow
+run, reopened by ``resume``. A search space file works too: its ``search`` and ``space`` sections are
+ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tune_mtard import files
+from tune_mtard.config import Config, absolute_tracking_uri, load_config
+from tune_mtard.engine import EpochResult
+from tune_mtard.errors import ConfigError
+from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VAL_W_ROBUST_ACC
+
+# Keys a resumed run may change: where things are stored and logged, and how long it trains.
+RESUMABLE_CHANGES = ("train.epochs", "data.root", "teachers.cache_dir")
+
+
+@dataclass
+class TrainRequest:
+    config: str
+    out: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    tracking_uri: str | None = None
+    resume: bool = False
+    progress: bool = False
+
+
+@dataclass
+class TrainPlan:
+    """A validated request: the run config and where the run goes."""
+
+    cfg: Config
+    out: Path
+    resume: bool
+    progress: bool
+
+
+def plan(request: TrainRequest) -> TrainPlan:
+    """Check everything the run needs before anything is written or logged; ConfigError (exit 2) otherwise."""
+    cfg = load_config(request.config, request.overrides).run_config()
+    if request.tracking_uri:
+        cfg.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
+    out = Path(request.out or Path("runs") / cfg.name).resolve()
+    if request.resume:
+        if not (out / files.CHECKPOINT).is_file():
+            raise ConfigError("--out", f"nothing to resume: no {files.CHECKPOINT} in {out}")
+        saved = out / files.RUN_CONFIG
+        if saved.is_file():
+            previous = load_config(saved, check_files=False).flat()
+            for key, value in cfg.flat().items():
+                if key in RESUMABLE_CHANGES or key.startswith("mlflow."):
+                    continue
+                if previous.get(key) != value:
+                    raise ConfigError(key, f"differs from the run being resumed ({previous.get(key)!r} -> {value!r})")
+    elif out.exists() and any((out / name).exists() for name in (files.CHECKPOINT, files.METRICS_JSON)):
+        raise ConfigError("--out", f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return TrainPlan(cfg, out, request.resume, request.progress)
+
+
+def train(request: TrainRequest) -> dict[str, Any]:
+    """The ``train`` command: one run through the pipeline, recorded as one MLflow run; its final metrics."""
+    p = plan(request)
+    cfg, out = p.cfg, p.out
+    from tune_mtard import tracking
+    from tune_mtard.data import load_data
+    from tune_mtard.perf import resolve_device
+    from tune_mtard.pipeline import new_trainer, run_pipeline
+    from tune_mtard.teachers import prepare_teachers
+
+    if cfg.perf.threads:
+        torch.set_num_threads(cfg.perf.threads)
+    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    device = resolve_device(cfg.device)
+    teachers = prepare_teachers(cfg, data, device, progress=p.progress)
+    trainer = new_trainer(cfg, data, teachers, out, resume=p.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    client = tracking.client_for(cfg.mlflow.tracking_uri)
+    experiment = tracking.experiment_id(client, cfg.mlflow.experiment)
+    id_file = out / files.RUN_ID
+    reopen = id_file.read_text().strip() if p.resume and id_file.is_file() else None
+    with tracking.open_run(client, experiment, cfg.name, reopen=reopen,
+                           tags={"tune_mtard.command": "train", "tune_mtard.out": str(out)}) as run:
+        if reopen is None:
+            run.log_params(cfg.flat())
+            id_file.write_text(run.run_id)
+        print(f"run {cfg.name}: {cfg.method} on {cfg.data.dataset}, {cfg.train.epochs} epochs on {device}; "
+              f"output in {out}; MLflow run {run.run_id}", flush=True)
+        result = run_pipeline(trainer, data, out, run=run, progress=p.progress, on_epoch=_print_epoch)
+    print(_summary(result.metrics, out))
+    return result.metrics
+
+
+def _print_epoch(result: EpochResult) -> None:
+    if result.validated:
+        m = result.metrics
+        print(f"epoch {result.epoch:4d}  val clean {m[VAL_CLEAN_ACC]:.4f}  robust {m[VAL_ROBUST_ACC]:.4f}  "
+              f"w-robust {m[VAL_W_ROBUST_ACC]:.4f}  tau {m['tau_adv']:.3f}/{m['tau_nat']:.3f}  "
+              f"w {m['w_adv']:.3f}/{m['w_nat']:.3f}  {m['epoch_time_s']:.1f}s", flush=True)
+
+
+def _summary(metrics: dict[str, Any], out: Path) -> str:
+    lines = ["final metrics:"]
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isnan(value):
+            lines.append(f"  {key:28s} {value:.4f}")
+    lines.append(f"files in {out}: {files.METRICS_JSON} {files.STUDENT} {files.TRACE_CSV} {files.RUN_CONFIG}")
+    return "\n".join(lines)
