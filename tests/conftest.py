@@ -63,7 +63,7 @@ def tiny_teachers(tiny_config, tiny_digits) -> dict[str, torch.nn.Module]:
     """Both teachers, trained once (into ``teachers.cache_dir``) and reused by every test and command."""
     from tune_mtard.teachers import prepare_teachers
 
-    return prepare_teachers(tiny_config, tiny_digits, torch.device("cpu"), progress=False, log=lambda *a: None)
+    return prepare_teachers(tiny_config, tiny_digits, torch.device("cpu"), progress=False, log=lambda *a: None).models
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +77,15 @@ def ray_address():
                  logging_level="warning", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def space_file(tiny_config, tiny_teachers, tmp_path_factory) -> Path:
+    """The session's tiny run config (its teachers already cached) plus a search and a space section."""
+    from searchkit import SEARCH_SECTIONS
+
+    from tune_mtard.config import to_yaml
+
+    path = tmp_path_factory.mktemp("space") / "tiny_space.yaml"
+    path.write_text(to_yaml(tiny_config) + SEARCH_SECTIONS)
+    return path

@@ -30,8 +30,10 @@ def tiny_config(folder: Path, epochs: int = EPOCHS) -> Path:
         "data": {"dataset": "digits", "val_fraction": 0.15, "batch_size": 64},
         "student": {"arch": "digits_cnn"},
         "teachers": {
-            "clean": {"arch": "digits_cnn_large", "checkpoint": "auto", "recipe": "natural", "epochs": 2, "lr": 0.05},
-            "robust": {"arch": "digits_cnn_large", "checkpoint": "auto", "recipe": "trades", "epochs": 2, "lr": 0.05},
+            "clean": {"arch": "digits_cnn_large", "checkpoint": "auto", "recipe": "natural", "epochs": 2, "lr": 0.05,
+                      "batch_size": 64},
+            "robust": {"arch": "digits_cnn_large", "checkpoint": "auto", "recipe": "trades", "epochs": 2, "lr": 0.05,
+                       "batch_size": 64},
             "cache_dir": str(folder / "teachers"),
         },
         "attack": {"epsilon": 0.2, "step_size": 0.05, "steps": 5},

@@ -90,8 +90,10 @@ device: cpu
 data: {dataset: digits, root: ./elsewhere, download: true, val_fraction: 0.2, batch_size: 32}
 student: {arch: digits_cnn}
 teachers:
-  clean:  {arch: digits_cnn_large, checkpoint: auto, recipe: natural, epochs: 3, lr: 0.02}
-  robust: {arch: digits_cnn, checkpoint: auto, recipe: pgd-at, epochs: 4, lr: 0.03, trades_beta: 3.0}
+  clean:  {arch: digits_cnn_large, checkpoint: auto, recipe: natural, epochs: 3, lr: 0.02, momentum: 0.8,
+           weight_decay: 1.0e-3, batch_size: 32}
+  robust: {arch: digits_cnn, checkpoint: auto, recipe: pgd-at, epochs: 4, lr: 0.03, trades_beta: 3.0,
+           sha256: 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef}
   cache_dir: ./cache
 method: mtard
 attack: {epsilon: 4/255, step_size: 1/255, steps: 5}
@@ -113,8 +115,7 @@ space:
   balance.beta:      {type: float, low: 0.5, high: 3.0}
   balance.tau_lr:    {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
   train.lr:          {type: float, low: 0.01, high: 0.2, step: 0.01}
-  train.epochs:      {type: int, low: 10, high: 40, step: 10}
-  data.batch_size:   {type: categorical, choices: [32, 64]}
+  data.batch_size:   {type: int, low: 32, high: 128, step: 32}
   method:            {type: categorical, choices: [b-mtard, mtard]}
 """
 
@@ -198,7 +199,7 @@ def test_a_file_with_every_spec_key_round_trips_through_yaml(tmp_path):
             continue
         assert cfg.get(key) == value, key
     assert cfg.search.mode == "min" and cfg.search.sampler.type == "random" and cfg.search.resources.cpu == 2
-    assert cfg.space["train.epochs"] == Distribution(type="int", low=10, high=40, step=10)
+    assert cfg.space["data.batch_size"] == Distribution(type="int", low=32, high=128, step=32)
     assert cfg.space["method"].choices == ["b-mtard", "mtard"]
 
     again = load_config(write(tmp_path, to_yaml(cfg, with_search=True), "again.yaml"), check_files=False)
@@ -387,9 +388,9 @@ def space_error(space: dict, **sections) -> ConfigError:
                  id="float on a bool key"),
     pytest.param({"train.epochs": {"type": "int", "low": 1.5, "high": 10}}, "space.train.epochs.low",
                  id="int with a fractional bound"),
-    pytest.param({"eval.clean_weight": {"type": "float", "low": 0.2, "high": 1.5}}, "space.eval.clean_weight",
+    pytest.param({"balance.weight_lr": {"type": "float", "low": 0.2, "high": 1.5}}, "space.balance.weight_lr",
                  id="high outside the key's range"),
-    pytest.param({"attack.epsilon": {"type": "float", "low": -0.1, "high": 0.1}}, "space.attack.epsilon",
+    pytest.param({"balance.beta": {"type": "float", "low": -0.1, "high": 0.1}}, "space.balance.beta",
                  id="low outside the key's range"),
     pytest.param({"balance.tau_min": {"type": "float", "low": 1.0, "high": 12.0}}, "space.balance.tau_min",
                  id="tau_min searched past tau_max"),
@@ -411,6 +412,32 @@ def test_a_bad_search_space_raises_config_error_naming_the_space_key(space, key)
     assert space_error(space).key == key
 
 
+@pytest.mark.parametrize("key", ["name", "seed", "device", "data.val_fraction", "data.dataset",
+                                 "teachers.robust.epochs", "teachers.cache_dir", "attack.epsilon", "attack.steps",
+                                 "eval.n_examples", "eval.clean_weight", "mlflow.experiment", "train.epochs",
+                                 "perf.threads"])
+def test_keys_a_trial_cannot_vary_are_rejected_in_the_space_saying_why(key):
+    from tune_mtard.config.schema import Config
+
+    value = Config().get(key) if key != "data.dataset" else "digits"
+    dist = ({"type": "categorical", "choices": [value]} if not isinstance(value, (int, float)) or isinstance(value, bool)
+            else {"type": "float" if isinstance(value, float) else "int", "low": value, "high": value + 1})
+    error = space_error({key: dist})
+    assert error.key == f"space.{key}" and error.message.startswith("cannot be searched: ")
+
+
+def test_the_batch_size_is_searchable_since_each_trial_has_its_own_loader():
+    cfg = from_dict(digits_run(space={"data.batch_size": {"type": "categorical", "choices": [32, 64]}}),
+                    check_files=False)
+    assert cfg.space["data.batch_size"].choices == [32, 64]
+
+
+def test_search_metric_must_be_one_a_trial_reports():
+    error = config_error(digits_run(search={"metric": "val_accuracy"}, space={
+        "balance.beta": {"type": "float", "low": 0.5, "high": 3.0}}))
+    assert error.key == "search.metric" and "val_w_robust_acc" in error.message
+
+
 def test_a_space_whose_corners_break_a_cross_key_rule_is_rejected():
     error = space_error({"balance.tau_min": {"type": "float", "low": 1.0, "high": 5.0},
                          "balance.tau_max": {"type": "float", "low": 2.0, "high": 20.0}})
@@ -430,14 +457,14 @@ def test_valid_distributions_of_every_type_are_accepted():
     cfg = from_dict(digits_run(space={
         "balance.beta": {"type": "float", "low": 0.5, "high": 3.0},
         "balance.weight_lr": {"type": "float", "low": 1e-3, "high": 0.1, "log": True},
-        "train.epochs": {"type": "int", "low": 2, "high": 8, "step": 2},
+        "data.batch_size": {"type": "int", "low": 32, "high": 128, "step": 32},
         "train.lr": {"type": "int", "low": 1, "high": 2},
         "balance.entropy": {"type": "categorical", "choices": [True, False]},
         "student.arch": {"type": "categorical", "choices": ["digits_cnn", "digits_cnn_large"]},
-        "attack.epsilon": {"type": "categorical", "choices": ["4/255", "8/255"]},
+        "baselines.trades_beta": {"type": "categorical", "choices": ["3/1", "6/1"]},
     }), check_files=False)
     assert cfg.search is not None  # a space makes the config a search
-    assert cfg.space["train.epochs"].extremes() == [2, 8]
+    assert cfg.space["data.batch_size"].extremes() == [32, 128]
     assert cfg.space["balance.entropy"].extremes() == [True, False]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -20,122 +19,18 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tune_mtard.cli import export, search, train
-from tune_mtard.search import driver as search_driver
 from tune_mtard.cli.common import run
-from tune_mtard.config import load_config, to_yaml
+from tune_mtard.search import driver as search_driver
+from tune_mtard.teachers import teacher_path
+from tune_mtard.teachers.cache import file_sha256
 
-EPOCHS = 3
-NUM_SAMPLES = 5
-SPACE_KEYS = ("balance.beta", "balance.tau_max", "train.lr")
-SEARCH_SECTIONS = f"""\
-search:
-  num_samples: {NUM_SAMPLES}
-  max_concurrent: 2
-  metric: val_w_robust_acc
-  mode: max
-  resources: {{cpu: 1, gpu: 0}}
-  scheduler: {{type: asha, grace_period: 1, reduction_factor: 2}}
-  sampler: {{type: tpe, seed: 0, n_startup_trials: 2}}
-  storage: ./tune_results
-space:
-  balance.beta:    {{type: float, low: 0.5, high: 3.0}}
-  balance.tau_max: {{type: float, low: 2.0, high: 20.0}}
-  train.lr:        {{type: float, low: 0.01, high: 0.2, log: true}}
-"""
-EPOCH_METRICS = ("val_clean_acc", "val_robust_acc", "val_w_robust_acc", "loss_adv", "loss_nat", "entropy_adv",
-                 "entropy_nat", "tau_adv", "tau_nat", "w_adv", "w_nat", "epoch_time_s")
-SPEC_TRACE_HEADER = "step,epoch,loss_adv,loss_nat,entropy_adv,entropy_nat,tau_adv,tau_nat,w_adv,w_nat"
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture(scope="session")
-def space_file(tiny_config, tiny_teachers, tmp_path_factory) -> Path:
-    """The session's tiny run config (its teachers already cached) plus a search and a space section."""
-    path = tmp_path_factory.mktemp("space") / "tiny_space.yaml"
-    path.write_text(to_yaml(tiny_config) + SEARCH_SECTIONS)
-    return path
-
-
-def child_env() -> dict[str, str]:
-    """The environment as it is now: after ``ray.init`` it holds the token mode that joining our Ray needs."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def search_args(space: Path, root: Path, name: str, *extra: str) -> list[str]:
-    return ["--space", str(space), "--storage", str(root / "results"), "--tracking-uri", tracking_uri(root),
-            "--no-progress", "--set", f"name={name}", "--set", f"mlflow.experiment={name}",
-            "--set", f"train.epochs={EPOCHS}", *extra]
-
-
-def tracking_uri(root: Path) -> str:
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
-def base_run_config(space: Path, root: Path, name: str):
-    """What the search's base run config must be: the space file with the same overrides."""
-    cfg = load_config(space, [f"name={name}", f"mlflow.experiment={name}", f"train.epochs={EPOCHS}",
-                              f"mlflow.tracking_uri={tracking_uri(root)}"], check_files=False)
-    return cfg.run_config()
-
-
-# ---- reading a search folder back, independently of the code under test ------------------------------
-
-
-def ray_reports(folder: Path) -> dict[str, list[dict]]:
-    """Every report of every trial folder, from Ray's own result.json files: trial id -> rows in order.
-
-    A trial can have two folders: a resumed Ray names anew the folder of a trial its snapshot held as pending.
-    """
-    reports = {}
-    for result in folder.glob("train_bmtard_*/result.json"):
-        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if rows:
-            reports.setdefault(rows[0]["trial_id"], []).extend(rows)
-    return {tid: sorted(rows, key=lambda r: r["timestamp"]) for tid, rows in reports.items()}
-
-
-def ray_trial_ids(folder: Path) -> set[str]:
-    """The trials of the experiment as Ray Tune knows them (its experiment state)."""
-    from ray.tune import ExperimentAnalysis
-
-    return {t.trial_id for t in ExperimentAnalysis(str(folder)).trials}
-
-
-def optuna_trials(folder: Path, name: str) -> list[optuna.trial.FrozenTrial]:
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}")
-    return study.get_trials(deepcopy=False)
-
-
-def mlflow_runs(root: Path, name: str):
-    client = MlflowClient(tracking_uri=tracking_uri(root))
-    experiment = client.get_experiment_by_name(name)
-    assert experiment is not None, f"no MLflow experiment {name!r}"
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return client, parents, children
-
-
-def expected_best(reports: dict[str, list[dict]]) -> tuple[set[str], float]:
-    """docs/search.md: highest metric at the last report among full-epoch trials (all trials if none)."""
-    last = {tid: rows[-1] for tid, rows in reports.items()}
-    full = {tid: r for tid, r in last.items() if r["epoch"] >= EPOCHS} or last
-    top = max(r["val_w_robust_acc"] for r in full.values())
-    return {tid for tid, r in full.items() if r["val_w_robust_acc"] == top}, top
-
-
-def flat(raw: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+from searchkit import (  # noqa: E402
+    EPOCHS, EPOCH_METRICS, NUM_SAMPLES, SPACE_KEYS, SPEC_TRACE_HEADER, base_run_config, child_env,
+    expected_best, flat, mlflow_runs, optuna_trials, ray_reports, ray_trial_ids, search_args, tracking_uri,
+)
 
 
 # ---- one finished search ---------------------------------------------------------------------------------
@@ -268,6 +163,16 @@ def test_first_trial_evaluated_is_the_base_configs_values_of_the_searched_keys(f
     assert json.loads((first_ray / "params.json").read_text()) == defaults
 
 
+def teacher_pins(base) -> dict[str, str]:
+    """The keys that pin the session's cached teachers: their files and sha256."""
+    pins = {}
+    for role in ("clean", "robust"):
+        path = teacher_path(base, role)
+        pins[f"teachers.{role}.checkpoint"] = str(path.resolve())
+        pins[f"teachers.{role}.sha256"] = file_sha256(path)
+    return pins
+
+
 def test_best_config_is_the_base_run_config_with_the_best_full_epoch_trials_values(finished_search, space_file):
     best_ids, _ = expected_best(finished_search["reports"])
     best_config = yaml.safe_load((finished_search["folder"] / "best_config.yaml").read_text())
@@ -277,10 +182,12 @@ def test_best_config_is_the_base_run_config_with_the_best_full_epoch_trials_valu
     assert best_id in best_ids
     sampled = finished_search["reports"][best_id][0]["config"]
     base = base_run_config(space_file, finished_search["root"], finished_search["name"])
-    # plus the thread count the trial ran with, so that train repeats it exactly on a CPU
-    assert best_config == base.with_values({**sampled, "perf.threads": 1}).to_dict()
+    # plus the thread count the trial ran with, so that train repeats it exactly on a CPU, and the exact
+    # teacher files the search used, pinned by their sha256
+    pins = teacher_pins(base)
+    assert best_config == base.with_values({**sampled, "perf.threads": 1, **pins}).to_dict()
     changed = {k for k, v in flat(best_config).items() if flat(base.to_dict())[k] != v}
-    assert changed <= set(SPACE_KEYS) | {"perf.threads"}
+    assert changed <= set(SPACE_KEYS) | {"perf.threads"} | set(pins)
 
 
 def test_train_on_the_best_config_reproduces_the_best_trials_final_validation_metrics(finished_search, tmp_path):
@@ -311,7 +218,8 @@ def test_export_of_a_named_trial_writes_that_trials_config(finished_search, spac
     out = tmp_path / "trial.yaml"
     assert export.main(["--experiment", str(finished_search["folder"]), "--trial", trial_id, "--out", str(out)]) == 0
     base = base_run_config(space_file, finished_search["root"], finished_search["name"])
-    assert yaml.safe_load(out.read_text()) == base.with_values({**rows[0]["config"], "perf.threads": 1}).to_dict()
+    expected = base.with_values({**rows[0]["config"], "perf.threads": 1, **teacher_pins(base)})
+    assert yaml.safe_load(out.read_text()) == expected.to_dict()
 
 
 @pytest.mark.parametrize("case", ["unknown trial", "not a search folder"])
@@ -564,7 +472,14 @@ def test_killed_search_resumes_to_the_same_counts_without_rerunning_or_duplicati
         if driver.poll() is None and not finished:
             driver.kill()
         driver.wait()
-    epochs_at_kill = _reported_epochs(folder)
+    # The killed driver's trial actors live on until Ray notices the driver is gone: one can still finish an
+    # epoch and report it. Wait until nothing more is written, so the counts below are what a resume finds.
+    epochs_at_kill, stable_since = _reported_epochs(folder), time.monotonic()
+    while time.monotonic() - stable_since < 5 and time.monotonic() < deadline + 60:
+        time.sleep(0.5)
+        now = _reported_epochs(folder)
+        if now != epochs_at_kill:
+            epochs_at_kill, stable_since = now, time.monotonic()
     checkpoints_at_kill = {r.name: sorted(c.name for c in r.glob("checkpoint_*")) for r in folder.glob("train_bmtard_*")}
     assert finished and midway, "the search ended before one trial finished while another was mid-way:\n" + \
         (tmp_path / "first.log").read_text()[-3000:]

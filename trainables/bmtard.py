@@ -8,6 +8,8 @@ after every validation epoch, ``tune.report`` the metrics with a checkpoint of t
 
 from __future__ import annotations
 
+import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,12 @@ from tune_mtard import files
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
 from tune_mtard.engine import Trainer
+from tune_mtard.errors import Diverged
 from tune_mtard.models import create_model, save_checkpoint
 from tune_mtard.search import compat
+from tune_mtard.search.trials import read_divergence
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint_"
 EPOCH_KEY = "epoch"  # in each checkpoint's metadata: the epochs it has trained
@@ -72,21 +78,51 @@ def _epoch_of(checkpoint: tune.Checkpoint) -> int:
         return -1
 
 
+class CheckpointError(RuntimeError):
+    """A trial's checkpoint is complete but cannot be loaded into the trial: failing beats silently restarting."""
+
+
 def _resume(trainer: Trainer) -> bool:
-    """Load the furthest checkpoint that loads (the newest can be torn by a kill mid-copy); False if none."""
+    """Load the furthest checkpoint (False when there is none).
+
+    A torn copy (cut short by a kill mid-copy: no metadata, or a state file that cannot be read) is skipped
+    with a warning, and the one before it is taken. A complete checkpoint that does not load into this
+    trial (another config, another version) fails the trial: restarting it from scratch unannounced would
+    hide the problem and waste its epochs.
+    """
     fs, experiment_path, trial_dir = compat.trial_storage()
     candidates = find_checkpoints(fs, experiment_path, trial_dir, tune.get_context().get_trial_name())
     given = tune.get_checkpoint()
     if given is not None and all(c.path != given.path for c in candidates):
         candidates.append(given)
     for checkpoint in candidates:
-        try:
-            with checkpoint.as_directory() as folder:
-                trainer.load(Path(folder) / files.TRIAL_STATE)
-            return True
-        except Exception:  # an incomplete copy: fall back to the one before
-            continue
+        with checkpoint.as_directory() as folder:
+            try:
+                state = torch.load(Path(folder) / files.TRIAL_STATE, map_location="cpu", weights_only=True)
+            except Exception as exc:  # missing or truncated: a torn copy
+                log.warning("skipping the torn checkpoint %s: %s", checkpoint.path, str(exc).splitlines()[0])
+                continue
+            try:
+                trainer.load_state_dict(state)
+            except Exception as exc:
+                raise CheckpointError(f"the checkpoint {checkpoint.path} cannot be loaded into trial "
+                                      f"{tune.get_context().get_trial_id()}: {str(exc).splitlines()[0]}") from exc
+        return True
     return False
+
+
+def _divergence_record() -> Path:
+    fs, experiment_path, trial_dir = compat.trial_storage()
+    return Path(experiment_path) / trial_dir / files.DIVERGED_JSON
+
+
+def _record_divergence(trainer: Trainer, error: Diverged) -> None:
+    """Where the trial diverged, and its trace up to there, in its folder: the driver records them, and a
+    restart by Ray fails at once instead of training again into the same divergence."""
+    record = _divergence_record()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    trainer.write_trace(record.parent / files.TRACE_CSV)
+    record.write_text(json.dumps({"step": error.step, "epoch": error.epoch}))
 
 
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
@@ -97,6 +133,9 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
     a resumed search restarts one, it only reports its last epoch again, so Ray records its final result.
     """
     compat.quiet_checkpoint_log()
+    diverged = read_divergence(_divergence_record().parent)
+    if diverged is not None:
+        raise Diverged(diverged["diverged_step"], diverged["diverged_epoch"])
     cfg = trial_config(base, sampled)
     cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(cfg.perf.threads or cpus)
@@ -120,4 +159,8 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
         report(trainer, trainer.history[-1])
     if tune.get_context().get_trial_id() in finished:
         return
-    trainer.fit(lambda t, result: report(t, result.metrics) if result.validated else None)
+    try:
+        trainer.fit(lambda t, result: report(t, result.metrics) if result.validated else None)
+    except Diverged as error:
+        _record_divergence(trainer, error)
+        raise

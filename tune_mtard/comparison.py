@@ -300,10 +300,14 @@ def compare(request: CompareRequest) -> int:
               f"MLflow parent run {parent.run_id}", flush=True)
         teachers = prepare_teachers(base, data, device, progress=False,
                                     roles=roles_for({c.method for c in configs.values()}))
+        parent.log_metrics(teachers.quality_metrics(), step=0)
+        for line in teachers.describe() + teachers.warnings():
+            print(line, flush=True)
         results: list[RunResult] = []
         for i, ((method, seed), cfg) in enumerate(configs.items(), start=1):
             print(f"[{i}/{len(configs)}] {method} seed {seed}", flush=True)
-            result = run_one(method, seed, cfg, data, teachers, out, client, experiment, parent.run_id, base.seed)
+            result = run_one(method, seed, cfg, data, teachers.models, out, client, experiment, parent.run_id,
+                             base.seed)
             results.append(result)
             if result.status == FINISHED:
                 shown = "  ".join(f"{k[5:]} {result.metrics[k]:.4f}" for k in metric_keys(attacks))

@@ -20,6 +20,7 @@ import torch
 from tune_mtard.attacks import PGD, Clean
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle, iterate_batches, num_batches
+from tune_mtard.errors import Diverged
 from tune_mtard.evaluation import progress_bar, robust_accuracy
 from tune_mtard.methods import Objective, Teachers, build_objective, needed_teachers
 from tune_mtard.metrics import (
@@ -35,6 +36,38 @@ def lr_scale(cfg: Config, epoch: int) -> float:
     """``lr_gamma`` to the number of milestones (fractions of ``train.epochs``) passed by ``epoch`` (0-based)."""
     milestones = [round(m * cfg.train.epochs) for m in cfg.train.lr_milestones]
     return cfg.train.lr_gamma ** sum(epoch >= m for m in milestones)
+
+
+class DivergenceWatch:
+    """Notes, on the device, the first step of an epoch whose loss or traced balancer state is not finite.
+
+    Each step adds a few device ops and no host sync; the trainer reads the result once, at the end of the
+    epoch, when it copies the trace back anyway. A diverged run so finishes its epoch before it stops.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.traced_mask: torch.Tensor | None = None
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+
+    def start_epoch(self) -> None:
+        self.count.zero_()
+        self.first_bad.zero_()  # 0: no bad step yet; steps count from 1
+
+    def observe(self, loss: torch.Tensor, row: torch.Tensor, traced: tuple[str, ...]) -> None:
+        if self.traced_mask is None:  # which trace columns the method fills; the others are NaN by design
+            self.traced_mask = torch.zeros(len(TRACE_COLUMNS), dtype=torch.bool, device=row.device)
+            for name in traced:
+                self.traced_mask[TRACE_COLUMNS.index(name)] = True
+        finite = torch.isfinite(loss.detach()).all() & torch.isfinite(torch.where(self.traced_mask, row, 0.0)).all()
+        self.count += 1
+        self.first_bad = torch.where(~finite & (self.first_bad == 0), self.count, self.first_bad)
+
+    def first_bad_step(self) -> int | None:
+        """The epoch's first non-finite step (1-based), or None; a host sync."""
+        step = int(self.first_bad)
+        return step or None
 
 
 @dataclass
@@ -81,6 +114,7 @@ class Trainer:
         self.step = 0
         self.trace = torch.empty(0, len(TRACE_HEADER), dtype=torch.float64)
         self.history: list[dict[str, float]] = []
+        self._watch = DivergenceWatch(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.perf.bf16)
@@ -118,14 +152,20 @@ class Trainer:
 
         start = time.perf_counter()
         self.model.train()
+        self._watch.start_epoch()
         rows = []
         for x, y in batches:
             rows.append(self.train_step(x, y))
         epoch_rows = torch.stack(rows).to("cpu", torch.float64)
-        steps = torch.arange(self.step + 1, self.step + 1 + len(rows), dtype=torch.float64)
+        bad_step = self._watch.first_bad_step()  # read once per epoch, with the trace rows
+        if bad_step is not None:
+            epoch_rows = epoch_rows[:bad_step]  # the trace up to the step that diverged
+        steps = torch.arange(self.step + 1, self.step + 1 + len(epoch_rows), dtype=torch.float64)
         epoch_col = torch.full_like(steps, epoch + 1)
         self.trace = torch.cat([self.trace, torch.cat([steps[:, None], epoch_col[:, None], epoch_rows], 1)])
-        self.step += len(rows)
+        self.step += len(epoch_rows)
+        if bad_step is not None:
+            raise Diverged(self.step, epoch + 1)
         self.epoch += 1
         epoch_time = time.perf_counter() - start
 
@@ -149,6 +189,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self._watch.observe(loss, row, self.objective.traced)
         return row
 
     # ------------------------------------------------------------------------------------ validation

@@ -26,3 +26,26 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 143 if self.signal_name == "SIGTERM" else 130
+
+
+class RunFailed(RuntimeError):
+    """A run failed in a way the user can act on (not a crash): exit code 1 and one line saying why."""
+
+
+class Diverged(RunFailed):
+    """A run's loss or balancer state became non-finite at ``step`` (1-based, over the whole run) in ``epoch``.
+
+    Never a result: ``train`` exits 1, a search records the trial as failed (docs/search.md, "Outcomes").
+    """
+
+    def __init__(self, step: int, epoch: int):
+        self.step = step
+        self.epoch = epoch
+        super().__init__(f"diverged: the loss or balancer state became non-finite at step {step} (epoch {epoch})")
+
+    def __reduce__(self):  # picklable with its fields, so Ray hands it back to the driver intact
+        return (Diverged, (self.step, self.epoch))
+
+
+class TeacherTrainingFailed(RunFailed):
+    """A teacher's training ended at chance accuracy; nothing was cached."""

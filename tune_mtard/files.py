@@ -19,6 +19,11 @@ TRIALS_PLOT = "trials_clean_vs_robust.png"
 OPTUNA_DB = "optuna.db"
 PARENT_RUN_ID = "mlflow_parent_run_id"
 FINAL_EVAL_CSV = "final_eval.csv"
+TEACHERS_JSON = "teachers.json"  # the teacher files the search used (path, sha256) and their quality
+TUNER_STATE = "tuner.pkl"  # written by Ray Tune when a search starts: the search exists from then on
+
+# A trial's folder (beside its Ray checkpoints)
+DIVERGED_JSON = "diverged.json"  # where the trial diverged: a restart fails at once instead of training again
 
 # A comparison's folder
 COMPARISON_CSV = "comparison.csv"

@@ -208,7 +208,7 @@ def build_attacks(request: Request, model: nn.Module, source: nn.Module | None, 
         transfer = name.startswith(TRANSFER_PREFIX)
         attacks[name] = build_attack(
             name.removeprefix(TRANSFER_PREFIX), source if transfer else model, epsilon=cfg.attack.epsilon,
-            num_classes=num_classes, pgd_step_size=cfg.eval.pgd_step_size, pgd_steps=cfg.eval.pgd_steps,
+            num_classes=num_classes, pgd_step_size=cfg.eval.pgd_step_size,
             batch_size=request.batch_size, square_queries=request.square_queries)
     return attacks
 

@@ -17,7 +17,7 @@ from tune_mtard import files
 from tune_mtard.config import Config, to_yaml
 from tune_mtard.data import DataBundle
 from tune_mtard.engine import EpochResult, Trainer
-from tune_mtard.errors import ConfigError
+from tune_mtard.errors import ConfigError, Diverged
 from tune_mtard.evaluation import final_test_metrics
 from tune_mtard.methods import Teachers
 from tune_mtard.metrics import EPOCH, VAL_W_ROBUST_ACC, VALIDATION
@@ -83,8 +83,13 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
         if test_eval:
             metrics.update(final_test_metrics(cfg, trainer.model, data, trainer.device, progress=progress))
         metrics.update(epochs=trainer.epoch, steps=trainer.step, train_time_s=round(time.perf_counter() - start, 2))
-    finally:
+    except BaseException as error:
         trainer.write_trace(out / files.TRACE_CSV)  # the steps done so far are never lost
+        if run is not None and isinstance(error, Diverged):
+            run.set_tags(divergence_tags(error))
+            run.log_artifacts([out / files.TRACE_CSV])
+        raise
+    trainer.write_trace(out / files.TRACE_CSV)
     save_checkpoint(trainer.student, out / files.STUDENT)
     (out / files.METRICS_JSON).write_text(json.dumps(metrics, indent=2))
     from tune_mtard.plots import plot_trace
@@ -97,6 +102,11 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
                                                    files.METRICS_JSON)])
         run.log_artifacts([out / files.STUDENT], "model")
     return RunResult(metrics, trainer, out)
+
+
+def divergence_tags(error: Diverged) -> dict[str, int]:
+    """The tags a diverged run carries: where its loss or balancer state stopped being finite."""
+    return {"diverged_step": error.step, "diverged_epoch": error.epoch}
 
 
 def _log_missing_epochs(run: RunHandle, history: list[dict[str, float]]) -> None:

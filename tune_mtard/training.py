@@ -82,7 +82,9 @@ def train(request: TrainRequest) -> dict[str, Any]:
     data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
     device = resolve_device(cfg.device)
     teachers = prepare_teachers(cfg, data, device, progress=p.progress)
-    trainer = new_trainer(cfg, data, teachers, out, resume=p.resume)
+    for line in teachers.describe() + teachers.warnings():
+        print(line, flush=True)
+    trainer = new_trainer(cfg, data, teachers.models, out, resume=p.resume)
     out.mkdir(parents=True, exist_ok=True)
     client = tracking.client_for(cfg.mlflow.tracking_uri)
     experiment = tracking.experiment_id(client, cfg.mlflow.experiment)
@@ -92,6 +94,7 @@ def train(request: TrainRequest) -> dict[str, Any]:
                            tags={"tune_mtard.command": "train", "tune_mtard.out": str(out)}) as run:
         if reopen is None:
             run.log_params(cfg.flat())
+            run.log_metrics(teachers.quality_metrics(), step=0)
             id_file.write_text(run.run_id)
         print(f"run {cfg.name}: {cfg.method} on {cfg.data.dataset}, {cfg.train.epochs} epochs on {device}; "
               f"output in {out}; MLflow run {run.run_id}", flush=True)

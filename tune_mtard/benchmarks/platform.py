@@ -94,28 +94,28 @@ def _ray_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dic
 
     from tune_mtard import tracking
     from tune_mtard.search.driver import new_tuner
-    from tune_mtard.search.recorder import start_parent_run
+    from tune_mtard.search.recorder import start_parent
 
     s = cfg.search
     folder.mkdir(parents=True)
     timing_file = folder / "trial_timing.json"
     client = tracking.client_for(cfg.mlflow.tracking_uri)
     experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
-    parent_run_id = start_parent_run(client, cfg, folder, experiment_id)
-    trainable = tune.with_resources(
-        tune.with_parameters(_timed_trial, base=cfg.run_config(), data=data, teachers=teachers,
-                             timing_file=str(timing_file)),
-        {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
-    )
-    recorder_class, searcher_class = _timed_hooks()
-    tuner = new_tuner(cfg, trainable, folder, experiment_id, parent_run_id, quiet=True,
-                      recorder_class=recorder_class, searcher_class=searcher_class)
-    for key in DRIVER_SECONDS:
-        DRIVER_SECONDS[key] = 0.0
-    start = time.perf_counter()
-    grid = tuner.fit()
-    fit_wall = time.perf_counter() - start
-    client.set_terminated(parent_run_id, tracking.FINISHED)
+    with tracking.open_run(client, experiment_id, cfg.name) as parent:
+        start_parent(parent, cfg, folder)
+        trainable = tune.with_resources(
+            tune.with_parameters(_timed_trial, base=cfg.run_config(), data=data, teachers=teachers,
+                                 timing_file=str(timing_file)),
+            {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
+        )
+        recorder_class, searcher_class = _timed_hooks()
+        tuner = new_tuner(cfg, trainable, folder, experiment_id, parent.run_id, quiet=True,
+                          recorder_class=recorder_class, searcher_class=searcher_class)
+        for key in DRIVER_SECONDS:
+            DRIVER_SECONDS[key] = 0.0
+        start = time.perf_counter()
+        grid = tuner.fit()
+        fit_wall = time.perf_counter() - start
     result = grid[0]
     if result.error:
         raise RuntimeError(f"the benchmark trial failed: {result.error}")

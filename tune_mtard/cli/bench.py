@@ -7,14 +7,15 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from tune_mtard.cli.common import add_set_flag, parser_for
+from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for
 from tune_mtard.config import find_config_file, load_config
 from tune_mtard.errors import ConfigError
 
 DEFAULT_SPACE = "digits.yaml"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
+    """The ``bench`` command's flags (docs/cli.md, "bench")."""
     parser = parser_for("bench", "Performance figures: a table on stdout and, with --out, JSON with the machine "
                                  "they were measured on.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{step,platform,search,memory}")
@@ -49,7 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     search.add_argument("--fifo-from", default=None, metavar="JSON",
                         help="reuse the FIFO search of an earlier `bench search --out JSON` with the same config, "
                              "samples and epochs (to compare ASHA settings against one full-budget search)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     for flag in ("batch_size", "repeats", "epochs", "num_samples", "max_epochs", "warmup", "threads"):
         value = getattr(args, flag, None)

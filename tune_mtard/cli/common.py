@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from tune_mtard.errors import ConfigError, Interrupted
+from tune_mtard.errors import ConfigError, Interrupted, RunFailed
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -49,4 +49,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
+    except RunFailed as exc:  # a failure while running (divergence, ...), not a crash: one line
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     raise SystemExit(code)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tune_mtard.cli.common import add_set_flag, parser_for
+from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for
 from tune_mtard.comparison import CompareRequest, compare, variants
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
+    """The ``compare`` command's flags (docs/cli.md, "compare")."""
     parser = parser_for("compare", "Run B-MTARD, its ablations and the baseline methods with the same loop, data and "
                                    "evaluation over seeds, and print a markdown table.")
     parser.add_argument("--config", required=True, help="run config or search space file (the base config)")
@@ -20,7 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: runs/<name>-compare)")
     add_set_flag(parser)
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: mlflow.tracking_uri)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     return compare(CompareRequest(config=args.config, methods=args.methods, seeds=args.seeds, attacks=args.attacks,
                                   out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tune_mtard.cli.common import add_set_flag, parser_for, progress_wanted
+from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for, progress_wanted
 from tune_mtard.model_eval import DEFAULT_SQUARE_QUERIES, SPLITS, EvaluateRequest, evaluate
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
+    """The ``evaluate`` command's flags (docs/cli.md, "evaluate")."""
     parser = parser_for("evaluate", "Evaluate a saved model on the first N examples of a split under each attack; "
                                     "print a table and write JSON.")
     parser.add_argument("--config", required=True, help="run config (dataset, arch, attack.epsilon, eval.*)")
@@ -31,7 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"query budget of the square attack (default: {DEFAULT_SQUARE_QUERIES})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_set_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     return evaluate(EvaluateRequest(
         config=args.config, checkpoint=args.checkpoint, attacks=args.attacks, n=args.n, split=args.split,

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tune_mtard.cli.common import parser_for
+from tune_mtard.cli.common import ArgumentParser, parser_for
 from tune_mtard.files import BEST_CONFIG
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
+    """The ``export`` command's flags (docs/cli.md, "export")."""
     parser = parser_for("export", "Write a complete run config for the best (or the named) trial of a finished "
                                   "or interrupted search.")
     parser.add_argument("--experiment", required=True, help="the search's folder, <storage>/<name>")
     parser.add_argument("--trial", default=None, help="a trial id (default: the best trial)")
     parser.add_argument("--out", default=None, help=f"output file (default: DIR/{BEST_CONFIG}, or DIR/trial_<ID>.yaml)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from tune_mtard.search.export import ExportRequest, export_trial
 

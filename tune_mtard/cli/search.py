@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tune_mtard.cli.common import add_set_flag, parser_for
+from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
+    """The ``search`` command's flags (docs/cli.md, "search")."""
     parser = parser_for("search", "Run a search: Optuna proposes configurations, Ray Tune trains them, ASHA stops "
                                   "weak ones early, MLflow records every trial, and the best config is exported.")
     parser.add_argument("--space", required=True, help="search space: a path, or a file name in ./search_spaces/ "
@@ -20,7 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
     parser.add_argument("--no-progress", action="store_true", help="quiet: no Ray Tune status tables")
     add_set_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from tune_mtard.search.driver import SearchRequest, search
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tune_mtard.cli.common import add_set_flag, parser_for, progress_wanted
+from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for, progress_wanted
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
+    """The ``teachers`` command's flags (docs/cli.md, "teachers")."""
     parser = parser_for("teachers", "Train the teachers a config names that do not exist yet, save them where the "
                                     "config says and print their clean and PGD accuracy on the test split.")
     parser.add_argument("--config", required=True, help="run config or search space file")
     add_set_flag(parser)
     parser.add_argument("--roles", default="clean,robust", help="which teachers (default: clean,robust)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from tune_mtard.teachers import TeachersRequest, train_missing
 

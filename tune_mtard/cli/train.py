@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tune_mtard.cli.common import add_set_flag, parser_for, progress_wanted
+from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for, progress_wanted
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
+    """The ``train`` command's flags (docs/cli.md, "train")."""
     parser = parser_for("train", "One full training run from a run config; writes metrics.json, student.pt, "
                                  "balance_trace.csv and config.yaml and logs one MLflow run.")
     parser.add_argument("--config", required=True, help="run config (e.g. an exported best_config.yaml) or search space file")
@@ -16,7 +17,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: mlflow.tracking_uri)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from tune_mtard.training import TrainRequest, train
 

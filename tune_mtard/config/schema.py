@@ -62,9 +62,13 @@ class TeacherConfig:
 
     arch: str = "resnet56"
     checkpoint: str = AUTO
+    sha256: str = ""  # pins the file: train checks it and never retrains (an exported best config sets it)
     recipe: str = "natural"  # a method that needs no teacher: natural, pgd-at or trades
     epochs: int = 100
     lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2.0e-4
+    batch_size: int = 128
     trades_beta: float = 6.0
 
     def check(self, key: str, check_files: bool) -> None:
@@ -75,7 +79,12 @@ class TeacherConfig:
         require_name(self.recipe, recipes, f"{key}.recipe", "recipe")
         require(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
         require(self.lr > 0, f"{key}.lr", "must be > 0")
+        require(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
+        require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
         require(self.trades_beta >= 0, f"{key}.trades_beta", "must be >= 0")
+        require(self.sha256 == "" or (len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256)),
+                f"{key}.sha256", "must be empty or the 64 hex digits of a sha256")
         require(bool(self.checkpoint), f"{key}.checkpoint", "must be a path or auto")
         if check_files and self.checkpoint != AUTO:
             path = Path(self.checkpoint).expanduser()
@@ -274,8 +283,11 @@ class SearchConfig:
     def check(self) -> None:
         require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
         require(self.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
+        from tune_mtard.metrics import EPOCH_METRICS
+
         require(self.mode in ("max", "min"), "search.mode", f"must be max or min, got {self.mode!r}")
-        require(bool(self.metric), "search.metric", "must not be empty")
+        require(self.metric in EPOCH_METRICS, "search.metric",
+                f"{self.metric!r} is not a metric a trial reports (valid: {', '.join(EPOCH_METRICS)})")
         require(self.resources.cpu > 0, "search.resources.cpu", "must be > 0")
         require(self.resources.gpu >= 0, "search.resources.gpu", "must be >= 0")
         s = self.scheduler

@@ -20,6 +20,33 @@ from tune_mtard.errors import ConfigError
 # Past this many corners every pair of keys is checked at its corners, which covers every two-key rule.
 MAX_CORNERS = 4096
 
+# Keys a trial cannot vary, and why: a search builds the data and the teachers once, from the base config,
+# and every trial must be measured the same way for their metrics to compare (docs/configuration.md,
+# "Search space"). A dotted prefix ending in "." covers a whole section.
+UNSEARCHABLE = {
+    "name": "it names the search",
+    "seed": "the data split and the teachers come from the base config's seed",
+    "device": "Ray places each trial",
+    "data.": "the data is loaded once, from the base config, for every trial",
+    "teachers.": "the teachers are built once, from the base config, for every trial",
+    "attack.": "the threat model and training attack are the same for every trial and its teachers",
+    "eval.": "every trial is validated the same way, so their metrics compare",
+    "train.epochs": "every trial has the same budget, ASHA's max_t (--max-epochs shrinks it)",
+    "mlflow.": "every trial records to the search's store",
+    "perf.threads": "the search sets it to each trial's CPU share",
+}
+SEARCHABLE_EXCEPTIONS = ("data.batch_size",)  # read by each trial's own loader
+
+
+def unsearchable_reason(key: str) -> str | None:
+    """Why ``key`` cannot be a ``space`` key, or None when a trial really varies it."""
+    if key in SEARCHABLE_EXCEPTIONS:
+        return None
+    for prefix, reason in UNSEARCHABLE.items():
+        if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
+            return reason
+    return None
+
 
 def parse_space(raw: Any) -> dict[str, Distribution]:
     if not isinstance(raw, dict):
@@ -46,6 +73,8 @@ def check_space(cfg: Config) -> None:
     for key, dist in space.items():
         where = f"space.{key}"
         require(key in leaves, where, "not a key of the run config")
+        reason = unsearchable_reason(key)
+        require(reason is None, where, f"cannot be searched: {reason}")
         kind = kinds[key]
         if dist.type == "float":
             require(kind is float, where, f"type float cannot sample {key}, which is {_kind_name(kind)}")

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tune_mtard.config import Config
-from tune_mtard.methods.base import Autocast, Objective, Teachers, kl_attack, no_autocast, trace_row
+from tune_mtard.methods.base import Autocast, Objective, Teachers, kl_attack, no_autocast
 from tune_mtard.methods.registry import register_method
 
 
@@ -20,7 +20,7 @@ class Natural(Objective):
         with self.autocast():
             logits = self.student(x)
         loss_nat = F.cross_entropy(logits.float(), y)
-        return loss_nat, trace_row(x.device, loss_nat=loss_nat, w_adv=0.0, w_nat=1.0)
+        return loss_nat, self.trace(x.device, loss_nat=loss_nat, w_adv=0.0, w_nat=1.0)
 
 
 @register_method("pgd-at")
@@ -32,7 +32,7 @@ class PGDAT(Objective):
         with self.autocast():
             logits = self.student(x_adv)
         loss_adv = F.cross_entropy(logits.float(), y)
-        return loss_adv, trace_row(x.device, loss_adv=loss_adv, w_adv=1.0, w_nat=0.0)
+        return loss_adv, self.trace(x.device, loss_adv=loss_adv, w_adv=1.0, w_nat=0.0)
 
 
 @register_method("trades")
@@ -55,4 +55,4 @@ class TRADES(Objective):
         loss_nat = F.cross_entropy(s_nat.float(), y)
         loss_adv = F.kl_div(F.log_softmax(s_adv.float(), dim=1), F.softmax(s_nat.float(), dim=1), reduction="batchmean")
         loss = loss_nat + self.beta * loss_adv
-        return loss, trace_row(x.device, loss_adv=loss_adv, loss_nat=loss_nat, w_adv=self.beta, w_nat=1.0)
+        return loss, self.trace(x.device, loss_adv=loss_adv, loss_nat=loss_nat, w_adv=self.beta, w_nat=1.0)

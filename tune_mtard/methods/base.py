@@ -72,6 +72,7 @@ class Objective:
         self.cfg = cfg
         self.student = student
         self.autocast = autocast
+        self.traced: tuple[str, ...] = ()  # the trace columns this method fills (the others are NaN by design)
         # Training PGD runs under the objective's autocast (bf16 when perf.bf16); evaluation attacks stay fp32.
         self.pgd = TrainPGD(student, cfg.attack.epsilon, cfg.attack.step_size, cfg.attack.steps,
                             keep_autocast=True)
@@ -86,6 +87,11 @@ class Objective:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def trace(self, device: torch.device, **values: Any) -> torch.Tensor:
+        """This step's trace row (:func:`trace_row`); remembers which columns the method fills."""
+        self.traced = tuple(name for name in TRACE_COLUMNS if name in values)
+        return trace_row(device, **values)
 
     def set_lr_scale(self, scale: float) -> None:
         """Learning-rate milestones also decay the balancing learning rates (docs/algorithm.md, step 7)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS, EntropyBalance, LossBalance
 from tune_mtard.config import Config
-from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast, soft_kl, trace_row
+from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
 
 
@@ -70,7 +70,7 @@ class BMTARD(Objective):
             w_adv, w_nat = self.loss_balance.w_adv, self.loss_balance.w_nat
         # 6. the weighted loss, with this step's weights as constants
         loss = w_adv.to(loss_adv.device) * loss_adv + w_nat.to(loss_nat.device) * loss_nat
-        trace = trace_row(x.device, loss_adv=loss_adv, loss_nat=loss_nat, entropy_adv=entropy_adv,
+        trace = self.trace(x.device, loss_adv=loss_adv, loss_nat=loss_nat, entropy_adv=entropy_adv,
                        entropy_nat=entropy_nat, tau_adv=tau_adv, tau_nat=tau_nat, w_adv=w_adv, w_nat=w_nat)
         return loss, trace
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS
 from tune_mtard.config import Config
-from tune_mtard.methods.base import Autocast, Objective, Teachers, kl_attack, no_autocast, soft_kl, trace_row
+from tune_mtard.methods.base import Autocast, Objective, Teachers, kl_attack, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
 
 
@@ -37,7 +37,7 @@ class ARD(Objective):
         loss_nat = F.cross_entropy(s_nat.float(), y)
         w_adv, w_nat = alpha * temperature**2, 1.0 - alpha
         loss = w_adv * loss_adv + w_nat * loss_nat
-        return loss, trace_row(x.device, loss_adv=loss_adv, loss_nat=loss_nat, tau_adv=temperature,
+        return loss, self.trace(x.device, loss_adv=loss_adv, loss_nat=loss_nat, tau_adv=temperature,
                             w_adv=w_adv, w_nat=w_nat)
 
 
@@ -68,4 +68,4 @@ class RSLAD(Objective):
         loss_adv = soft_kl(p_teacher, log_p_teacher, s_adv)
         loss_nat = soft_kl(p_teacher, log_p_teacher, s_nat)
         loss = 5 / 6 * loss_adv + 1 / 6 * loss_nat
-        return loss, trace_row(x.device, loss_adv=loss_adv, loss_nat=loss_nat, w_adv=5 / 6, w_nat=1 / 6)
+        return loss, self.trace(x.device, loss_adv=loss_adv, loss_nat=loss_nat, w_adv=5 / 6, w_nat=1 / 6)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS
 from tune_mtard.config import Config
-from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast, soft_kl, trace_row
+from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
 
 
@@ -49,7 +49,7 @@ class MTARD(Objective):
         self.w_nat = self.w_nat - self.lr * (self.w_nat - r_nat / (r_adv + r_nat))
         w_nat, w_adv = self.w_nat, 1 - self.w_nat
         loss = w_adv * loss_adv + w_nat * loss_nat
-        trace = trace_row(x.device, loss_adv=loss_adv, loss_nat=loss_nat, entropy_adv=(p_adv * log_p_adv).mean(),
+        trace = self.trace(x.device, loss_adv=loss_adv, loss_nat=loss_nat, entropy_adv=(p_adv * log_p_adv).mean(),
                        entropy_nat=(p_nat * log_p_nat).mean(), tau_adv=self.tau, tau_nat=self.tau,
                        w_adv=w_adv, w_nat=w_nat)
         return loss, trace

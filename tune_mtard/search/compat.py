@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,3 +95,78 @@ def optuna_trials(searcher: Any) -> dict[str, Any]:
 def completed_trials(searcher: Any) -> set[str]:
     """Ray trial ids that ``OptunaSearch`` has told the study about (private: ``_completed_trials``)."""
     return searcher._completed_trials
+
+
+# ---- stopping a running Tuner.fit (see search/interrupts.py) ---------------------------------------------
+
+# Read by ray.tune.run when fit starts: with it set, Tune leaves our SIGINT handler in place.
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+def request_tune_stop() -> None:
+    """Ask a ``Tuner.fit`` running in this process's main thread for its graceful stop: it stops the trials and
+    saves the experiment with them unfinished (resumable), then returns.
+
+    Private: ``ray.tune.tune._setup_signal_catching`` handles SIGUSR1 this way while ``fit`` runs.
+    """
+    import signal
+
+    signal.raise_signal(signal.SIGUSR1)
+
+
+# ---- where a search runs ----------------------------------------------------------------------------------
+
+ADDRESS_TIMEOUT_S = 3.0
+
+
+def unreachable_ray_address(address: str) -> str | None:
+    """Why the Ray cluster at ``address`` cannot be reached (None when it can), found within seconds.
+
+    ``ray.init`` itself retries an unreachable address for many minutes. ``auto`` is resolved as ``ray.init``
+    resolves it (``RAY_ADDRESS``, Ray's address file, a local ``gcs_server``; private:
+    ``ray._private.services.canonicalize_bootstrap_address``); ``ray://host:port`` is a Ray Client server.
+    A TCP connection to the resolved address must open within :data:`ADDRESS_TIMEOUT_S`.
+    """
+    import socket
+
+    target = os.environ.get("RAY_ADDRESS") or address if address == "auto" else address
+    if target == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            target = canonicalize_bootstrap_address("auto")
+        except ConnectionError as exc:
+            return f"no running Ray cluster found ({str(exc).splitlines()[0]})"
+    if target.startswith("ray://"):
+        target = target[len("ray://"):].split("/")[0]
+    elif "://" in target:
+        return f"unsupported address scheme in {address!r} (use host:port, auto or ray://host:port)"
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return f"{address!r} is not a Ray address (host:port, auto or ray://host:port)"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S):
+            return None
+    except OSError as exc:
+        return f"cannot connect to {target}: {exc}"
+
+
+def largest_node() -> tuple[float, float]:
+    """CPUs and GPUs of the largest alive node of the connected cluster (``ray.nodes()``, a developer API)."""
+    import ray
+
+    cpu = gpu = 0.0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            resources = node.get("Resources", {})
+            cpu, gpu = max(cpu, float(resources.get("CPU", 0))), max(gpu, float(resources.get("GPU", 0)))
+    return cpu, gpu
+
+
+def trial_ids(grid: Any) -> list[str]:
+    """The Ray trial id of each result of a ``ResultGrid``, in its order (private: ``_experiment_analysis``).
+
+    A result carries its trial id only in the metrics it reported: a trial that failed before its first
+    report has none.
+    """
+    return [trial.trial_id for trial in grid._experiment_analysis.trials]

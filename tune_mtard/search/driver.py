@@ -5,13 +5,18 @@ them as trials of the B-MTARD loop (``tune_mtard.trainables.bmtard``), ASHA stop
 validation W-Robust Acc, MLflow records a parent run for the search and a child run per trial, and the
 best trial's config is written to ``<storage>/<name>/best_config.yaml`` for the final training run.
 
-Ray, Optuna and MLflow are imported only once the request has been validated, so bad input is rejected
-in a second, before anything starts.
+A search ends in one of three outcomes (docs/search.md, "Outcomes"): ``finished`` (exit 0),
+``no_usable_trial`` (every trial failed or diverged; exit 1) or ``interrupted`` (SIGINT or SIGTERM; exit
+130 or 143, resumable). Everything a user can get wrong is checked before anything is written, and one
+driver at a time works on a search (a lock in its folder). Ray, Optuna and MLflow are imported only once
+the request has been validated.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +25,7 @@ from typing import Any
 
 from tune_mtard import files
 from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, load_config
-from tune_mtard.errors import ConfigError
+from tune_mtard.errors import ConfigError, Interrupted
 
 
 @dataclass
@@ -47,7 +52,10 @@ def resolve_space(space: str) -> Path:
 
 
 def search_config(request: SearchRequest) -> Config:
-    """The space file with every flag applied, validated; ConfigError (exit 2) on any problem, before Ray starts."""
+    """The space file with every flag applied, validated; ConfigError (exit 2) on any problem, before Ray starts.
+
+    ``--max-epochs`` below ASHA's ``grace_period`` lowers the grace period to it (and says so).
+    """
     overrides = list(request.overrides)
     if request.num_samples is not None:
         if request.num_samples < 1:
@@ -60,13 +68,23 @@ def search_config(request: SearchRequest) -> Config:
     if request.max_epochs is not None and request.max_epochs < 1:
         raise ConfigError("--max-epochs", "must be >= 1")
     cfg = load_config(resolve_space(request.space), overrides)
-    if request.max_epochs is not None and request.max_epochs < cfg.train.epochs:
-        cfg = cfg.with_values({"train.epochs": request.max_epochs})  # shrinks only; milestones are fractions
-    if cfg.search is not None and "://" in cfg.search.storage:
-        raise ConfigError("search.storage", f"{cfg.search.storage}: cloud URIs are not supported; use a folder "
-                                            "every node mounts at the same path")
     if cfg.search is None or not cfg.space:
         raise ConfigError("--space", f"{request.space} has no space section: it is a run config (use tune_mtard.train)")
+    if request.max_epochs is not None and request.max_epochs < cfg.train.epochs:
+        shrunk: dict[str, Any] = {"train.epochs": request.max_epochs}  # milestones are fractions: they scale
+        grace = cfg.search.scheduler.grace_period
+        if grace > request.max_epochs:
+            shrunk["search.scheduler.grace_period"] = request.max_epochs
+            print(f"--max-epochs {request.max_epochs}: ASHA's grace_period {grace} lowered to {request.max_epochs}")
+        cfg = cfg.with_values(shrunk)
+    scheduler = cfg.search.scheduler
+    if scheduler.type == "asha" and scheduler.grace_period > cfg.train.epochs:
+        raise ConfigError("search.scheduler.grace_period", f"({scheduler.grace_period}) must be <= train.epochs "
+                                                           f"({cfg.train.epochs}): ASHA's first rung must be an "
+                                                           "epoch a trial reaches")
+    if "://" in cfg.search.storage:
+        raise ConfigError("search.storage", f"{cfg.search.storage}: cloud URIs are not supported; use a folder "
+                                            "every node mounts at the same path")
     cfg.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
     return cfg
 
@@ -74,6 +92,11 @@ def search_config(request: SearchRequest) -> Config:
 def experiment_dir(cfg: Config) -> Path:
     assert cfg.search is not None
     return Path(cfg.search.storage) / cfg.name
+
+
+def started(folder: Path) -> bool:
+    """Whether a search ran in ``folder`` (Ray Tune wrote its state): only then can it be resumed."""
+    return (folder / files.TUNER_STATE).exists() and (folder / files.SPACE).exists()
 
 
 def reproducible_values(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
@@ -89,10 +112,9 @@ def searched_methods(cfg: Config) -> set[str]:
 
 
 def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None) -> None:
-    """A new search needs an unused name; a resumed one, an interrupted search of that name and the same config."""
+    """A new search needs an unused name; a resumed one, a search of that name that ran, with the same config."""
     folder = experiment_dir(cfg)
-    exists = (folder / "tuner.pkl").exists() and (folder / files.SPACE).exists()
-    if resume and not exists:
+    if resume and not started(folder):
         raise ConfigError("--resume", f"no interrupted search named {cfg.name!r} in {folder.parent}")
     if resume:
         saved = load_config(folder / files.SPACE, check_files=False)
@@ -104,14 +126,29 @@ def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None)
         if tracking_uri is not None and absolute_tracking_uri(tracking_uri) != saved.mlflow.tracking_uri:
             raise ConfigError("--tracking-uri", f"the interrupted search records to {saved.mlflow.tracking_uri}; "
                                                 "resume it with the same MLflow store")
-    elif folder.exists() and any(folder.iterdir()):
+    elif started(folder):
         raise ConfigError("name", f"a search named {cfg.name!r} already exists in {folder.parent}; "
                                   "pass --resume to continue it, or --set name=NEW")
 
 
+def check_address(address: str | None) -> None:
+    """``--address`` must name a reachable cluster: one line and exit 2 within seconds, not minutes of retries."""
+    if address is None or address == "local":
+        return
+    from tune_mtard.search.compat import unreachable_ray_address
+
+    problem = unreachable_ray_address(address)
+    if problem is not None:
+        raise ConfigError("--address", problem)
+
+
 def search(request: SearchRequest) -> int:
     """The ``search`` command: validate, then run (or resume) the search; returns the exit code."""
+    from tune_mtard.search.lock import refuse_if_running
+
     cfg = search_config(request)
+    check_address(request.address)
+    refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
     check_experiment(cfg, request.resume, request.tracking_uri)
     if request.resume:
         # The interrupted search's own config rules (its MLflow store too), except where it is stored.
@@ -121,87 +158,172 @@ def search(request: SearchRequest) -> int:
     return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet)
 
 
-def run_search(cfg: Config, resume: bool = False, address: str | None = None, quiet: bool = False) -> int:
-    """Prepare data and teachers, run the Tuner, then pick, export and record the best trial."""
-    import ray
-    from ray import tune
+@dataclass
+class Outcome:
+    """How a search ended: ``finished``, ``no_usable_trial`` or ``interrupted``, with its summary."""
 
-    from tune_mtard import tracking
+    status: str
+    summary: dict[str, Any]
+    exit_code: int
+
+
+def run_search(cfg: Config, resume: bool = False, address: str | None = None, quiet: bool = False) -> int:
+    """Prepare everything, run the Tuner, then record the outcome; returns the exit code (raises
+    :class:`~tune_mtard.errors.Interrupted` when a signal stopped it)."""
+    import ray
+
     from tune_mtard.data import load_data
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.search import compat
-    from tune_mtard.search.recorder import delete_orphaned_child_runs, record_search, start_parent_run
-    from tune_mtard.search.searcher import close_orphaned_optuna_trials, finished_optuna_trials
-    from tune_mtard.search.trials import best_trial, summarize_results
-    from tune_mtard.teachers import prepare_teachers, roles_for
-    from tune_mtard.trainables.bmtard import train_bmtard
+    from tune_mtard.search.lock import SearchLock
+    from tune_mtard.teachers import check_teacher_files, roles_for
 
     assert cfg.search is not None and cfg.space is not None
-    s = cfg.search
     folder = experiment_dir(cfg)
     start = time.perf_counter()
-
     data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
-    device = resolve_device(cfg.device)
-    teachers = prepare_teachers(cfg.run_config(), data, device, progress=not quiet and sys.stderr.isatty(),
-                                roles=roles_for(searched_methods(cfg)))
-    teacher_weights = {role: (getattr(cfg.teachers, role).arch, model.cpu().state_dict())
-                       for role, model in teachers.items()}
-
-    if not ray.is_initialized():
+    roles = roles_for(searched_methods(cfg))
+    check_teacher_files(cfg.run_config(), roles)
+    ray_started_here = not ray.is_initialized()
+    if ray_started_here and address is None:
+        check_local_resources(cfg)  # before Ray starts: a local Ray has this machine's CPUs and GPUs
+    if ray_started_here:
         # Without --address, a local Ray of our own, whatever address file a past `ray start` left behind.
         ray.init(address=address or "local", include_dashboard=False, logging_level="warning",
                  log_to_driver=not quiet, configure_logging=True)
-    # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    compat.tolerate_deleted_checkpoints()
-
-    folder.mkdir(parents=True, exist_ok=True)
-    client = tracking.client_for(cfg.mlflow.tracking_uri)
-    experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
-    id_file = folder / files.PARENT_RUN_ID
-    if resume and id_file.is_file():
-        parent_run_id = id_file.read_text().strip()
-        client.update_run(parent_run_id, status=tracking.RUNNING)
-    else:
-        parent_run_id = start_parent_run(client, cfg, folder, experiment_id)
-
-    # A resumed trial that the killed driver had already finished only reports its last epoch again.
-    finished = finished_optuna_trials(folder, cfg.name) if resume else set()
-    trainable = tune.with_resources(
-        tune.with_parameters(train_bmtard, base=cfg.run_config(), data=data, teachers=teacher_weights,
-                             finished=finished),
-        {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
-    )
-    if resume:
-        with compat.quiet_experiment_analysis():
-            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        tuner = new_tuner(cfg, trainable, folder, experiment_id, parent_run_id, quiet)
     try:
-        grid = tuner.fit()
-    except BaseException:
-        client.set_terminated(parent_run_id, tracking.KILLED)
-        raise
+        check_resources(cfg)
+        with SearchLock(folder, "--resume" if resume else "name") as lock:
+            check_experiment(cfg, resume)  # again, under the lock: another driver may have started it
+            try:
+                return _run_locked(cfg, data, roles, folder, resume, quiet, start).exit_code
+            except BaseException:
+                if not resume and not started(folder):  # failed in its own setup: the name stays usable
+                    _remove_setup(folder, lock.created_folder)
+                raise
+    finally:
+        if ray_started_here:
+            ray.shutdown()
 
+
+def check_resources(cfg: Config) -> None:
+    """Every trial asks ``search.resources`` of one node: some node of the cluster must have that much."""
+    from tune_mtard.search.compat import largest_node
+
+    cpu, gpu = largest_node()
+    r = cfg.search.resources
+    if r.cpu > cpu or r.gpu > gpu:
+        raise ConfigError("search.resources", f"a trial asks for {r.cpu:g} CPU and {r.gpu:g} GPU, but the largest "
+                                              f"node of the Ray cluster has {cpu:g} CPU and {gpu:g} GPU")
+
+
+def check_local_resources(cfg: Config) -> None:
+    import torch
+
+    r = cfg.search.resources
+    cpu, gpu = os.cpu_count() or 1, torch.cuda.device_count()
+    if r.cpu > cpu or r.gpu > gpu:
+        raise ConfigError("search.resources", f"a trial asks for {r.cpu:g} CPU and {r.gpu:g} GPU, but this machine "
+                                              f"has {cpu} CPU and {gpu} GPU (pass --address to use a Ray cluster)")
+
+
+def _remove_setup(folder: Path, created_folder: bool) -> None:
+    """What a driver that failed before its search started wrote, so a rerun of the same name starts clean."""
+    if created_folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for name in (files.SPACE, files.OPTUNA_DB, files.PARENT_RUN_ID, files.TEACHERS_JSON, files.TUNER_STATE):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume: bool, quiet: bool,
+                start: float) -> Outcome:
+    from ray import tune
+
+    from tune_mtard import tracking
+    from tune_mtard.perf import resolve_device
+    from tune_mtard.search import compat, interrupts
+    from tune_mtard.search.recorder import log_teachers, start_parent
+    from tune_mtard.search.searcher import finished_optuna_trials
+    from tune_mtard.teachers import prepare_teachers
+    from tune_mtard.trainables.bmtard import train_bmtard
+
+    s = cfg.search
+    with interrupts.sigterm_as_interrupt():
+        teachers = prepare_teachers(cfg.run_config(), data, resolve_device(cfg.device),
+                                    progress=not quiet and sys.stderr.isatty(), roles=roles)
+        for line in teachers.describe() + teachers.warnings():
+            print(line, flush=True)
+        (folder / files.TEACHERS_JSON).write_text(json.dumps(
+            {"pins": teachers.pins(), "quality": teachers.quality_metrics()}, indent=2))
+        teacher_weights = {role: (t.arch, t.model.state_dict()) for role, t in teachers.teachers.items()}
+        # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        compat.tolerate_deleted_checkpoints()
+        client = tracking.client_for(cfg.mlflow.tracking_uri)
+        experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
+        id_file = folder / files.PARENT_RUN_ID
+        reopen = id_file.read_text().strip() if resume and id_file.is_file() else None
+        with tracking.open_run(client, experiment_id, cfg.name, reopen=reopen, tags={
+                "tune_mtard.command": "search", "tune_mtard.experiment_dir": str(folder)}) as parent:
+            if reopen is None:
+                start_parent(parent, cfg, folder)
+            log_teachers(parent, teachers)
+            # A resumed trial that the killed driver had already finished only reports its last epoch again.
+            finished = finished_optuna_trials(folder, cfg.name) if resume else set()
+            trainable = tune.with_resources(
+                tune.with_parameters(train_bmtard, base=cfg.run_config(), data=data, teachers=teacher_weights,
+                                     finished=finished),
+                {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
+            )
+            if resume:
+                with compat.quiet_experiment_analysis():
+                    tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
+            else:
+                tuner = new_tuner(cfg, trainable, folder, experiment_id, parent.run_id, quiet)
+            with interrupts.watched():
+                grid = tuner.fit()
+            outcome = _conclude(cfg, folder, grid, interrupts.received(), teachers, data, parent, start)
+            if outcome.status == "interrupted":  # raised inside the run: the parent run ends KILLED
+                raise Interrupted(interrupts.received(), f"interrupted by {interrupts.received()}: trials stopped, "
+                                                         f"their records KILLED; continue with: python -m "
+                                                         f"tune_mtard.search --space {folder / files.SPACE} --resume")
+    return outcome
+
+
+def _conclude(cfg: Config, folder: Path, grid, signal_name: str | None, teachers, data, parent,
+              start: float) -> Outcome:
+    """Pick and record the outcome: the best config (pinning the teachers), the parent run's records, the summary."""
+    from tune_mtard.search.recorder import delete_orphaned_child_runs, kill_running_child_runs, record_search
+    from tune_mtard.search.searcher import close_orphaned_optuna_trials
+    from tune_mtard.search.trials import best_trial, load_experiment_trials, summarize_results
+
+    s = cfg.search
+    best_path = folder / files.BEST_CONFIG
+    best_path.unlink(missing_ok=True)  # only a finished search has one
+    if signal_name is not None:
+        # Tune saved the interrupted trials as unfinished (resumable); Optuna keeps them RUNNING for --resume.
+        trials = load_experiment_trials(folder)
+        kill_running_child_runs(parent.client, parent.run_id)
+        summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted")
+        parent.set_tags({"search_status": "interrupted"})
+        return Outcome("interrupted", summary, 130)
     trials = summarize_results(grid)
     trial_ids = {t.trial_id for t in trials}
     close_orphaned_optuna_trials(folder, cfg.name, trial_ids)
-    delete_orphaned_child_runs(client, experiment_id, parent_run_id, trial_ids)
+    delete_orphaned_child_runs(parent.client, parent.run_id, trial_ids)
     best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
-    wall = time.perf_counter() - start
-    best_path = folder / files.BEST_CONFIG
     if best is not None:
-        cfg.run_config().with_values(reproducible_values(cfg, best.sampled)).dump(best_path)
-    record_search(client, parent_run_id, cfg, folder, trials, best, wall)
-    if s.final_eval.top_k > 0 and best is not None:
+        cfg.run_config().with_values({**reproducible_values(cfg, best.sampled), **teachers.pins()}).dump(best_path)
+    status = "finished" if best is not None else "no_usable_trial"
+    summary = record_search(parent, cfg, folder, trials, best, time.perf_counter() - start, status)
+    parent.set_tags({"search_status": status})
+    if best is None:
+        parent.failed = True
+    elif s.final_eval.top_k > 0:
         from tune_mtard.search.final_eval import evaluate_top_trials
 
-        evaluate_top_trials(cfg, trials, data, client, parent_run_id, folder)
-    failed = [t for t in trials if t.failed]
-    client.set_terminated(parent_run_id, tracking.FAILED if best is None else tracking.FINISHED)
-    _print_result(cfg, trials, best, best_path, wall, folder)
-    return 1 if best is None or failed else 0
+        evaluate_top_trials(cfg, trials, data, parent.client, parent.run_id, folder)
+    _print_result(cfg, trials, best, best_path, summary, folder)
+    return Outcome(status, summary, 0 if best is not None else 1)
 
 
 def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_run_id: str, quiet: bool,
@@ -224,11 +346,12 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.sampler.seed)
     storage = optuna.storages.RDBStorage(optuna_storage_url(folder))
-    point = default_point(cfg)
+    point, notes = default_point(cfg)
+    for note in notes:
+        print(note, flush=True)
     searcher = (searcher_class or PrunedAwareOptunaSearch)(
         space=optuna_distributions(cfg.space), metric=s.metric, mode=s.mode, sampler=sampler,
-        study_name=cfg.name, storage=storage, points_to_evaluate=[point] if point else None,
-        full_epochs=cfg.train.epochs,
+        study_name=cfg.name, storage=storage, points_to_evaluate=[point], full_epochs=cfg.train.epochs,
     )
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
     if s.scheduler.type == "asha":
@@ -236,7 +359,8 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
                                   reduction_factor=s.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    recorder = (recorder_class or MlflowTrialRecorder)(cfg.mlflow.tracking_uri, experiment_id, parent_run_id, cfg.train.epochs, cfg.name)
+    recorder = (recorder_class or MlflowTrialRecorder)(cfg.mlflow.tracking_uri, experiment_id, parent_run_id,
+                                                       cfg.train.epochs, cfg.name)
     # Reused actors spare each trial a fresh worker process (and its torch import); a trial's state is
     # its own all the same, since the Trainer seeds every RNG and builds every model anew.
     return tune.Tuner(
@@ -252,19 +376,23 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     )
 
 
-def _print_result(cfg: Config, trials, best, best_path: Path, wall: float, folder: Path) -> None:
+def _print_result(cfg: Config, trials, best, best_path: Path, summary: dict[str, Any], folder: Path) -> None:
+    from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC
+
     full = cfg.train.epochs
-    pruned = [t for t in trials if t.epochs < full and not t.failed]
     print()
-    print(f"search {cfg.name}: {len(trials)} trials, {len(pruned)} stopped early by ASHA, "
-          f"{sum(t.epochs for t in trials)} of {len(trials) * full} epochs, {wall:.0f}s")
+    print(f"search {cfg.name}: {summary['n_trials']} trials, {summary['n_pruned']} stopped early by ASHA, "
+          f"{summary['n_failed']} failed ({summary['n_diverged']} diverged), {summary['epochs_spent']} of "
+          f"{summary['n_trials'] * full} epochs, {summary['wall_time_s']:.0f}s")
+    for failure in summary["failed_trials"]:
+        print(f"  failed: trial {failure['trial_id']}: {failure['reason']}")
     if best is None:
-        print("no trial reported the metric; see the Ray Tune logs in", folder)
+        print(f"no usable trial: every trial failed or diverged, so there is no best config; see the trials' "
+              f"records above and the Ray Tune logs in {folder}", file=sys.stderr)
         return
     metric = cfg.search.metric
-    print(f"best trial {best.trial_id}: {metric} {best.metric(metric):.4f} "
-          f"(clean {best.metric('val_clean_acc'):.4f}, robust {best.metric('val_robust_acc'):.4f}, "
-          f"{best.epochs} epochs)")
+    print(f"best trial {best.trial_id}: {metric} {best.metric(metric):.4f} (clean {best.metric(VAL_CLEAN_ACC):.4f}, "
+          f"robust {best.metric(VAL_ROBUST_ACC):.4f}, {best.epochs} epochs)")
     for key, value in best.sampled.items():
         print(f"  {key} = {value:.6g}" if isinstance(value, float) else f"  {key} = {value}")
     print(f"best config: {best_path}")

@@ -2,11 +2,13 @@
 
 The best trial is chosen as the search chooses it (:func:`~tune_mtard.search.trials.rank_trials`): the
 best ``search.metric`` at its last report among trials that ran the full ``train.epochs``, or among all
-trials if none did; failed trials never.
+trials if none did; failed trials never. The config pins the teacher files the search used (path and
+sha256), so ``train`` distils from exactly those.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,17 @@ def export_trial(request: ExportRequest) -> Exported:
         trial = best_trial(trials, cfg.search.metric, cfg.search.mode, cfg.train.epochs)
         if trial is None:
             raise ConfigError("--experiment", f"no trial in {folder} has reported {cfg.search.metric} yet")
+    if trial.failed:
+        raise ConfigError("--trial", f"trial {trial.trial_id} failed ({trial.failure}): it has no result to export")
     default_name = files.BEST_CONFIG if request.trial is None else f"trial_{trial.trial_id}.yaml"
     out = Path(request.out) if request.out else folder / default_name
-    cfg.run_config().with_values(reproducible_values(cfg, trial.sampled)).dump(out)
+    cfg.run_config().with_values({**reproducible_values(cfg, trial.sampled), **teacher_pins(folder)}).dump(out)
     return Exported(trial, out, cfg.search.metric, cfg.train.epochs)
+
+
+def teacher_pins(folder: Path) -> dict[str, str]:
+    """The teacher files (path and sha256) the search in ``folder`` used, as dotted config keys."""
+    try:
+        return dict(json.loads((folder / files.TEACHERS_JSON).read_text())["pins"])
+    except (OSError, ValueError, KeyError):
+        return {}

@@ -22,7 +22,7 @@ from tune_mtard import files, tracking
 from tune_mtard.config import Config, flatten
 from tune_mtard.metrics import EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
 from tune_mtard.plots import plot_clean_vs_robust, plot_trace
-from tune_mtard.search.trials import TrialState, TrialSummary, trial_state
+from tune_mtard.search.trials import TrialState, TrialSummary, read_divergence, trial_state
 from tune_mtard.trace import write_trace
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,25 @@ class MlflowTrialRecorder(Callback):
         self._finished_runs[run_id] = epochs
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        """A failed trial: FAILED, with where it diverged (and its trace up to there) or the error."""
         run_id = self.run_id(trial)
-        tracking.set_tags(self.client, run_id, {"trial_state": TrialState.FAIL.value})
+        diverged = read_divergence(trial.path)
+        tags: dict[str, Any] = {"trial_state": TrialState.FAIL.value}
+        if diverged is not None:
+            tags.update(diverged, failure="diverged")
+            trace = Path(trial.path) / files.TRACE_CSV
+            if trace.is_file():
+                try:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        png = Path(tmp) / files.TRACE_PNG
+                        plot_trace(trace, png, title=f"trial {trial.trial_id}: diverged at step "
+                                                      f"{diverged['diverged_step']}")
+                        tracking.log_artifacts(self.client, run_id, [trace, png])
+                except Exception as exc:  # the tags matter more than the plot
+                    log.warning("could not log the trace of diverged trial %s: %s", trial.trial_id, exc)
+        else:
+            tags["failure"] = _error_line(trial)
+        tracking.set_tags(self.client, run_id, tags)
         self.client.set_terminated(run_id, tracking.FAILED)
 
     def _log_trial_files(self, trial, run_id: str) -> None:
@@ -139,14 +156,35 @@ class MlflowTrialRecorder(Callback):
             tracking.log_artifacts(self.client, run_id, [Path(folder) / files.STUDENT], "model")
 
 
-def delete_orphaned_child_runs(client, experiment_id: str, parent_run_id: str, trial_ids: set[str]) -> int:
+def _error_line(trial) -> str:
+    """The last line of the trial's error file (Ray writes each failure's traceback there)."""
+    try:
+        lines = [line for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return "error"
+    return (lines[-1] if lines else "error")[:500]
+
+
+def _child_runs(client, parent_run_id: str) -> list:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=child_runs_filter(parent_run_id), max_results=10_000)
+
+
+def kill_running_child_runs(client, parent_run_id: str) -> int:
+    """After an interrupt: the child runs of trials that were still running end KILLED (a resume reopens them)."""
+    running = [r for r in _child_runs(client, parent_run_id) if r.info.status == tracking.RUNNING]
+    for run in running:
+        client.set_terminated(run.info.run_id, tracking.KILLED)
+    return len(running)
+
+
+def delete_orphaned_child_runs(client, parent_run_id: str, trial_ids: set[str]) -> int:
     """Child runs of trials that a killed driver started but its last snapshot never recorded.
 
     Ray does not know these trials after a resume (it samples new ones in their place), so their runs
     would be duplicates with no trial behind them.
     """
-    runs = client.search_runs([experiment_id], filter_string=child_runs_filter(parent_run_id), max_results=10_000)
-    orphans = [r for r in runs if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids]
+    orphans = [r for r in _child_runs(client, parent_run_id) if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids]
     for run in orphans:
         client.delete_run(run.info.run_id)
     return len(orphans)
@@ -159,46 +197,54 @@ def child_run_id(client, experiment_id: str, parent_run_id: str, trial_id: str) 
     return found[0].info.run_id if found else None
 
 
-def start_parent_run(client, cfg: Config, folder: Path, experiment_id: str) -> str:
+def start_parent(parent: tracking.RunHandle, cfg: Config, folder: Path) -> None:
     """A new search's parent run: the space (file and ``search.*`` params) and the search's settings."""
-    run_id = client.create_run(experiment_id, run_name=cfg.name).info.run_id
-    tracking.set_tags(client, run_id, {"tune_mtard.command": "search", "tune_mtard.experiment_dir": str(folder)})
-    (folder / files.PARENT_RUN_ID).write_text(run_id)
+    (folder / files.PARENT_RUN_ID).write_text(parent.run_id)
     cfg.dump(folder / files.SPACE, with_search=True)
-    tracking.log_params(client, run_id, flatten(cfg.to_dict(with_search=True)["search"], "search."))
-    tracking.log_params(client, run_id, {"name": cfg.name, "data.dataset": cfg.data.dataset,
-                                         "train.epochs": cfg.train.epochs, "method": cfg.method})
-    client.log_artifact(run_id, str(folder / files.SPACE))
-    return run_id
+    parent.log_params(flatten(cfg.to_dict(with_search=True)["search"], "search."))
+    parent.log_params({"name": cfg.name, "data.dataset": cfg.data.dataset, "train.epochs": cfg.train.epochs,
+                       "method": cfg.method})
+    parent.log_artifacts([folder / files.SPACE])
+
+
+def log_teachers(parent: tracking.RunHandle, teachers) -> None:
+    """The teacher files the search uses (path and sha256, as params) and their validation quality (metrics)."""
+    parent.log_params(teachers.pins())
+    parent.log_metrics(teachers.quality_metrics(), step=0)
 
 
 def write_trials_csv(trials: list[TrialSummary], path: Path, space_keys: list[str], full_epochs: int) -> None:
-    columns = ["trial_id", "state", "epochs", *VALIDATION, *space_keys]
+    columns = ["trial_id", "state", "epochs", *VALIDATION, "failure", *space_keys]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for t in trials:
-            writer.writerow([t.trial_id, t.state(full_epochs).value, t.epochs] + [t.metrics.get(k, "") for k in VALIDATION]
-                            + [t.sampled.get(k, "") for k in space_keys])
+            state = t.state(full_epochs).value if t.finished else "RUNNING"
+            writer.writerow([t.trial_id, state, t.epochs] + [t.metrics.get(k, "") for k in VALIDATION]
+                            + [t.failure] + [t.sampled.get(k, "") for k in space_keys])
 
 
-def record_search(client, run_id: str, cfg: Config, folder: Path, trials: list[TrialSummary],
-                  best: TrialSummary | None, wall: float) -> dict[str, Any]:
+def record_search(parent: tracking.RunHandle, cfg: Config, folder: Path, trials: list[TrialSummary],
+                  best: TrialSummary | None, wall: float, status: str) -> dict[str, Any]:
     """The parent run's records of a search that ran: ``trials.csv``, the clean-vs-robust plot, the summary
-    (also ``summary.json``) and the best config. Returns the summary."""
+    (also ``summary.json``, with the outcome as ``status``) and the best config. Returns the summary."""
     full = cfg.train.epochs
     trials_csv = folder / files.TRIALS_CSV
     write_trials_csv(trials, trials_csv, list(cfg.space or {}), full)
     scatter = folder / files.TRIALS_PLOT
-    points = [(t.trial_id, t.metric(VAL_CLEAN_ACC), t.metric(VAL_ROBUST_ACC)) for t in trials]
+    points = [(t.trial_id, t.metric(VAL_CLEAN_ACC), t.metric(VAL_ROBUST_ACC)) for t in trials if not t.failed]
     plot_clean_vs_robust(points, scatter, None if best is None else
                          (best.trial_id, best.metric(VAL_CLEAN_ACC), best.metric(VAL_ROBUST_ACC)))
-    states = [t.state(full) for t in trials]
+    states = [t.state(full) for t in trials if t.finished]
+    failed = [t for t in trials if t.failed]
     summary: dict[str, Any] = {
         "n_trials": len(trials),
         "n_complete": states.count(TrialState.COMPLETE),
         "n_pruned": states.count(TrialState.PRUNED),
-        "n_failed": states.count(TrialState.FAIL),
+        "n_failed": len(failed),
+        "n_diverged": sum(t.diverged is not None for t in failed),
+        "n_errored": sum(t.diverged is None for t in failed),
+        "n_unfinished": sum(not t.finished for t in trials),
         "epochs_spent": sum(t.epochs for t in trials),
         "epochs_full_budget": len(trials) * full,
         "wall_time_s": wall,
@@ -208,10 +254,11 @@ def record_search(client, run_id: str, cfg: Config, folder: Path, trials: list[T
         for key in VALIDATION:
             summary[f"best_{key}"] = best.metric(key)
         artifacts.append(folder / files.BEST_CONFIG)
-        tracking.set_tags(client, run_id, {"best_trial_id": best.trial_id})
-    tracking.log_metrics(client, run_id, summary, step=0)
-    summary["best_trial_id"] = best.trial_id if best else None
+        parent.set_tags({"best_trial_id": best.trial_id})
+    parent.log_metrics(summary, step=0)
+    summary.update(status=status, best_trial_id=best.trial_id if best else None,
+                   failed_trials=[{"trial_id": t.trial_id, "reason": t.failure, **(t.diverged or {})} for t in failed])
     (folder / files.SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
     artifacts.append(folder / files.SUMMARY_JSON)
-    tracking.log_artifacts(client, run_id, artifacts)
+    parent.log_artifacts(artifacts)
     return summary

@@ -43,14 +43,30 @@ def optuna_distributions(space: dict[str, Distribution]) -> dict[str, optuna.dis
     return out
 
 
-def default_point(cfg: Config) -> dict[str, Any]:
-    """The base config's values of the searched keys (the paper's defaults) that lie inside their ranges."""
-    point = {}
+def default_point(cfg: Config) -> tuple[dict[str, Any], list[str]]:
+    """The first trial: the base config's values of the searched keys (the paper's defaults).
+
+    A value outside its key's range is clipped into it (and onto the ``step`` grid); a categorical value
+    that is not one of the choices is replaced by the first choice. Returns the point and one note per
+    key so changed (docs/search.md, "What a search does").
+    """
+    point: dict[str, Any] = {}
+    notes = []
     for key, d in (cfg.space or {}).items():
         value = cfg.get(key)
-        if d.contains(value):
-            point[key] = value if d.type == "categorical" else (int(value) if d.type == "int" else float(value))
-    return point
+        if d.type == "categorical":
+            chosen = value if value in (d.choices or []) else d.choices[0]
+        else:
+            chosen = min(max(value, d.low), d.high)
+            if d.step is not None:
+                chosen = d.low + round((chosen - d.low) / d.step) * d.step
+                chosen = min(chosen, d.high)
+            chosen = int(round(chosen)) if d.type == "int" else float(chosen)
+        if chosen != value:
+            notes.append(f"the first trial uses {key} = {chosen!r}: the base config's {value!r} is outside the "
+                         "searched range")
+        point[key] = chosen
+    return point, notes
 
 
 def optuna_storage_url(experiment_dir: Path) -> str:

@@ -8,11 +8,13 @@ diverged) are never ranked.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune_mtard.files import DIVERGED_JSON
 from tune_mtard.metrics import EPOCH
 
 
@@ -33,7 +35,10 @@ def trial_state(epochs: int, full_epochs: int, failed: bool) -> TrialState:
 
 @dataclass
 class TrialSummary:
-    """One trial: its id, sampled values, whether it failed, epochs run, last reported metrics and checkpoint."""
+    """One trial: its id, sampled values, whether it failed, epochs run, last reported metrics and checkpoint.
+
+    ``failure`` says why a failed trial failed: ``diverged at step S (epoch E)`` or the error's first line.
+    """
 
     trial_id: str
     sampled: dict[str, Any]
@@ -41,6 +46,9 @@ class TrialSummary:
     epochs: int
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint_dir: str | None = None
+    failure: str = ""
+    diverged: dict[str, int] | None = None  # {"diverged_step": S, "diverged_epoch": E}
+    finished: bool = True  # False for a trial an interrupted search left running or pending
 
     def metric(self, name: str) -> float:
         value = self.metrics.get(name)
@@ -67,19 +75,44 @@ def best_trial(trials: list[TrialSummary], metric: str, mode: str, full_epochs: 
     return ranked[0] if ranked else None
 
 
+def read_divergence(trial_dir: str | Path) -> dict[str, int] | None:
+    """Where a trial diverged, from the record its trainable left in its folder (None if it did not)."""
+    path = Path(trial_dir) / DIVERGED_JSON
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {"diverged_step": int(record["step"]), "diverged_epoch": int(record["epoch"])}
+
+
+def failure_text(error: BaseException | None, diverged: dict[str, int] | None) -> str:
+    if diverged is not None:
+        return f"diverged at step {diverged['diverged_step']} (epoch {diverged['diverged_epoch']})"
+    if error is None:
+        return ""
+    cause = getattr(error, "cause", None) or error
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
 def summarize_results(grid: Any) -> list[TrialSummary]:
     """The trials of a finished :class:`ray.tune.ResultGrid`."""
+    from tune_mtard.search.compat import trial_ids
+
     summaries = []
-    for result in grid:
+    for trial_id, result in zip(trial_ids(grid), grid):
         metrics = dict(result.metrics or {})
         checkpoint = result.checkpoint
+        diverged = read_divergence(result.path) if result.error is not None else None
         summaries.append(TrialSummary(
-            trial_id=str(metrics.get("trial_id") or Path(result.path).name),
+            trial_id=trial_id,
             sampled=dict(result.config or {}),
             failed=result.error is not None,
             epochs=int(metrics.get(EPOCH, 0) or 0),
             metrics=metrics,
             checkpoint_dir=checkpoint.path if checkpoint is not None else None,
+            failure=failure_text(result.error, diverged),
+            diverged=diverged,
         ))
     return summaries
 
@@ -104,12 +137,17 @@ def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
             if frame is not None and len(frame) and EPOCH in frame and frame[EPOCH].iloc[-1] > last.get(EPOCH, 0):
                 last = frame.iloc[-1].to_dict()
             checkpoint = analysis.get_last_checkpoint(trial)
+            failed = str(trial.status) == "ERROR"
+            diverged = read_divergence(trial.path) if failed else None
             trials.append(TrialSummary(
                 trial_id=trial.trial_id,
                 sampled=dict(trial.config or {}),
-                failed=str(trial.status) == "ERROR",
+                failed=failed,
                 epochs=int(last.get(EPOCH, 0) or 0),
                 metrics=last,
                 checkpoint_dir=checkpoint.path if checkpoint is not None else None,
+                failure=failure_text(None, diverged) or ("error" if failed else ""),
+                diverged=diverged,
+                finished=str(trial.status) in ("TERMINATED", "ERROR"),
             ))
     return trials

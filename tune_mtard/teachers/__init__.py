@@ -1,14 +1,15 @@
 """Teachers: load them, or train the missing ones (clean: natural training; robust: PGD-AT or TRADES).
 
 A teacher is a file (``teachers.<role>.checkpoint``), or ``auto``: trained once with its recipe through
-the same run pipeline as the students and cached under ``teachers.cache_dir``, keyed by dataset, arch,
-recipe and a hash of every setting that changes its weights (docs/methods.md, "Teachers").
+the same run pipeline as the students and cached under ``teachers.cache_dir`` (``recipes.py``). A teacher
+pinned by ``teachers.<role>.sha256`` (an exported best config pins the files its search used) must be that
+exact file: it is checked, and never retrained. Each teacher's clean and PGD accuracy on the validation
+split is measured once and kept with the cache (docs/methods.md, "Teachers").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import tempfile
 import time
@@ -20,16 +21,26 @@ import torch
 import torch.nn as nn
 
 from tune_mtard.attacks import PGD, Clean
-from tune_mtard.config import AUTO, Config, TeacherConfig
+from tune_mtard.config import AUTO, Config
 from tune_mtard.data import DataBundle
-from tune_mtard.errors import ConfigError
+from tune_mtard.errors import ConfigError, TeacherTrainingFailed
 from tune_mtard.evaluation import robust_accuracy
 from tune_mtard.methods import METHODS
+from tune_mtard.metrics import VAL_CLEAN_ACC
 from tune_mtard.models import create_model, load_checkpoint
 from tune_mtard.perf import resolve_device
+from tune_mtard.teachers.cache import exclusive, file_sha256, quality_record_path, read_json, write_json
+from tune_mtard.teachers.recipes import recipe_config, recipe_key, teacher_path, teacher_settings
 
 ROLES = ("clean", "robust")
+# A robust teacher below this validation PGD accuracy is probably not adversarially trained: a warning.
+ROBUST_TEACHER_MIN_PGD_ACC = 0.10
+# A teacher whose validation clean accuracy ends below this many times chance is not cached: training failed.
+CHANCE_FACTOR = 1.5
 Log = Callable[[str], None]
+
+__all__ = ["ROLES", "Teacher", "TeacherSet", "TeacherTrainingFailed", "check_teacher_files", "prepare_teachers",
+           "recipe_config", "recipe_key", "roles_for", "teacher_path", "train_missing"]
 
 
 def roles_for(methods: Iterable[str]) -> tuple[str, ...]:
@@ -38,41 +49,164 @@ def roles_for(methods: Iterable[str]) -> tuple[str, ...]:
     return tuple(role for role in ROLES if role in needed)
 
 
-def recipe_config(cfg: Config, role: str) -> Config:
-    """The run config that trains teacher ``role``: its arch, recipe, epochs and lr in the same loop."""
-    teacher: TeacherConfig = getattr(cfg.teachers, role)
-    return dataclasses.replace(
-        cfg.run_config(),
-        name=f"{cfg.name}-teacher-{role}",
-        method=teacher.recipe,
-        student=dataclasses.replace(cfg.student, arch=teacher.arch),
-        train=dataclasses.replace(cfg.train, epochs=teacher.epochs, lr=teacher.lr, lr_milestones=[0.5, 0.75]),
-        baselines=dataclasses.replace(cfg.baselines, trades_beta=teacher.trades_beta),
-        eval=dataclasses.replace(cfg.eval, every=teacher.epochs),
-    )
+@dataclass
+class Teacher:
+    """A loaded teacher: its file, the file's sha256, the model (eval mode, on the CPU) and its quality."""
+
+    role: str
+    arch: str
+    path: Path
+    sha256: str
+    model: nn.Module
+    quality: dict[str, float] = field(default_factory=dict)  # val_clean_acc, val_pgd_acc, n
+    trained: bool = False  # trained by this call (rather than found)
 
 
-def recipe_key(cfg: Config, role: str) -> str:
-    """Cache key of an ``auto`` teacher: dataset, arch, recipe and everything that changes its weights."""
-    teacher: TeacherConfig = getattr(cfg.teachers, role)
-    r = recipe_config(cfg, role)
-    recipe = {
-        "dataset": cfg.data.dataset, "val_fraction": cfg.data.val_fraction, "batch_size": cfg.data.batch_size,
-        "arch": teacher.arch, "recipe": teacher.recipe, "epochs": teacher.epochs, "lr": teacher.lr,
-        "trades_beta": teacher.trades_beta, "seed": cfg.seed,
-        "attack": None if teacher.recipe == "natural" else dataclasses.asdict(cfg.attack),
-        "momentum": r.train.momentum, "weight_decay": r.train.weight_decay, "milestones": r.train.lr_milestones,
-        "gamma": r.train.lr_gamma,
-    }
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.data.dataset}-{teacher.arch}-{teacher.recipe}-{digest}"
+@dataclass
+class TeacherSet:
+    teachers: dict[str, Teacher] = field(default_factory=dict)
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        return {role: t.model for role, t in self.teachers.items()}
+
+    def pins(self) -> dict[str, str]:
+        """Dotted config keys that pin these exact files (what ``best_config.yaml`` carries)."""
+        pins = {}
+        for role, t in self.teachers.items():
+            pins[f"teachers.{role}.checkpoint"] = str(t.path)
+            pins[f"teachers.{role}.sha256"] = t.sha256
+        return pins
+
+    def quality_metrics(self) -> dict[str, float]:
+        """``teacher_<role>_val_clean_acc`` and ``teacher_<role>_val_pgd_acc`` of each teacher."""
+        return {f"teacher_{role}_{key}": value for role, t in self.teachers.items()
+                for key, value in t.quality.items() if key != "n"}
+
+    def warnings(self) -> list[str]:
+        """One line per teacher that looks wrong (the paper's "check the teachers")."""
+        found = []
+        robust, clean = self.teachers.get("robust"), self.teachers.get("clean")
+        if robust is not None and robust.quality["val_pgd_acc"] < ROBUST_TEACHER_MIN_PGD_ACC:
+            found.append(f"warning: the robust teacher {robust.path} has validation PGD accuracy "
+                         f"{robust.quality['val_pgd_acc']:.4f} < {ROBUST_TEACHER_MIN_PGD_ACC}: is it adversarially trained?")
+        if robust is not None and clean is not None and clean.quality["val_clean_acc"] < robust.quality["val_clean_acc"]:
+            found.append(f"warning: the clean teacher {clean.path} is less accurate on clean validation data "
+                         f"({clean.quality['val_clean_acc']:.4f}) than the robust one ({robust.quality['val_clean_acc']:.4f})")
+        return found
+
+    def describe(self) -> list[str]:
+        return [f"{role} teacher {t.arch}: val clean {t.quality['val_clean_acc']:.4f}, val PGD "
+                f"{t.quality['val_pgd_acc']:.4f} (n={t.quality['n']:.0f})  {t.path}" for role, t in self.teachers.items()]
 
 
-def teacher_path(cfg: Config, role: str) -> Path:
-    teacher: TeacherConfig = getattr(cfg.teachers, role)
-    if teacher.checkpoint == AUTO:
-        return Path(cfg.teachers.cache_dir) / f"{recipe_key(cfg, role)}.pt"
-    return Path(teacher.checkpoint)
+def check_teacher_files(cfg: Config, roles: Iterable[str], train_missing: bool = False) -> None:
+    """Teachers given as paths must exist (unless ``train_missing``: the ``teachers`` command trains them
+    there), and match their pinned hash (ConfigError naming the key); ``auto`` ones are trained when
+    missing. A pinned teacher is never trained."""
+    for role in roles:
+        teacher = teacher_settings(cfg, role)
+        path = teacher_path(cfg, role)
+        trainable = not teacher.sha256 and (teacher.checkpoint == AUTO or train_missing)
+        if not trainable and not path.is_file():
+            what = "pinned teacher file" if teacher.sha256 else "file"
+            raise ConfigError(f"teachers.{role}.checkpoint", f"{what} not found: {path} (train it with python -m "
+                                                              "tune_mtard.teachers, or set checkpoint: auto)")
+        if teacher.sha256 and file_sha256(path) != teacher.sha256:
+            raise ConfigError(f"teachers.{role}.sha256", f"{path} is not the pinned teacher: its sha256 is "
+                                                          f"{file_sha256(path)}, the config pins {teacher.sha256}")
+
+
+def measure_quality(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> dict[str, float]:
+    """Clean and PGD (``eval.pgd_steps``) accuracy on the first ``eval.n_examples`` validation examples."""
+    val = data.val.head(cfg.eval.n_examples)
+    x, y = val.floats().to(device), val.labels.to(device)
+    attack = PGD(model, cfg.attack.epsilon, cfg.eval.pgd_step_size, cfg.eval.pgd_steps, random_start=True)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        clean = robust_accuracy(model, Clean(model), x, y, batch_size=cfg.eval.batch_size)
+        robust = robust_accuracy(model, attack, x, y, batch_size=cfg.eval.batch_size)
+    return {"val_clean_acc": clean, "val_pgd_acc": robust, "n": float(len(val))}
+
+
+def _quality(cfg: Config, path: Path, sha256: str, model: nn.Module, data: DataBundle,
+             device: torch.device) -> dict[str, float]:
+    """The teacher's validation quality, measured once per file and way of measuring, then read back."""
+    e = cfg.eval
+    settings = {"dataset": cfg.data.dataset, "val_fraction": cfg.data.val_fraction, "seed": cfg.seed,
+                "epsilon": cfg.attack.epsilon, "pgd_steps": e.pgd_steps, "pgd_step_size": e.pgd_step_size,
+                "n_examples": e.n_examples}
+    record_path = quality_record_path(cfg.teachers.cache_dir, sha256, settings)
+    record = read_json(record_path)
+    if record is None or record.get("settings") != settings:
+        quality = measure_quality(cfg, model.to(device), data, device)
+        model.cpu()
+        record = {"file": str(path), "sha256": sha256, "settings": settings, "quality": quality}
+        write_json(record_path, record)
+    return record["quality"]
+
+
+def train_teacher(cfg: Config, role: str, data: DataBundle, device: torch.device, progress: bool = True,
+                  log: Log = print) -> nn.Module:
+    """Train teacher ``role`` with its recipe and write it to :func:`teacher_path` (the caller holds its lock).
+
+    A teacher that diverges (:class:`~tune_mtard.errors.Diverged`) or ends at chance accuracy
+    (:class:`TeacherTrainingFailed`) is not written.
+    """
+    from tune_mtard.pipeline import new_trainer, run_pipeline
+
+    teacher = teacher_settings(cfg, role)
+    path = teacher_path(cfg, role)
+    log(f"training {role} teacher {teacher.arch} ({teacher.recipe}, {teacher.epochs} epochs) -> {path}")
+    start = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recipe = dataclasses.replace(recipe_config(cfg, role), device=str(device))
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as run_dir:
+        result = run_pipeline(new_trainer(recipe, data, {}, Path(run_dir)), data, Path(run_dir), test_eval=False,
+                              progress=progress)
+        chance = 1 / data.num_classes
+        if result.metrics[VAL_CLEAN_ACC] < CHANCE_FACTOR * chance:
+            raise TeacherTrainingFailed(
+                f"the {role} teacher {teacher.arch} ended at chance accuracy (validation clean "
+                f"{result.metrics[VAL_CLEAN_ACC]:.4f}, chance {chance:.4f}); it was not cached: check "
+                f"teachers.{role}.lr and teachers.{role}.epochs")
+        Path(run_dir, "student.pt").replace(path)
+    info = {"role": role, "arch": teacher.arch, "recipe": teacher.recipe, "epochs": teacher.epochs,
+            "dataset": cfg.data.dataset, "train_time_s": round(time.perf_counter() - start, 1),
+            "recipe_key": recipe_key(cfg, role), **{k: v for k, v in result.metrics.items() if k.startswith("val_")}}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    return result.trainer.student.eval().cpu()
+
+
+def load_teacher(cfg: Config, role: str, data: DataBundle) -> nn.Module:
+    teacher = teacher_settings(cfg, role)
+    model = create_model(teacher.arch, data.num_classes, data.in_channels)
+    load_checkpoint(model, teacher_path(cfg, role))
+    return model.eval().requires_grad_(False)
+
+
+def prepare_teachers(cfg: Config, data: DataBundle, device: torch.device | None = None, progress: bool = True,
+                     log: Log = print, roles: Iterable[str] | None = None, train_missing: bool = False) -> TeacherSet:
+    """The teachers of ``roles`` (default: those ``cfg.method`` needs), on the CPU, with their files' hashes and
+    validation quality: files checked (and pinned hashes verified) first, then ``auto`` ones (and, with
+    ``train_missing``, missing files) trained once, under a lock, and written."""
+    device = device or resolve_device(cfg.device)
+    roles = roles_for([cfg.method]) if roles is None else tuple(roles)
+    check_teacher_files(cfg, roles, train_missing)
+    found = TeacherSet()
+    for role in roles:
+        path = teacher_path(cfg, role)
+        trained = False
+        if not path.is_file():
+            with exclusive(path):  # another process may be training the same teacher: wait for it
+                if not path.is_file():
+                    train_teacher(cfg, role, data, device, progress, log)
+                    trained = True
+        model = load_teacher(cfg, role, data)
+        sha256 = file_sha256(path)
+        found.teachers[role] = Teacher(role, teacher_settings(cfg, role).arch, path.resolve(), sha256, model,
+                                       _quality(cfg, path, sha256, model, data, device), trained)
+    return found
 
 
 def teacher_accuracy(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> dict[str, float]:
@@ -85,63 +219,6 @@ def teacher_accuracy(cfg: Config, model: nn.Module, data: DataBundle, device: to
         clean = robust_accuracy(model, Clean(model), x, y, batch_size=cfg.eval.batch_size)
         robust = robust_accuracy(model, attack, x, y, batch_size=cfg.eval.batch_size)
     return {"clean_acc": clean, "pgd_acc": robust}
-
-
-def train_teacher(cfg: Config, role: str, data: DataBundle, device: torch.device, progress: bool = True,
-                  log: Log = print) -> nn.Module:
-    """Train teacher ``role`` with its recipe, save it at :func:`teacher_path`, return it in eval mode."""
-    from tune_mtard.pipeline import new_trainer, run_pipeline
-
-    teacher: TeacherConfig = getattr(cfg.teachers, role)
-    path = teacher_path(cfg, role)
-    log(f"training {role} teacher {teacher.arch} ({teacher.recipe}, {teacher.epochs} epochs) -> {path}")
-    start = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as run_dir:
-        recipe = dataclasses.replace(recipe_config(cfg, role), device=str(device))
-        result = run_pipeline(new_trainer(recipe, data, {}, Path(run_dir)), data, Path(run_dir), test_eval=False,
-                              progress=progress)
-        Path(run_dir, "student.pt").replace(path)
-    model = result.trainer.student.eval()
-    accuracy = teacher_accuracy(cfg, model, data, device)
-    info = {"role": role, "arch": teacher.arch, "recipe": teacher.recipe, "epochs": teacher.epochs,
-            "dataset": cfg.data.dataset, "train_time_s": round(time.perf_counter() - start, 1),
-            "test_clean_acc": accuracy["clean_acc"], "test_pgd_acc": accuracy["pgd_acc"]}
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    return model
-
-
-def load_teacher(cfg: Config, role: str, data: DataBundle) -> nn.Module:
-    teacher: TeacherConfig = getattr(cfg.teachers, role)
-    model = create_model(teacher.arch, data.num_classes, data.in_channels)
-    load_checkpoint(model, teacher_path(cfg, role))
-    return model.eval().requires_grad_(False)
-
-
-def check_teacher_files(cfg: Config, roles: Iterable[str]) -> None:
-    """Teachers given as paths must exist (ConfigError naming the key); ``auto`` ones are trained when missing."""
-    for role in roles:
-        if getattr(cfg.teachers, role).checkpoint != AUTO and not teacher_path(cfg, role).is_file():
-            raise ConfigError(f"teachers.{role}.checkpoint", f"file not found: {teacher_path(cfg, role)} "
-                                                              "(train it with python -m tune_mtard.teachers, or set "
-                                                              "checkpoint: auto)")
-
-
-def prepare_teachers(cfg: Config, data: DataBundle, device: torch.device | None = None, progress: bool = True,
-                     log: Log = print, roles: Iterable[str] | None = None) -> dict[str, nn.Module]:
-    """The teachers of ``roles`` (default: those ``cfg.method`` needs), on the CPU: ``auto`` ones trained once
-    and cached, others loaded."""
-    device = device or resolve_device(cfg.device)
-    teachers: dict[str, nn.Module] = {}
-    for role in roles_for([cfg.method]) if roles is None else roles:
-        path = teacher_path(cfg, role)
-        if path.is_file():
-            teachers[role] = load_teacher(cfg, role, data)
-        elif getattr(cfg.teachers, role).checkpoint == AUTO:
-            teachers[role] = train_teacher(cfg, role, data, device, progress, log).cpu()
-        else:
-            raise ConfigError(f"teachers.{role}.checkpoint", f"file not found: {path}")
-    return teachers
 
 
 @dataclass
@@ -168,7 +245,7 @@ class TeacherReport:
 
 
 def train_missing(request: TeachersRequest) -> list[TeacherReport]:
-    """The ``teachers`` command: train the named teachers that do not exist yet, and measure each one."""
+    """The ``teachers`` command: train the named teachers that do not exist yet, and measure each on the test split."""
     from tune_mtard.config import load_config
     from tune_mtard.data import load_data
 
@@ -179,15 +256,12 @@ def train_missing(request: TeachersRequest) -> list[TeacherReport]:
     cfg = load_config(request.config, request.overrides, check_files=False).run_config()
     data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
     device = resolve_device(cfg.device)
+    teachers = prepare_teachers(cfg, data, device, progress=request.progress, roles=roles, train_missing=True)
     reports = []
-    for role in roles:
-        path = teacher_path(cfg, role)
-        if path.is_file():
-            model, status = load_teacher(cfg, role, data).to(device), "exists"
-        else:
-            model, status = train_teacher(cfg, role, data, device, progress=request.progress).to(device), "trained"
-        accuracy = teacher_accuracy(cfg, model, data, device)
-        reports.append(TeacherReport(role, getattr(cfg.teachers, role).arch, status, path, accuracy["clean_acc"],
-                                     accuracy["pgd_acc"], cfg.eval.pgd_steps, min(cfg.eval.n_examples, len(data.test)),
-                                     cfg.attack.epsilon))
+    for role, teacher in teachers.teachers.items():
+        accuracy = teacher_accuracy(cfg, teacher.model.to(device), data, device)
+        reports.append(TeacherReport(role, teacher.arch, "trained" if teacher.trained else "exists", teacher.path,
+                                     accuracy["clean_acc"], accuracy["pgd_acc"], cfg.eval.pgd_steps,
+                                     min(cfg.eval.n_examples, len(data.test)), cfg.attack.epsilon))
     return reports
+
