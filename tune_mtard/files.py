@@ -19,6 +19,11 @@ TRIALS_PLOT = "trials_clean_vs_robust.png"
 OPTUNA_DB = "optuna.db"
 PARENT_RUN_ID = "mlflow_parent_run_id"
 FINAL_EVAL_CSV = "final_eval.csv"
+SENSITIVITY_MD = "sensitivity.md"  # the sensitivity analysis (docs/sensitivity.md) and its plots
+IMPORTANCES_PNG = "importances.png"
+SLICE_PNG = "slice_{}.png"  # SLICE_PNG.format("balance.beta"): one per searched key
+CONTOUR_PNG = "contour.png"
+SENSITIVITY_ARTIFACTS = "sensitivity"  # their folder among the parent run's artifacts
 
 # A comparison's folder
 COMPARISON_CSV = "comparison.csv"
