@@ -163,8 +163,9 @@ def flag_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
 
 
 def csv_values(metrics: Mapping[str, Any]) -> dict[str, str]:
-    """The ``trials.csv`` cells of :data:`~tune_mtard.metrics.DIAGNOSTICS` (in that order) from a trial's reported metrics: the gap, each flag
-    ``true`` / ``false``, and empty where there is no value or the flag was not judged."""
+    """The ``trials.csv`` cells of :data:`~tune_mtard.metrics.DIAGNOSTICS`, in that order, from a trial's
+    reported metrics: the gap, each flag ``true`` / ``false``, and empty where there is no value or the flag
+    was not judged."""
     gap = metrics.get(ENTROPY_GAP)
     flags = {name: _flag(metrics, name) for name in DIAGNOSTIC_FLAGS}
     return {ENTROPY_GAP: "" if gap is None or math.isnan(float(gap)) else repr(float(gap)),
