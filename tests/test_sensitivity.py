@@ -156,6 +156,13 @@ def test_too_few_trials_are_reported_instead_of_importances(tmp_path):
     assert "matters most" not in md
 
 
+def test_a_search_whose_trials_reported_nothing_yet_says_so(tmp_path):
+    folder, cfg = make_search(tmp_path, n_trials=0)  # the failed trial only
+    report = analyze_search(folder, cfg)
+    assert report.files == [folder / files.SENSITIVITY_MD]
+    assert "No trial has reported val_w_robust_acc yet" in report.files[0].read_text()
+
+
 def test_trials_without_any_spread_in_the_metric_give_no_importances(tmp_path):
     folder, cfg = make_search(tmp_path, n_trials=8, asha=False, metric=lambda params, epoch, rng: 0.1)
     report = analyze_search(folder, cfg)

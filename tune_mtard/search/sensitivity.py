@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -140,12 +141,9 @@ def analyze_search(folder: str | Path, cfg: Config, trials: list[TrialSummary] |
     folder = Path(folder)
     params = list(cfg.space)
     points = load_points(folder, cfg, trials)
-    reached: dict[int, int] = {}
-    for p in points:
-        reached[p.epochs] = reached.get(p.epochs, 0) + 1
     report = SensitivityReport(search=cfg.name, metric=cfg.search.metric, mode=cfg.search.mode,
                                full_epochs=cfg.train.epochs, needed=min_trials(len(params)),
-                               reached=dict(sorted(reached.items())))
+                               reached=dict(sorted(Counter(p.epochs for p in points).items())))
     report.epoch = compared_epoch(points, report.needed)
     compared = [p for p in points if report.epoch in p.values]
     report.compared = [p.trial_id for p in compared]
@@ -153,7 +151,9 @@ def analyze_search(folder: str | Path, cfg: Config, trials: list[TrialSummary] |
         for path in folder.glob(stale):
             path.unlink()
 
-    if report.epoch is None:
+    if not points:
+        report.note = f"No trial has reported {report.metric} yet (failed trials aside): nothing to analyze."
+    elif report.epoch is None:
         most = max(trials_by_epoch(points).values(), default=0)
         report.note = (f"Importances need {report.needed} trials compared after the same number of epochs; at "
                        f"most {most} of the {len(points)} trials that did not fail reached a common epoch. "
@@ -170,15 +170,15 @@ def analyze_search(folder: str | Path, cfg: Config, trials: list[TrialSummary] |
         report.files.append(_optuna_plot(folder / files.IMPORTANCES_PNG, f"{cfg.name}: importances for {target}",
                                          "plot_param_importances", study, evaluator=_evaluator(), params=params,
                                          target_name=target))
-        if len(params) >= 2:
-            top_two = list(report.importances)[:2]
+        top_two = list(report.importances)[:2]
+        if len(top_two) == 2 and all(len({repr(p.params[k]) for p in compared}) > 1 for k in top_two):
             report.files.append(_optuna_plot(folder / files.CONTOUR_PNG, f"{cfg.name}: {target}, the two most "
                                              "important keys", "plot_contour", study, params=top_two,
                                              target_name=target))
-    for key in params:
+    for key in params if points else []:
         report.files.append(_slice(folder, key, points, set(report.compared), report))
     md = folder / files.SENSITIVITY_MD
-    md.write_text(render_markdown(report, cfg))
+    md.write_text(render_markdown(report))
     report.files.insert(0, md)
     return report
 
@@ -310,15 +310,16 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def render_markdown(report: SensitivityReport, cfg: Config) -> str:
+def render_markdown(report: SensitivityReport) -> str:
     """``sensitivity.md``: the trials used, the ranking and the best region of each key, in words."""
     direction = "higher" if report.mode == "max" else "lower"
     lines = [f"# Sensitivity of search `{report.search}`", "",
              f"Metric: `{report.metric}` ({direction} is better). Importances: Optuna's fANOVA (seed "
              f"{FANOVA_SEED}). How to read this page and its plots: docs/sensitivity.md.", "",
-             "## Trials compared", "", report.selection(), "",
-             "Trials by the epochs they reached: " + ", ".join(f"{n} reached {e}" for e, n in report.reached.items())
-             + f" (the full budget is {report.full_epochs}).", ""]
+             "## Trials compared", "", report.selection(), ""]
+    if report.reached:
+        counts = ", ".join(f"{n} reached {e}" for e, n in report.reached.items())
+        lines += [f"Trials by the epochs they reached: {counts} (the full budget is {report.full_epochs}).", ""]
     if report.compared:
         lines += ["Compared: " + ", ".join(f"`{t}`" for t in report.compared) + ".", ""]
     lines += ["## Ranking", ""]
