@@ -59,14 +59,11 @@ class Diagnosis:
 
 
 def trace_columns(trace: Any) -> dict[str, list[float]]:
-    """The columns of a trace by :data:`TRACE_HEADER` name, from a dict of columns (``read_trace``) or an
-    array with one row per step (the trainer's ``(steps, len(TRACE_HEADER))`` tensor)."""
+    """The columns of a trace by :data:`TRACE_HEADER` name, from a dict of columns (``read_trace``) or a
+    float tensor or array with one row per step (the trainer's ``(steps, len(TRACE_HEADER))`` tensor)."""
     if isinstance(trace, Mapping):
         return {name: [float(v) for v in trace[name]] for name in TRACE_HEADER}
-    rows = trace.tolist()
-    if not rows:
-        return {name: [] for name in TRACE_HEADER}
-    return {name: [float(v) for v in column] for name, column in zip(TRACE_HEADER, zip(*rows))}
+    return dict(zip(TRACE_HEADER, trace.T.tolist()))
 
 
 def epoch_spans(columns: Mapping[str, Sequence[float]]) -> dict[int, range]:
@@ -81,46 +78,57 @@ def _mean(values: Sequence[float], rows: range) -> float:
     return math.fsum(values[i] for i in rows) / len(rows)
 
 
+def _gap(columns: Mapping[str, Sequence[float]], rows: range) -> float:
+    return abs(_mean(columns["entropy_adv"], rows) - _mean(columns["entropy_nat"], rows))
+
+
 def entropy_gaps(trace: Any) -> dict[int, float]:
     """``entropy_gap`` of every epoch of the trace (NaN for a method without teacher entropies)."""
     columns = trace_columns(trace)
-    return {epoch: abs(_mean(columns["entropy_adv"], rows) - _mean(columns["entropy_nat"], rows))
-            for epoch, rows in epoch_spans(columns).items()}
+    return {epoch: _gap(columns, rows) for epoch, rows in epoch_spans(columns).items()}
 
 
 def diagnose(trace: Any, cfg: Config) -> Diagnosis:
     """The diagnostics of the trace's last epoch: what a trial reports with that epoch's metrics."""
-    diagnoses = diagnose_epochs(trace, cfg)
-    return diagnoses[-1] if diagnoses else Diagnosis(epoch=0)
+    columns = trace_columns(trace)
+    spans = epoch_spans(columns)
+    if not spans:
+        return Diagnosis(epoch=0)
+    return _diagnose_epoch(columns, spans, list(spans)[-1], _first_changes(columns), cfg)
 
 
 def diagnose_epochs(trace: Any, cfg: Config) -> list[Diagnosis]:
     """The diagnostics of every epoch, each judged on the trace up to its end (as it was at that report)."""
     columns = trace_columns(trace)
     spans = epoch_spans(columns)
-    gaps = entropy_gaps(columns)
-    first = next(iter(spans), None)
-    out = []
-    for epoch, rows in spans.items():
-        persists, held = _gap_persists(columns, rows, gaps[epoch], gaps[first], epoch == first, cfg)
-        dominates, dominant = _loss_dominates(columns, rows, cfg.diagnostics.dominant_weight)
-        out.append(Diagnosis(epoch=epoch, entropy_gap=gaps[epoch], entropy_gap_persists=persists,
-                             loss_dominates=dominates, held_at_bound=held, dominant_loss=dominant))
-    return out
+    changes = _first_changes(columns)
+    return [_diagnose_epoch(columns, spans, epoch, changes, cfg) for epoch in spans]
 
 
-def _changed(values: Sequence[float], end: int) -> bool:
-    """Whether a column took more than one value in its first ``end`` rows."""
-    return any(v != values[0] for v in values[1:end])
+def _first_changes(columns: Mapping[str, Sequence[float]]) -> dict[str, int]:
+    """For each balancer column, the first row whose value differs from the first row's (len: none does)."""
+    return {name: next((i for i, v in enumerate(columns[name]) if v != columns[name][0]), len(columns[name]))
+            for name in ("tau_adv", "tau_nat", "w_adv", "w_nat")}
+
+
+def _diagnose_epoch(columns: Mapping[str, Sequence[float]], spans: dict[int, range], epoch: int,
+                    changes: dict[str, int], cfg: Config) -> Diagnosis:
+    rows = spans[epoch]
+    moved = {name: first < rows[-1] + 1 for name, first in changes.items()}  # changed by the epoch's end
+    first_epoch = next(iter(spans))
+    gap = _gap(columns, rows)
+    persists, held = _gap_persists(columns, rows, gap, _gap(columns, spans[first_epoch]), epoch == first_epoch,
+                                   moved["tau_adv"] or moved["tau_nat"], cfg)
+    dominates, dominant = _loss_dominates(columns, rows, moved["w_adv"] or moved["w_nat"],
+                                          cfg.diagnostics.dominant_weight)
+    return Diagnosis(epoch=epoch, entropy_gap=gap, entropy_gap_persists=persists, loss_dominates=dominates,
+                     held_at_bound=held, dominant_loss=dominant)
 
 
 def _gap_persists(columns: Mapping[str, Sequence[float]], rows: range, gap: float, first_gap: float,
-                  first_epoch: bool, cfg: Config) -> tuple[bool | None, tuple[str, ...]]:
-    last = rows[-1]
-    tau = {name: columns[name][last] for name in ("tau_adv", "tau_nat")}
-    if first_epoch or math.isnan(gap) or math.isnan(first_gap) or any(math.isnan(t) for t in tau.values()):
-        return None, ()
-    if not (_changed(columns["tau_adv"], last + 1) or _changed(columns["tau_nat"], last + 1)):
+                  first_epoch: bool, moved: bool, cfg: Config) -> tuple[bool | None, tuple[str, ...]]:
+    tau = {name: columns[name][rows[-1]] for name in ("tau_adv", "tau_nat")}
+    if first_epoch or not moved or any(math.isnan(v) for v in (gap, first_gap, *tau.values())):
         return None, ()
     d = cfg.diagnostics
     entropy_adv, entropy_nat = _mean(columns["entropy_adv"], rows), _mean(columns["entropy_nat"], rows)
@@ -136,13 +144,11 @@ def _gap_persists(columns: Mapping[str, Sequence[float]], rows: range, gap: floa
     return bool(held), held
 
 
-def _loss_dominates(columns: Mapping[str, Sequence[float]], rows: range,
+def _loss_dominates(columns: Mapping[str, Sequence[float]], rows: range, moved: bool,
                     threshold: float) -> tuple[bool | None, str | None]:
     """Whether one weight stayed above ``threshold`` all epoch, and whose loss it weighs."""
     weights = {"loss_adv": columns["w_adv"], "loss_nat": columns["w_nat"]}
-    if any(math.isnan(w[i]) for w in weights.values() for i in rows):
-        return None, None
-    if not any(_changed(w, rows[-1] + 1) for w in weights.values()):
+    if any(math.isnan(w[i]) for w in weights.values() for i in rows) or not moved:
         return None, None
     for loss, w in weights.items():
         if all(w[i] > threshold for i in rows):
