@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tune_mtard"
-COMMANDS = ("search", "train", "teachers", "export", "evaluate", "compare", "bench")
+COMMANDS = ("search", "train", "teachers", "export", "analyze", "evaluate", "compare", "bench")
 # `python -m tune_mtard.<command>` entry points: two-line shims over tune_mtard/cli/<command>.py.
 SHIMS = {PACKAGE / f"{c}.py" for c in COMMANDS} | {PACKAGE / c / "__main__.py" for c in COMMANDS} | {
     PACKAGE / "__main__.py"}

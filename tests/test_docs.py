@@ -268,12 +268,12 @@ def test_every_flag_of_every_command_is_in_docs_cli_md():
 def test_the_flag_checker_catches_what_does_not_exist(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("Run `python -m tune_mtard.search --spaces x.yaml` or `bench steps`, then\n\n"
-                    "```bash\npython -m tune_mtard.analyze --experiment DIR\n"
+                    "```bash\npython -m tune_mtard.analyse --experiment DIR\n"
                     "tune-mtard train --config a.yaml --max-epochs 3\nmlflow ui --port 5000\n```\n"
                     "And `--no-such-flag`, `tune-mtard evaluate --n 5`.\n")
     problems = command_problems(page)
     assert len(problems) == 5, problems
-    for expected in ("--spaces", "bench steps", "tune_mtard.analyze", "--max-epochs is not a flag of train",
+    for expected in ("--spaces", "bench steps", "tune_mtard.analyse", "--max-epochs is not a flag of train",
                      "--no-such-flag"):
         assert any(expected in p for p in problems), (expected, problems)
 

@@ -137,6 +137,36 @@ def test_parent_run_holds_space_best_config_trials_csv_scatter_plot_and_summary(
     assert all(key in csv_lines[0] for key in SPACE_KEYS)
 
 
+def test_a_finished_search_writes_and_logs_its_sensitivity_analysis(finished_search):
+    folder = finished_search["folder"]
+    assert (folder / "sensitivity.md").is_file()
+    assert {f"slice_{key}.png" for key in SPACE_KEYS} <= {p.name for p in folder.glob("slice_*.png")}
+    client, parents, _ = mlflow_runs(finished_search["root"], finished_search["name"])
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "sensitivity")}
+    assert "sensitivity/sensitivity.md" in logged
+    assert summary_of(folder)["status"] == "finished"
+
+
+def test_each_trial_reports_its_balance_diagnostics_and_the_search_counts_the_flags(finished_search):
+    client, parents, children = mlflow_runs(finished_search["root"], finished_search["name"])
+    for run in children:
+        gaps = client.get_metric_history(run.info.run_id, "entropy_gap")
+        assert len(gaps) == int(run.data.tags["epochs_run"]) and all(g.value >= 0 for g in gaps)
+    header = (finished_search["folder"] / "trials.csv").read_text().splitlines()[0].split(",")
+    assert {"entropy_gap", "entropy_gap_persists", "loss_dominates"} <= set(header)
+    summary = summary_of(finished_search["folder"])
+    assert {"n_entropy_gap_persists", "n_loss_dominates"} <= set(summary)
+    metrics = parents[0].data.metrics
+    for role in ("clean", "robust"):  # the teachers' quality, measured on the validation split
+        assert 0 <= metrics[f"teacher_{role}_val_pgd_acc"] <= metrics[f"teacher_{role}_val_clean_acc"] <= 1
+    assert parents[0].data.params["teachers.robust.sha256"] == file_sha256(parents[0].data.params[
+        "teachers.robust.checkpoint"])
+
+
+def summary_of(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
 def test_optuna_study_records_asha_stopped_trials_as_pruned_and_full_budget_ones_as_complete(finished_search):
     trials = optuna_trials(finished_search["folder"], finished_search["name"])
     reports = finished_search["reports"]

@@ -21,6 +21,11 @@ PARENT_RUN_ID = "mlflow_parent_run_id"
 FINAL_EVAL_CSV = "final_eval.csv"
 TEACHERS_JSON = "teachers.json"  # the teacher files the search used (path, sha256) and their quality
 TUNER_STATE = "tuner.pkl"  # written by Ray Tune when a search starts: the search exists from then on
+SENSITIVITY_MD = "sensitivity.md"  # the sensitivity analysis (docs/sensitivity.md) and its plots
+IMPORTANCES_PNG = "importances.png"
+SLICE_PNG = "slice_{}.png"  # SLICE_PNG.format("balance.beta"): one per searched key
+CONTOUR_PNG = "contour.png"
+SENSITIVITY_ARTIFACTS = "sensitivity"  # their folder among the parent run's artifacts
 
 # A trial's folder (beside its Ray checkpoints)
 DIVERGED_JSON = "diverged.json"  # where the trial diverged: a restart fails at once instead of training again

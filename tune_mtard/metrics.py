@@ -34,3 +34,12 @@ def w_robust_acc(clean: float, robust: float, clean_weight: float) -> float:
 TEST_ACC = "test_{}_acc"
 TEST_W_ROBUST_ACC = "test_w_robust_acc_{}"  # W-Robust Acc with that attack as the robust accuracy
 TEST_N_EXAMPLES = "test_n_examples"
+
+# Balance diagnostics of a trial (docs/sensitivity.md, "Balance diagnostics"), computed from its trace at
+# each report: the entropy gap as a metric, each flag as a 0/1 metric and, when raised, a tag "true".
+ENTROPY_GAP = "entropy_gap"
+ENTROPY_GAP_PERSISTS = "entropy_gap_persists"
+LOSS_DOMINATES = "loss_dominates"
+DIAGNOSTIC_FLAGS = (ENTROPY_GAP_PERSISTS, LOSS_DOMINATES)
+DIAGNOSTICS = (ENTROPY_GAP,) + DIAGNOSTIC_FLAGS
+FLAG_COUNT = "n_{}"  # summary.json: FLAG_COUNT.format("loss_dominates") trials ended with the flag raised

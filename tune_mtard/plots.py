@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from tune_mtard.trace import read_trace
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend: files only, no display."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +22,7 @@ def _pyplot() -> Any:
 def plot_trace(trace_csv: str | Path, png: str | Path, title: str = "balance trace") -> None:
     """The four balance quantities over optimiser steps: losses, soft-label entropies, temperatures and
     weights, so a diverging or stalled balance shows at a glance."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = read_trace(trace_csv)
     steps = columns["step"]
     panels = (("loss", ("loss_adv", "loss_nat")), ("mean p log p", ("entropy_adv", "entropy_nat")),
@@ -42,7 +44,7 @@ def plot_trace(trace_csv: str | Path, png: str | Path, title: str = "balance tra
 def plot_clean_vs_robust(points: list[tuple[str, float, float]], path: str | Path,
                          best: tuple[str, float, float] | None = None) -> None:
     """Clean against robust validation accuracy, one point per ``(label, clean, robust)``, the best one marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.scatter([p[1] for p in points], [p[2] for p in points], c="tab:blue", label="trials", alpha=0.7)
     if best is not None:
@@ -50,6 +52,38 @@ def plot_clean_vs_robust(points: list[tuple[str, float, float]], path: str | Pat
     ax.set_xlabel("validation clean accuracy")
     ax.set_ylabel("validation robust accuracy (PGD)")
     ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_slice_by_epochs(x: Sequence[Any], y: Sequence[float], epochs: Sequence[int], outlined: Sequence[bool],
+                         path: str | Path, *, xlabel: str, ylabel: str, title: str, max_epochs: int,
+                         log: bool = False, categories: Sequence[Any] | None = None, outline_label: str = "") -> None:
+    """One point per trial, ``y`` against ``x``, coloured by the epochs the trial reached (one scale, 1 to
+    ``max_epochs``, in every plot), ``outlined`` ones ringed in black. ``categories`` places a categorical
+    ``x`` at the positions of its choices."""
+    plt = pyplot()
+    if categories is not None:
+        x = [list(categories).index(v) for v in x]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    points = ax.scatter(x, y, c=epochs, cmap="viridis", vmin=1, vmax=max(max_epochs, 2), s=45, alpha=0.85,
+                        edgecolors=["black" if o else "none" for o in outlined], linewidths=1.3)
+    if outline_label and any(outlined):
+        ax.scatter([], [], facecolors="none", edgecolors="black", linewidths=1.3, label=outline_label)
+        ax.legend(loc="best", fontsize="small")
+    if categories is not None:
+        ax.set_xticks(range(len(categories)), [str(c) for c in categories])
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+    elif log:
+        ax.set_xscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    fig.colorbar(points, ax=ax, label="epochs reached", ticks=MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "one full training run from a run config",
     "teachers": "train the teachers a config names that do not exist yet",
     "export": "write the run config of a search's best (or a named) trial",
+    "analyze": "rewrite a search's sensitivity analysis (importances, slice and contour plots)",
     "evaluate": "evaluate a saved model under attacks",
     "compare": "methods side by side, over seeds",
     "bench": "performance figures",

@@ -183,6 +183,22 @@ class BaselinesConfig:
         require(0 <= self.ard_alpha <= 1, "baselines.ard_alpha", "must be in [0, 1]")
 
 
+@dataclass
+class DiagnosticsConfig:
+    """Thresholds of the balance diagnostics of each trial (docs/sensitivity.md, "Balance diagnostics")."""
+
+    gap_narrowing: float = 0.5  # the entropy gap has narrowed once it is <= this fraction of its first epoch's
+    gap_tolerance: float = 0.05  # a gap <= this fraction of the larger |entropy| counts as closed
+    dominant_weight: float = 0.9  # loss_dominates: one loss weight above this at every step of the epoch
+
+    def check(self) -> None:
+        d = "diagnostics"
+        require(0 < self.gap_narrowing <= 1, f"{d}.gap_narrowing", f"must be in (0, 1], got {self.gap_narrowing:g}")
+        require(0 <= self.gap_tolerance < 1, f"{d}.gap_tolerance", f"must be in [0, 1), got {self.gap_tolerance:g}")
+        require(0.5 < self.dominant_weight < 1, f"{d}.dominant_weight",
+                f"must be in (0.5, 1) (the two weights sum to 1), got {self.dominant_weight:g}")
+
+
 def check_attack_names(names: list[str], key: str) -> None:
     from tune_mtard.attacks import ATTACKS
 
@@ -369,6 +385,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -390,6 +407,7 @@ class Config:
         self.train.check()
         self.balance.check()
         self.baselines.check()
+        self.diagnostics.check()
         self.eval.check()
         self.perf.check()
         self.mlflow.check()

@@ -305,6 +305,7 @@ def _conclude(cfg: Config, folder: Path, grid, signal_name: str | None, teachers
         kill_running_child_runs(parent.client, parent.run_id)
         summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted")
         parent.set_tags({"search_status": "interrupted"})
+        _analyze(cfg, folder, trials, parent)
         return Outcome("interrupted", summary, 130)
     trials = summarize_results(grid)
     trial_ids = {t.trial_id for t in trials}
@@ -316,6 +317,7 @@ def _conclude(cfg: Config, folder: Path, grid, signal_name: str | None, teachers
     status = "finished" if best is not None else "no_usable_trial"
     summary = record_search(parent, cfg, folder, trials, best, time.perf_counter() - start, status)
     parent.set_tags({"search_status": status})
+    _analyze(cfg, folder, trials, parent)
     if best is None:
         parent.failed = True
     elif s.final_eval.top_k > 0:
@@ -324,6 +326,19 @@ def _conclude(cfg: Config, folder: Path, grid, signal_name: str | None, teachers
         evaluate_top_trials(cfg, trials, data, parent.client, parent.run_id, folder)
     _print_result(cfg, trials, best, best_path, summary, folder)
     return Outcome(status, summary, 0 if best is not None else 1)
+
+
+def _analyze(cfg: Config, folder: Path, trials, parent) -> None:
+    """The search's sensitivity analysis (docs/sensitivity.md), beside best_config.yaml and on the parent run.
+    A report, not a result: if it fails, the search still ends as it ended, with a warning."""
+    from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
+
+    try:
+        report = analyze_search(folder, cfg, trials)
+        log_sensitivity(parent.client, parent.run_id, report)
+    except Exception as exc:
+        print(f"warning: the sensitivity analysis failed ({type(exc).__name__}: {exc}); rerun it with "
+              f"python -m tune_mtard.analyze --experiment {folder}", file=sys.stderr)
 
 
 def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_run_id: str, quiet: bool,

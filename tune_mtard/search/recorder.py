@@ -20,7 +20,8 @@ from ray.tune import Callback
 
 from tune_mtard import files, tracking
 from tune_mtard.config import Config, flatten
-from tune_mtard.metrics import EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
+from tune_mtard.diagnostics import csv_values, flag_counts, flag_tags
+from tune_mtard.metrics import DIAGNOSTICS, EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
 from tune_mtard.plots import plot_clean_vs_robust, plot_trace
 from tune_mtard.search.trials import TrialState, TrialSummary, read_divergence, trial_state
 from tune_mtard.trace import write_trace
@@ -28,6 +29,7 @@ from tune_mtard.trace import write_trace
 log = logging.getLogger(__name__)
 
 TRIAL_ID_TAG = "trial_id"
+REPORTED = EPOCH_METRICS + DIAGNOSTICS  # what each report of a trial logs to its child run
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -105,14 +107,15 @@ class MlflowTrialRecorder(Callback):
             tracking.set_tags(self.client, run_id, {"node_id": result["node_id"]})
         if epoch in self._logged_epochs[run_id]:
             return
-        tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items() if k in EPOCH_METRICS}, step=epoch)
+        tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items() if k in REPORTED}, step=epoch)
         self._logged_epochs[run_id].add(epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self.run_id(trial)
         epochs = int((trial.last_result or {}).get(EPOCH, 0))
         state = trial_state(epochs, self.full_epochs, failed=False)
-        tracking.set_tags(self.client, run_id, {"epochs_run": epochs, "trial_state": state.value})
+        tracking.set_tags(self.client, run_id, {"epochs_run": epochs, "trial_state": state.value,
+                                                **flag_tags(trial.last_result or {})})
         if self._finished_runs.get(run_id) != epochs:
             try:
                 self._log_trial_files(trial, run_id)
@@ -214,14 +217,15 @@ def log_teachers(parent: tracking.RunHandle, teachers) -> None:
 
 
 def write_trials_csv(trials: list[TrialSummary], path: Path, space_keys: list[str], full_epochs: int) -> None:
-    columns = ["trial_id", "state", "epochs", *VALIDATION, "failure", *space_keys]
+    columns = ["trial_id", "state", "epochs", *VALIDATION, *DIAGNOSTICS, "failure", *space_keys]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for t in trials:
             state = t.state(full_epochs).value if t.finished else "RUNNING"
             writer.writerow([t.trial_id, state, t.epochs] + [t.metrics.get(k, "") for k in VALIDATION]
-                            + [t.failure] + [t.sampled.get(k, "") for k in space_keys])
+                            + list(csv_values(t.metrics).values()) + [t.failure]
+                            + [t.sampled.get(k, "") for k in space_keys])
 
 
 def record_search(parent: tracking.RunHandle, cfg: Config, folder: Path, trials: list[TrialSummary],
@@ -248,6 +252,7 @@ def record_search(parent: tracking.RunHandle, cfg: Config, folder: Path, trials:
         "epochs_spent": sum(t.epochs for t in trials),
         "epochs_full_budget": len(trials) * full,
         "wall_time_s": wall,
+        **flag_counts(t.metrics for t in trials if not t.failed),
     }
     artifacts = [trials_csv, scatter]
     if best is not None:
