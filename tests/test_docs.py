@@ -290,7 +290,7 @@ def schema_defaults() -> dict[str, Any]:
     """Every leaf key of the schema with its default; ``space.<key>.<field>`` for a distribution's fields."""
     from tune_mtard.config import Config, Distribution, flatten
     from tune_mtard.config.coerce import to_plain
-    from tune_mtard.config.schema import SearchConfig
+    from tune_mtard.config.search import SearchConfig
 
     defaults = dict(flatten(Config().to_dict()))
     defaults.update(flatten(to_plain(SearchConfig()), "search."))

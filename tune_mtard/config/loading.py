@@ -11,7 +11,8 @@ from typing import Any, Iterable
 import yaml
 
 from tune_mtard.config.coerce import build, field_type, to_plain
-from tune_mtard.config.schema import Config, SearchConfig
+from tune_mtard.config.schema import Config
+from tune_mtard.config.search import SearchConfig
 from tune_mtard.config.space import check_space, parse_space
 from tune_mtard.errors import ConfigError
 

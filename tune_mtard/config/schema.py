@@ -14,16 +14,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from tune_mtard.config.coerce import AUTO, flatten, to_plain
-from tune_mtard.errors import ConfigError
-
-
-def require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(key, message)
-
-
-def require_name(name: str, valid: list[str], key: str, kind: str) -> None:
-    require(name in valid, key, f"unknown {kind} {name!r} (valid: {', '.join(valid)})")
+from tune_mtard.config.rules import check_attack_names, require, require_name
+from tune_mtard.config.search import Distribution, SearchConfig
 
 
 def _archs() -> list[str]:
@@ -199,13 +191,6 @@ class DiagnosticsConfig:
                 f"must be in (0.5, 1) (the two weights sum to 1), got {self.dominant_weight:g}")
 
 
-def check_attack_names(names: list[str], key: str) -> None:
-    from tune_mtard.attacks import ATTACKS
-
-    for i, name in enumerate(names):
-        require_name(name, ATTACKS.names(), f"{key}[{i}]", "attack")
-
-
 @dataclass
 class EvalConfig:
     every: int = 1  # epochs between validation evaluations
@@ -252,119 +237,6 @@ class MlflowConfig:
     def check(self) -> None:
         require(bool(self.experiment), "mlflow.experiment", "must not be empty")
         require(bool(self.tracking_uri), "mlflow.tracking_uri", "must not be empty")
-
-
-@dataclass
-class Resources:
-    cpu: float = 4
-    gpu: float = 0.5  # a fraction shares one card between trials
-
-
-@dataclass
-class SchedulerConfig:
-    type: str = "asha"  # asha | fifo
-    grace_period: int = 10
-    reduction_factor: float = 3
-
-
-@dataclass
-class SamplerConfig:
-    type: str = "tpe"  # tpe | random
-    seed: int = 0
-    n_startup_trials: int = 10
-
-
-@dataclass
-class FinalEvalConfig:
-    top_k: int = 0
-    attacks: list[str] = field(default_factory=lambda: ["aa"])
-    n_examples: int = 1000
-
-
-@dataclass
-class SearchConfig:
-    """How a search runs (docs/search.md); ``space`` says what it samples."""
-
-    num_samples: int = 64
-    max_concurrent: int = 4
-    metric: str = "val_w_robust_acc"
-    mode: str = "max"
-    resources: Resources = field(default_factory=Resources)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    storage: str = "./tune_results"
-    max_failures: int = 1
-    final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
-
-    def check(self) -> None:
-        require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
-        require(self.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
-        from tune_mtard.metrics import EPOCH_METRICS
-
-        require(self.mode in ("max", "min"), "search.mode", f"must be max or min, got {self.mode!r}")
-        require(self.metric in EPOCH_METRICS, "search.metric",
-                f"{self.metric!r} is not a metric a trial reports (valid: {', '.join(EPOCH_METRICS)})")
-        require(self.resources.cpu > 0, "search.resources.cpu", "must be > 0")
-        require(self.resources.gpu >= 0, "search.resources.gpu", "must be >= 0")
-        s = self.scheduler
-        require(s.type in ("asha", "fifo"), "search.scheduler.type", f"must be asha or fifo, got {s.type!r}")
-        require(s.grace_period >= 1, "search.scheduler.grace_period", "must be >= 1")
-        require(s.reduction_factor > 1, "search.scheduler.reduction_factor", "must be > 1")
-        require(self.sampler.type in ("tpe", "random"), "search.sampler.type",
-                f"must be tpe or random, got {self.sampler.type!r}")
-        require(self.sampler.n_startup_trials >= 0, "search.sampler.n_startup_trials", "must be >= 0")
-        require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
-        require(bool(self.storage), "search.storage", "must not be empty")
-        require(self.final_eval.top_k >= 0, "search.final_eval.top_k", "must be >= 0")
-        require(self.final_eval.n_examples >= 1, "search.final_eval.n_examples", "must be >= 1")
-        check_attack_names(self.final_eval.attacks, "search.final_eval.attacks")
-
-
-@dataclass
-class Distribution:
-    """One searched key of ``space`` (docs/configuration.md, "Search space"): ``float``/``int`` with ``low``,
-    ``high``, optional ``log``/``step``; or ``categorical`` with ``choices``. Parsed and checked in space.py."""
-
-    type: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
-
-    def extremes(self) -> list[Any]:
-        """The values that bound what this distribution can sample (to check the config's rules)."""
-        if self.type == "categorical":
-            return list(self.choices or [])
-        return [self.low, self.high]
-
-    def contains(self, value: Any) -> bool:
-        if self.type == "categorical":
-            return value in (self.choices or [])
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
-
-    def check(self, where: str) -> None:
-        if self.type in ("float", "int"):
-            for bound in ("low", "high"):
-                require(getattr(self, bound) is not None, f"{where}.{bound}", f"required for type {self.type}")
-            require(self.choices is None, f"{where}.choices", f"not allowed for type {self.type}")
-            require(self.low < self.high, where, f"low ({self.low:g}) must be < high ({self.high:g})")
-            require(not self.log or self.low > 0, f"{where}.low", "must be > 0 with log: true")
-            require(self.step is None or self.step > 0, f"{where}.step", "must be > 0")
-            require(not (self.log and self.step is not None), where, "log and step cannot be combined")
-            if self.type == "int":
-                for bound in ("low", "high", "step"):
-                    value = getattr(self, bound)
-                    if value is not None:
-                        require(float(value).is_integer(), f"{where}.{bound}",
-                                f"must be an integer for type int, got {value!r}")
-                        setattr(self, bound, int(value))
-        elif self.type == "categorical":
-            require(bool(self.choices), f"{where}.choices", "a non-empty list is required for type categorical")
-            for bound in ("low", "high", "step"):
-                require(getattr(self, bound) is None, f"{where}.{bound}", "not allowed for type categorical")
-        else:
-            raise ConfigError(f"{where}.type", f"unknown distribution {self.type!r} (valid: float, int, categorical)")
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")

@@ -14,7 +14,9 @@ import itertools
 from typing import Any, Iterable, get_type_hints
 
 from tune_mtard.config.coerce import build, flatten
-from tune_mtard.config.schema import Config, Distribution, require
+from tune_mtard.config.rules import require
+from tune_mtard.config.schema import Config
+from tune_mtard.config.search import Distribution
 from tune_mtard.errors import ConfigError
 
 # Past this many corners every pair of keys is checked at its corners, which covers every two-key rule.
