@@ -26,16 +26,10 @@ from tune_mtard import files
 from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
 from tune_mtard.data import DataBundle
 from tune_mtard.errors import ConfigError
-from tune_mtard.methods import METHODS
+from tune_mtard.methods import variants
 from tune_mtard.metrics import TEST_ACC, TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, VAL_CLEAN_ACC, VAL_ROBUST_ACC, \
     VAL_W_ROBUST_ACC
 
-
-def variants() -> dict[str, dict[str, Any]]:
-    """What each name in ``--methods`` sets on the base config: every registered method and its variants
-    (the B-MTARD ablations are variants of b-mtard)."""
-    return {variant: {"method": method, **settings}
-            for method, spec in METHODS.items() for variant, settings in spec.variants.items()}
 
 ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf", "aa": "AutoAttack",
                  "square": "Square"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for
-from tune_mtard.comparison import CompareRequest, compare, variants
+from tune_mtard.comparison import CompareRequest, compare
+from tune_mtard.methods import variants
 
 
 def build_parser() -> ArgumentParser:
