@@ -50,12 +50,13 @@ def unsearchable_reason(key: str) -> str | None:
     return None
 
 
-def parse_space(raw: Any) -> dict[str, Distribution]:
+def parse_space(raw: Any, section: str = "space") -> dict[str, Distribution]:
+    """A space as distributions; ``section`` is where it sits (``space``, or ``spaces.<method>``), for messages."""
     if not isinstance(raw, dict):
-        raise ConfigError("space", "expected a mapping of dotted config keys to distributions")
+        raise ConfigError(section, "expected a mapping of dotted config keys to distributions")
     space = {}
     for key, spec in raw.items():
-        where = f"space.{key}"
+        where = f"{section}.{key}"
         if not isinstance(spec, dict):
             raise ConfigError(where, "expected a mapping like {type: float, low: .., high: ..}")
         dist = build(Distribution, spec, where)
@@ -102,6 +103,41 @@ def check_space(cfg: Config) -> None:
                                                       f"(at {values})") from None
 
 
+def parse_spaces(raw: Any) -> dict[str, dict[str, Distribution]]:
+    """The ``spaces`` section: a method (or variant) name -> the space ``compare --tune`` searches for it."""
+    if not isinstance(raw, dict):
+        raise ConfigError("spaces", "expected a mapping of method names to spaces")
+    return {str(name): parse_space(entry, f"spaces.{name}") for name, entry in raw.items()}
+
+
+def check_spaces(cfg: Config) -> None:
+    """Each ``spaces`` entry names a method or variant ``compare --methods`` accepts and is a space it can search."""
+    from tune_mtard.methods import variants
+
+    names = variants()
+    for name, space in (cfg.spaces or {}).items():
+        require(name in names, f"spaces.{name}", f"unknown method {name!r} (valid: {', '.join(names)})")
+        method_search_base(cfg, name, space, f"spaces.{name}")
+
+
+def method_search_base(cfg: Config, variant: str, space: dict[str, Distribution], section: str) -> Config:
+    """``cfg``'s run config as ``variant`` runs it, with ``space`` as its space, checked like any space
+    (:func:`check_space`) and for keys the variant sets itself; a ConfigError names ``<section>.<key>``."""
+    from tune_mtard.methods import variants
+
+    fixed = variants()[variant]
+    clash = [key for key in space if key in fixed]
+    if clash:
+        raise ConfigError(f"{section}.{clash[0]}", f"cannot be searched: {variant} sets it to {fixed[clash[0]]!r}")
+    run = cfg.run_config().with_values(fixed)
+    searched = dataclasses.replace(run, space=space)
+    try:
+        check_space(searched)
+    except ConfigError as exc:
+        raise ConfigError(section + exc.key[len("space"):], exc.message) from None
+    return searched
+
+
 def _corners(space: dict[str, Distribution]) -> Iterable[tuple]:
     corners = [[(k, v) for v in d.extremes()] for k, d in space.items()]
     n_corners = 1
@@ -122,7 +158,7 @@ def leaf_types() -> dict[str, Any]:
 
     def walk(cls: Any, prefix: str) -> None:
         for name, hint in get_type_hints(cls).items():
-            if cls is Config and name in ("search", "space"):
+            if cls is Config and name in ("search", "space", "spaces"):
                 continue
             key = f"{prefix}{name}"
             if dataclasses.is_dataclass(hint):
