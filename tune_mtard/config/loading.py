@@ -181,7 +181,8 @@ def to_yaml(cfg: Config, with_search: bool = False) -> str:
     if "space" in raw and cfg.space is not None:
         raw["space"] = _plain_space(cfg.space)
     if "spaces" in raw and cfg.spaces is not None:
-        raw["spaces"] = {name: _plain_space(space) for name, space in cfg.spaces.items()}
+        raw["spaces"] = {name: {key: None if dist is None else _plain_space({key: dist})[key]
+                                for key, dist in space.items()} for name, space in cfg.spaces.items()}
     return yaml.safe_dump(raw, sort_keys=False)
 
 

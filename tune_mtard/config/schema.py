@@ -264,7 +264,7 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     search: SearchConfig | None = None
     space: dict[str, Distribution] | None = None
-    spaces: dict[str, dict[str, Distribution]] | None = None  # compare --tune's space per method (space.py)
+    spaces: dict[str, dict[str, Distribution | None]] | None = None  # over compare --tune's spaces (space.py)
 
     def check(self, check_files: bool = True) -> None:
         """Every rule of the run config, and of the search section when there is one (the space: space.py)."""

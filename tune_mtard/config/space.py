@@ -103,38 +103,70 @@ def check_space(cfg: Config) -> None:
                                                       f"(at {values})") from None
 
 
-def parse_spaces(raw: Any) -> dict[str, dict[str, Distribution]]:
-    """The ``spaces`` section: a method (or variant) name -> the space ``compare --tune`` searches for it."""
+def parse_spaces(raw: Any) -> dict[str, dict[str, Distribution | None]]:
+    """The ``spaces`` section: a method (or variant) name -> what to lay over the default space ``compare --tune``
+    searches for it (a key's distribution, or null: not searched)."""
     if not isinstance(raw, dict):
         raise ConfigError("spaces", "expected a mapping of method names to spaces")
-    return {str(name): parse_space(entry, f"spaces.{name}") for name, entry in raw.items()}
+    spaces: dict[str, dict[str, Distribution | None]] = {}
+    for name, entry in raw.items():
+        section = f"spaces.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(section, "expected a mapping of dotted config keys to distributions (or null)")
+        spaces[str(name)] = {key: None if spec is None else parse_space({key: spec}, section)[key]
+                             for key, spec in entry.items()}
+    return spaces
 
 
 def check_spaces(cfg: Config) -> None:
-    """Each ``spaces`` entry names a method or variant ``compare --methods`` accepts and is a space it can search."""
+    """Each ``spaces`` entry names a method or variant ``compare --methods`` accepts, and the space it makes is
+    one that method can search."""
     from tune_mtard.methods import variants
 
     names = variants()
-    for name, space in (cfg.spaces or {}).items():
+    for name in cfg.spaces or {}:
         require(name in names, f"spaces.{name}", f"unknown method {name!r} (valid: {', '.join(names)})")
-        method_search_base(cfg, name, space, f"spaces.{name}")
+        method_search_base(cfg, name)
 
 
-def method_search_base(cfg: Config, variant: str, space: dict[str, Distribution], section: str) -> Config:
-    """``cfg``'s run config as ``variant`` runs it, with ``space`` as its space, checked like any space
-    (:func:`check_space`) and for keys the variant sets itself; a ConfigError names ``<section>.<key>``."""
+def method_space(cfg: Config, variant: str) -> dict[str, Distribution]:
+    """What ``compare --tune`` searches for ``variant``: its default space (beside its registration in
+    tune_mtard/methods/) with the config's ``spaces.<variant>`` laid over it, key by key: a distribution
+    replaces or adds that key, null drops it (docs/configuration.md, "spaces")."""
+    from tune_mtard.methods import default_space
+
+    section = f"spaces.{variant}"
+    space = parse_space(default_space(variant), section)
+    for key, dist in ((cfg.spaces or {}).get(variant) or {}).items():
+        if dist is not None:
+            space[key] = dist
+            continue
+        require(key in space, f"{section}.{key}", f"null drops a key of {variant}'s default space, which does not "
+                                                  f"search it (it searches {', '.join(space)})")
+        del space[key]
+    require(bool(space), section, "leaves nothing to search")
+    return space
+
+
+def method_search_base(cfg: Config, variant: str) -> Config:
+    """``cfg``'s run config as ``variant`` runs it, with :func:`method_space` as its space, checked like any
+    space (:func:`check_space`) and for keys the variant sets itself; a ConfigError names ``spaces.<variant>.<key>``."""
     from tune_mtard.methods import variants
 
+    section = f"spaces.{variant}"
+    space = method_space(cfg, variant)
     fixed = variants()[variant]
     clash = [key for key in space if key in fixed]
     if clash:
         raise ConfigError(f"{section}.{clash[0]}", f"cannot be searched: {variant} sets it to {fixed[clash[0]]!r}")
-    run = cfg.run_config().with_values(fixed)
-    searched = dataclasses.replace(run, space=space)
+    searched = dataclasses.replace(cfg.run_config().with_values(fixed), space=space)
     try:
         check_space(searched)
     except ConfigError as exc:
-        raise ConfigError(section + exc.key[len("space"):], exc.message) from None
+        given = (cfg.spaces or {}).get(variant) or {}
+        hint = "" if any(exc.key.startswith(f"space.{key}") for key in given) else \
+            f" (in {variant}'s default space; set {section} to change it)"
+        raise ConfigError(section + exc.key[len("space"):], exc.message + hint) from None
     return searched
 
 
