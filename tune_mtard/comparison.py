@@ -48,6 +48,9 @@ class CompareRequest:
     out: str | None = None
     overrides: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
+    tune: int | None = None  # trials of each method's search first (docs/methods.md, "Tuned comparisons")
+    tune_epochs: int | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -273,6 +276,9 @@ def plan(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tu
     each run's config and the output folder."""
     from tune_mtard.teachers import check_teacher_files, roles_for
 
+    for flag, given in (("--tune-epochs", request.tune_epochs is not None), ("--resume", request.resume)):
+        if given:
+            raise ConfigError(flag, "only with --tune (a tuned comparison)")
     methods = parse_methods(request.methods)
     seeds = parse_seeds(request.seeds)
     base = base_config(request).run_config()
@@ -296,12 +302,17 @@ def base_config(request: CompareRequest) -> Config:
 
 
 def compare(request: CompareRequest) -> int:
-    """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records."""
+    """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records; with
+    ``--tune``, each method's search first (:mod:`tune_mtard.tuning`)."""
     from tune_mtard import tracking
     from tune_mtard.data import load_data
     from tune_mtard.perf import resolve_device
     from tune_mtard.teachers import prepare_teachers, roles_for
 
+    if request.tune is not None:
+        from tune_mtard.tuning import compare_tuned
+
+        return compare_tuned(request)
     base, methods, seeds, configs, out = plan(request)
     attacks = final_attacks(base)
     data = load_data(base.data.dataset, base.data.root, base.data.download, base.data.val_fraction, base.seed)
