@@ -107,6 +107,23 @@ def test_resume_finishes_the_comparison_without_redoing_a_finished_search(tuned)
     assert [(r.info.run_name, r.info.status) for r in parents] == [("tiny-digits-compare-tuned", "FINISHED")]
 
 
+@pytest.mark.parametrize("changed, says", [
+    (["--seeds", "0,1"], "ran with seeds [0], not [0, 1]"),
+    (["--tune", "3"], "ran with tune 2, not 3"),
+    (["--set", "spaces.natural.train.lr={type: float, low: 0.001, high: 0.1, log: true}"], "searched other spaces"),
+    (["--set", "train.momentum=0.8"], "differs from the interrupted comparison's in 'train'"),
+])
+def test_resume_refuses_a_comparison_asked_for_differently(tuned, tiny_config_path, changed, says):
+    root, out, *_ = tuned
+    argv = compare_args(tiny_config_path, root, "--resume")
+    for flag, value in zip(changed[::2], changed[1::2]):
+        argv = argv[:argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2:] if flag in argv else argv + [flag, value]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    code, _, err = run_compare(argv)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_each_method_has_its_own_search_in_optuna_and_mlflow_linked_from_the_comparison(tuned):
     root, out, *_ = tuned
     _, comparison_runs = experiment_runs(root, "tiny-digits")

@@ -65,10 +65,17 @@ class TunedPlan:
         cfg = self.searches[method]
         return Path(cfg.search.storage) / cfg.name
 
+    @property
+    def search(self) -> SearchConfig:
+        """The search section every method's search shares."""
+        return next(iter(self.searches.values())).search
+
     def asked(self) -> dict[str, Any]:
-        """What ``--resume`` must be asked again, as ``tuned_comparison.json`` keeps it."""
+        """What ``--resume`` must be asked again, as ``tuned_comparison.json`` keeps it: the flags, the shared
+        search section and each method's space (the base config is kept in ``config.yaml``)."""
         return {"methods": self.methods, "seeds": self.seeds, "attacks": self.attacks, "tune": self.tune,
-                "tune_epochs": self.tune_epochs}
+                "tune_epochs": self.tune_epochs, "search": to_plain(self.search),
+                "spaces": {m: to_plain(cfg.space) for m, cfg in self.searches.items()}}
 
 
 @dataclass
@@ -174,7 +181,9 @@ def check_out(plan: TunedPlan) -> None:
     saved = json.loads(state.read_text())
     for key, value in plan.asked().items():
         if saved.get(key) != value:
-            raise ConfigError("--resume", f"the interrupted comparison ran with {key} {saved.get(key)}, not {value}")
+            shown = {"search": "ran with another search section", "spaces": "searched other spaces"}.get(
+                key, f"ran with {key} {saved.get(key)}, not {value}")
+            raise ConfigError("--resume", f"the interrupted comparison {shown}")
     saved_base = load_config(plan.out / files.RUN_CONFIG, check_files=False).to_dict()
     for key, value in plan.base.to_dict().items():
         if saved_base.get(key) != value:
@@ -229,10 +238,9 @@ def _run(plan: TunedPlan) -> int:
         with tracking.open_run(client, experiment, f"{base.name}-compare-tuned", reopen=reopen, tags={
                 "tune_mtard.command": "compare", "tune_mtard.out": str(out)}) as parent:
             id_file.write_text(parent.run_id)
-            shared = next(iter(plan.searches.values()))
             parent.log_params({**comparison_params(base, plan.methods, plan.seeds, plan.attacks),
                                "compare.tune": plan.tune, "compare.tune_epochs": plan.tune_epochs,
-                               **flatten(to_plain(shared.search), "compare.search.")})
+                               **flatten(to_plain(plan.search), "compare.search.")})
             print(f"compare {base.name} --tune {plan.tune}: {', '.join(plan.methods)}, each searched with "
                   f"{plan.tune} trials of {plan.tune_epochs} epochs, then trained on seeds "
                   f"{', '.join(map(str, plan.seeds))} for {base.train.epochs} epochs on {resolve_device(base.device)}; "
@@ -370,7 +378,7 @@ def tuned_table(plan: TunedPlan, outcomes: dict[str, SearchOutcome], results: Se
         extra["epochs"][method] = (f"{budget['search_epochs_spent']} of {o.epochs_cap} "
                                    f"({100 * budget['search_epochs_fraction']:.0f}%)")
         extra["search time"][method] = f"{budget['search_wall_time_s']:.0f} s"
-    s = next(iter(plan.searches.values())).search
+    s = plan.search
     scheduler = (f"ASHA (grace period {s.scheduler.grace_period}, reduction factor {s.scheduler.reduction_factor:g})"
                  if s.scheduler.type == "asha" else "FIFO")
     lines = [f"Each method at its own searched best: {plan.tune} trials of at most {plan.tune_epochs} epochs per "
