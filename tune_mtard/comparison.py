@@ -326,6 +326,7 @@ def compare(request: CompareRequest) -> int:
         parent.set_tags({"compare.failed_runs": str(len(failed))})
         parent.failed = bool(failed)
     print(f"\n{table}\nfiles in {out}: {files.COMPARISON_CSV} {files.COMPARISON_SUMMARY_CSV} {files.COMPARISON_MD}")
+    print(tracking.ui_hint(base.mlflow.tracking_uri, base.mlflow.experiment))
     if failed:
         print(f"{len(failed)} of {len(results)} runs failed: "
               + "; ".join(f"{r.method} seed {r.seed}: {r.error}" for r in failed), file=sys.stderr)
