@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -107,13 +108,9 @@ class Trainer:
             group["lr"] = cfg.train.lr * scale
         self.objective.set_lr_scale(scale)
 
-        # The data order is a pure function of (seed, epoch), so a resumed run sees the same batches.
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        batches = iterate_batches(self.data.train, cfg.data.batch_size, shuffle=True, generator=generator,
-                                  crop_padding=self.data.crop_padding, hflip=self.data.hflip,
-                                  drop_last=False, device=self.device)
-        total = num_batches(len(self.data.train), cfg.data.batch_size, drop_last=False)
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = self.epoch_batches(epoch)
         if progress:
+            total = num_batches(len(self.data.train), cfg.data.batch_size, drop_last=False)
             batches = progress_bar(batches, total=total, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
 
         start = time.perf_counter()
@@ -141,6 +138,16 @@ class Trainer:
             metrics[EPOCH_TIME_S] = epoch_time
             self.history.append(metrics)
         return EpochResult(self.epoch, metrics)
+
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training batches of ``epoch`` (0-based), on the device.
+
+        Order and augmentation are a pure function of (seed, epoch), so a resumed run sees the same batches.
+        """
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return iterate_batches(self.data.train, self.cfg.data.batch_size, shuffle=True, generator=generator,
+                               crop_padding=self.data.crop_padding, hflip=self.data.hflip, drop_last=False,
+                               device=self.device)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a batch; returns its trace row, still on the device."""
