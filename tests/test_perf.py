@@ -275,6 +275,21 @@ def test_bench_step_writes_the_ratios_as_json(tiny_config_path, tmp_path):
     assert result["batch_size"] == 32
 
 
+def test_bench_epoch_times_whole_epochs_and_the_loader_alone(tiny_config_path, tmp_path):
+    from tune_mtard.cli.bench import main
+
+    out = tmp_path / "epoch.json"
+    assert main(["epoch", "--config", str(tiny_config_path), "--epochs", "2", "--warmup-epochs", "0",
+                 "--train-examples", "80", "--batch-size", "32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["train_examples"], result["steps_per_epoch"], result["epochs"]) == (80, 3, 2)
+    assert len(result["epoch_s_all"]) == len(result["loader_s_all"]) == 2
+    assert 0 < result["train_s"] < result["epoch_s"] and result["validate_s"] > 0 and result["loader_s"] > 0
+    assert result["steps_per_s"] == pytest.approx(3 / result["train_s"])
+    assert result["images_per_s"] == pytest.approx(80 / result["train_s"])
+    assert {"loader_share", "images_per_s_with_validation", "ms_per_step", "machine", "perf"} <= result.keys()
+
+
 def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_config_path, tmp_path):
     """The real platform benchmark, shrunk: a fresh Ray in a subprocess, one 1-epoch trial each way."""
     space = tmp_path / "space.yaml"
@@ -296,6 +311,7 @@ def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_
 
 
 @pytest.mark.parametrize("argv", [["step", "--repeats", "0"], ["search", "--num-samples", "0"],
+                                  ["epoch", "--warmup-epochs", "-1"], ["epoch", "--train-examples", "0"],
                                   ["step", "--out", "/no/such/folder/x.json"], ["nonsense"]])
 def test_bench_rejects_bad_flags_with_exit_code_2(argv, capsys):
     from tune_mtard.cli.bench import main

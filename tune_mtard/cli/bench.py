@@ -1,14 +1,15 @@
-"""``bench step|platform|search|memory``: performance figures (docs/performance.md)."""
+"""``bench step|epoch|platform|search|memory``: performance figures (docs/performance.md, docs/gpu.md)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from tune_mtard.cli.common import add_set_flag, parser_for
-from tune_mtard.config import find_config_file, load_config
+from tune_mtard.config import Config, find_config_file, load_config
 from tune_mtard.errors import ConfigError
 
 DEFAULT_SPACE = "digits.yaml"
@@ -17,7 +18,7 @@ DEFAULT_SPACE = "digits.yaml"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = parser_for("bench", "Performance figures: a table on stdout and, with --out, JSON with the machine "
                                  "they were measured on.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{step,platform,search,memory}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{step,epoch,platform,search,memory}")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -36,6 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     step.add_argument("--threads", type=int, default=None,
                       help="torch intra-op threads (default: search.resources.cpu, what one trial gets, "
                            "else torch's default)")
+    epoch = command("epoch", "whole training epochs (loader, steps, validation) in steps/s and images/s, and the "
+                             "loader alone")
+    epoch.add_argument("--epochs", type=int, default=3, help="timed epochs (median taken)")
+    epoch.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first")
+    epoch.add_argument("--batch-size", type=int, default=None, help="batch size (default: data.batch_size)")
+    epoch.add_argument("--train-examples", type=int, default=None,
+                       help="train on the first N examples of the training split (default: all)")
+    epoch.add_argument("--threads", type=int, default=None,
+                       help="torch intra-op threads (default: search.resources.cpu, else torch's default)")
     plat = command("platform", "the same short trial bare and as a Ray Tune trial with MLflow logging")
     plat.add_argument("--epochs", type=int, default=3, help="epochs of the trial")
     plat.add_argument("--repeats", type=int, default=1, help="bare/trial pairs (median taken)")
@@ -51,10 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "samples and epochs (to compare ASHA settings against one full-budget search)")
     args = parser.parse_args(argv)
 
-    for flag in ("batch_size", "repeats", "epochs", "num_samples", "max_epochs", "warmup", "threads"):
+    for flag in ("batch_size", "repeats", "epochs", "num_samples", "max_epochs", "warmup", "threads",
+                 "train_examples"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}", "must be >= 1")
+    if getattr(args, "warmup_epochs", 0) < 0:
+        raise ConfigError("--warmup-epochs", "must be >= 0")
     if getattr(args, "window_s", 1.0) <= 0:
         raise ConfigError("--window-s", "must be > 0")
     if getattr(args, "gpu_gib", 1.0) <= 0:
@@ -67,16 +80,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--out", f"folder {Path(args.out).parent} does not exist")
 
     if args.command == "step":
-        import torch
-
         from tune_mtard.benchmarks.step import bench_step, print_step
 
         cfg = load_config(args.config, args.overrides, check_files=False)
-        threads = args.threads or (int(cfg.search.resources.cpu) if cfg.search is not None else None)
-        if threads:
-            torch.set_num_threads(max(1, threads))
+        _set_threads(args.threads, cfg)
         result = bench_step(cfg, args.batch_size, args.repeats, args.window_s, args.warmup)
         print_step(result)
+    elif args.command == "epoch":
+        from tune_mtard.benchmarks.epoch import bench_epoch, print_epoch
+        from tune_mtard.data import load_data
+
+        cfg = load_config(args.config, args.overrides, check_files=False)
+        if args.batch_size is not None:
+            cfg = cfg.with_values({"data.batch_size": args.batch_size})
+        _set_threads(args.threads, cfg)
+        d = cfg.data
+        data = load_data(d.dataset, d.root, d.download, d.val_fraction, cfg.seed)
+        if args.train_examples is not None:
+            data = dataclasses.replace(data, train=data.train.head(args.train_examples))
+        result = bench_epoch(cfg, data, args.epochs, args.warmup_epochs)
+        print_epoch(result)
     elif args.command == "platform":
         from tune_mtard.benchmarks.platform import bench_platform, print_platform
 
@@ -97,3 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _set_threads(threads: int | None, cfg: Config) -> None:
+    """``--threads``, else what one trial gets (``search.resources.cpu``), else torch's default."""
+    import torch
+
+    threads = threads or (int(cfg.search.resources.cpu) if cfg.search is not None else None)
+    if threads:
+        torch.set_num_threads(max(1, threads))
