@@ -154,6 +154,18 @@ def test_evaluation_runs_with_tf32_off_and_gives_the_callers_setting_back(name, 
     assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("tf32", "tf32")
 
 
+def test_cw_loss_is_the_margin_formula_without_a_data_dependent_shape():
+    """The label's logit is gathered, not picked by a boolean mask, whose output size a GPU must sync to learn:
+    the loss runs on the meta device, where no shape can depend on values."""
+    from tune_mtard.attacks.base import cw_loss
+
+    logits, labels = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 4, 2, 2, 1, 3])
+    expected = -sum(max(0.0, float(row[y] - max(v for j, v in enumerate(row) if j != y) + 50.0))
+                    for row, y in zip(logits, labels))
+    assert float(cw_loss(logits, labels)) == pytest.approx(expected, rel=1e-6)
+    assert cw_loss(logits.to("meta"), labels.to("meta")).shape == ()
+
+
 def test_attacks_work_inside_no_grad():
     model = mlp()
     images, labels = examples(8)

@@ -106,8 +106,8 @@ def cw_loss(logits: Tensor, labels: Tensor, confidence: float = CW_CONFIDENCE) -
 
     Ascending it raises the margin ``max_{j!=y} z_j - z_y`` until it passes ``confidence``.
     """
+    correct = logits.gather(1, labels[:, None]).squeeze(1)  # not logits[mask]: a data-dependent shape syncs a GPU
     is_label = F.one_hot(labels, logits.shape[1]).bool()
-    correct = logits[is_label]
     best_other = logits.masked_fill(is_label, float("-inf")).amax(dim=1)
     return -F.relu(correct - best_other + confidence).sum()
 
