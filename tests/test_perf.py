@@ -216,10 +216,18 @@ def test_perf_auto_is_off_on_the_cpu_and_explicit_values_win(tiny_config):
 
 
 def test_perf_auto_on_cuda_turns_everything_on_and_keeps_large_datasets_on_the_host(tiny_config, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1000))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1000, major=8))
     cuda = torch.device("cuda")
     assert PerfOptions.resolve(tiny_config, cuda, dataset_bytes=100) == PerfOptions(True, True, False, True)
     assert PerfOptions.resolve(tiny_config, cuda, dataset_bytes=101).data_on_device is False
+
+
+def test_perf_auto_leaves_bf16_off_on_a_card_without_native_bf16(tiny_config, monkeypatch):
+    """A V100 or T4 (compute capability 7.x) emulates bf16; an explicit ``perf.bf16: true`` still wins."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1000, major=7))
+    cuda = torch.device("cuda")
+    assert PerfOptions.resolve(tiny_config, cuda) == PerfOptions(False, True, False, True)
+    assert PerfOptions.resolve(tiny_config.with_values({"perf.bf16": True}), cuda).bf16 is True
 
 
 def test_data_bytes_counts_every_split(tiny_digits: DataBundle):
