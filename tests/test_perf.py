@@ -106,6 +106,26 @@ def test_bf16_runs_the_student_teachers_and_training_pgd_in_bf16(tiny_config, ti
     assert row.dtype == torch.float32
 
 
+def test_bf16_stores_the_teachers_weights_in_bf16_and_gives_the_outputs_of_casting_them_every_forward(
+        tiny_config, tiny_digits, tiny_teachers):
+    """Autocast re-cast a frozen teacher's fp32 weights at every forward; a teacher stored in bf16 (convolution and
+    linear weights; batch norm stays fp32, as autocast leaves it) gives bit-identical outputs without the casts,
+    and the caller's fp32 teacher is left alone."""
+    x, _ = first_batch(tiny_digits)
+    given = copy.deepcopy(tiny_teachers)
+    t = Trainer(tiny_config.with_values(dict(ALL_OFF, **{"perf.bf16": True})), tiny_digits, given, device=CPU)
+    for role, teacher in (("clean", t.objective.teacher_clean), ("robust", t.objective.teacher_robust)):
+        assert teacher is not given[role]
+        dtypes: dict[type, set[torch.dtype]] = {}
+        for module in teacher.modules():
+            dtypes.setdefault(type(module), set()).update(p.dtype for p in module.parameters(recurse=False))
+        assert dtypes[nn.Conv2d] == dtypes[nn.Linear] == {torch.bfloat16}
+        assert dtypes[nn.BatchNorm2d] == {torch.float32}
+        assert all(p.dtype == torch.float32 for p in given[role].parameters())
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(teacher(x), given[role](x))
+
+
 def test_validation_under_bf16_is_fp32_and_equals_the_fp32_trainers(tiny_config, tiny_digits, tiny_teachers):
     fp32 = trainer(tiny_config, tiny_digits, tiny_teachers)
     bf16 = trainer(tiny_config, tiny_digits, tiny_teachers, bf16=True)

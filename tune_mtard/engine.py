@@ -8,6 +8,7 @@ the trace rows stay on the device and are copied back once per epoch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from tune_mtard.attacks import PGD, Clean
 from tune_mtard.config import Config
@@ -70,11 +72,7 @@ class Trainer:
         self.model = torch.compile(self.student) if self.perf.compile else self.student
         # Only the teachers the method distils from; any others given are left where they are.
         teachers = {role: (teachers or {}).get(role) for role in needed_teachers(cfg.method)}
-        for teacher in teachers.values():
-            if teacher is not None:
-                teacher.to(self.device).eval().requires_grad_(False)
-                if self.perf.channels_last:
-                    teacher.to(memory_format=torch.channels_last)
+        teachers = {role: None if t is None else self._frozen_teacher(t) for role, t in teachers.items()}
         self.objective: Objective = build_objective(cfg, self.model, teachers, autocast=self._autocast).to(self.device)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay)
@@ -82,6 +80,26 @@ class Trainer:
         self.step = 0
         self.trace = torch.empty(0, len(TRACE_HEADER), dtype=torch.float64)
         self.history: list[dict[str, float]] = []
+
+    def _frozen_teacher(self, teacher: nn.Module) -> nn.Module:
+        """A teacher as the hot loop wants it: on the device, in eval mode, without grad, NHWC under
+        ``channels_last``; under bf16 its convolution and linear weights are stored in bf16.
+
+        Autocast caches its casts only of weights that require grad, so a frozen fp32 teacher had every weight
+        cast to bf16 again at every forward. Stored in bf16 (norm layers stay fp32, as autocast leaves them),
+        the teacher gives the same outputs without those casts. That copy is the trainer's own: the caller's
+        fp32 teacher stays as it was, since another trainer (``compare``) may use it in fp32.
+        """
+        if self.perf.bf16:
+            teacher = copy.deepcopy(teacher)
+        teacher.to(self.device).eval().requires_grad_(False)
+        if self.perf.bf16:
+            for module in teacher.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):  # the layers autocast runs in bf16
+                    module.to(torch.bfloat16)
+        if self.perf.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        return teacher
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.perf.bf16)
