@@ -190,6 +190,39 @@ def test_compiling_the_student_gives_the_eager_step(aot_eager_compile, tiny_conf
     assert set(compiled.state_dict()["student"]) == set(eager.state_dict()["student"])  # no _orig_mod. prefix
 
 
+def test_compile_builds_two_graphs_per_mode_in_the_first_epoch_and_none_after(tiny_config, tiny_digits, tiny_teachers,
+                                                                                 monkeypatch):
+    """Static shapes: the student in train mode and in eval mode (training PGD) each get one graph for full
+    batches and one for the epoch's last, smaller batch; validation runs the eager student. Training PGD
+    freezes the weights, so its compiled backward computes the input's gradient only."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    gradients_per_backward = []
+
+    def backward_compiler(graph, example_inputs):
+        (outputs,) = next(node for node in graph.graph.nodes if node.op == "output").args
+        gradients_per_backward.append(sum(output is not None for output in outputs))
+        return make_boxed_func(graph)
+
+    recording = aot_autograd(fw_compiler=lambda graph, _: make_boxed_func(graph), bw_compiler=backward_compiler)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording))
+    torch._dynamo.reset()
+    counters.clear()
+    t = trainer(tiny_config.with_values({"train.epochs": 3}), tiny_digits, tiny_teachers, compile=True)
+    assert len(tiny_digits.train) % tiny_config.data.batch_size != 0  # a smaller last batch every epoch
+    graphs = []
+    for _ in range(3):
+        t.train_epoch()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [4, 4, 4]
+    assert graphs[-1] < torch._dynamo.config.recompile_limit  # past it the student would silently run eager
+    weights = len(list(t.student.parameters()))
+    assert sorted(gradients_per_backward) == [1, 1, weights, weights]  # PGD: the input's; training: the weights'
+    assert all(p.requires_grad for p in t.student.parameters())
+
+
 @pytest.mark.skipif(os.environ.get("TUNE_MTARD_TEST_INDUCTOR") != "1",
                     reason="Inductor's C++ compilation of the student takes about 3 minutes on a 2-core CPU; "
                            "set TUNE_MTARD_TEST_INDUCTOR=1 to run it (the aot_eager test covers the code path)")

@@ -69,7 +69,10 @@ class Trainer:
         self.student = create_model(cfg.student.arch, data.num_classes, data.in_channels).to(self.device)
         if self.perf.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
-        self.model = torch.compile(self.student) if self.perf.compile else self.student
+        # Static shapes: one graph per (mode, batch size), so the student in train mode and in eval mode (training
+        # PGD) each get two, for full batches and the epoch's last, all built in the first epoch; validation runs
+        # the eager student. Dynamic shapes (the default after a second size) add graphs up to the cache limit.
+        self.model = torch.compile(self.student, dynamic=False) if self.perf.compile else self.student
         # Only the teachers the method distils from; any others given are left where they are.
         teachers = {role: (teachers or {}).get(role) for role in needed_teachers(cfg.method)}
         teachers = {role: None if t is None else self._frozen_teacher(t) for role, t in teachers.items()}
@@ -183,13 +186,15 @@ class Trainer:
         e = self.cfg.eval
         val = self.data.val.head(e.n_examples)
         x, y = val.floats().to(self.device), val.labels.to(self.device)
-        attack = PGD(self.model, self.cfg.attack.epsilon, e.pgd_step_size, e.pgd_steps, random_start=True)
+        # The eager student: compiled graphs for evaluation's batch sizes and grad modes would only add to the
+        # compile time and the cache (docs/gpu.md, "torch.compile").
+        attack = PGD(self.student, self.cfg.attack.epsilon, e.pgd_step_size, e.pgd_steps, random_start=True)
         # Validation draws its random starts from its own stream so it never shifts training's RNG.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed + 7919 * self.epoch)
-            clean = robust_accuracy(self.model, Clean(self.model), x, y, batch_size=e.batch_size)
-            robust = robust_accuracy(self.model, attack, x, y, batch_size=e.batch_size)
+            clean = robust_accuracy(self.student, Clean(self.student), x, y, batch_size=e.batch_size)
+            robust = robust_accuracy(self.student, attack, x, y, batch_size=e.batch_size)
         return {VAL_CLEAN_ACC: clean, VAL_ROBUST_ACC: robust, VAL_W_ROBUST_ACC: w_robust_acc(clean, robust, e.clean_weight)}
 
     # ---------------------------------------------------------------------------------- checkpointing
