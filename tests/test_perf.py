@@ -223,6 +223,22 @@ def test_compile_builds_two_graphs_per_mode_in_the_first_epoch_and_none_after(ti
     assert all(p.requires_grad for p in t.student.parameters())
 
 
+def test_each_compiling_trainer_gets_its_own_graphs_however_many_came_before(tiny_config, tiny_digits, tiny_teachers,
+                                                                              monkeypatch):
+    """Three trainers in one process with three batch sizes need twelve graphs of one forward; past eight Dynamo
+    would run the third student eagerly, so each compiling trainer starts from empty caches."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    counters.clear()
+    built = []
+    for batch_size in (96, 112, 128):
+        cfg = tiny_config.with_values({"train.epochs": 1, "data.batch_size": batch_size, "attack.steps": 1})
+        trainer(cfg, tiny_digits, tiny_teachers, compile=True).train_epoch()
+        built.append(counters["stats"]["unique_graphs"])
+    assert built == [4, 8, 12]
+
+
 @pytest.mark.skipif(os.environ.get("TUNE_MTARD_TEST_INDUCTOR") != "1",
                     reason="Inductor's C++ compilation of the student takes about 3 minutes on a 2-core CPU; "
                            "set TUNE_MTARD_TEST_INDUCTOR=1 to run it (the aot_eager test covers the code path)")

@@ -69,10 +69,7 @@ class Trainer:
         self.student = create_model(cfg.student.arch, data.num_classes, data.in_channels).to(self.device)
         if self.perf.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
-        # Static shapes: one graph per (mode, batch size), so the student in train mode and in eval mode (training
-        # PGD) each get two, for full batches and the epoch's last, all built in the first epoch; validation runs
-        # the eager student. Dynamic shapes (the default after a second size) add graphs up to the cache limit.
-        self.model = torch.compile(self.student, dynamic=False) if self.perf.compile else self.student
+        self.model = self._compiled(self.student) if self.perf.compile else self.student
         # Only the teachers the method distils from; any others given are left where they are.
         teachers = {role: (teachers or {}).get(role) for role in needed_teachers(cfg.method)}
         teachers = {role: None if t is None else self._frozen_teacher(t) for role, t in teachers.items()}
@@ -83,6 +80,20 @@ class Trainer:
         self.step = 0
         self.trace = torch.empty(0, len(TRACE_HEADER), dtype=torch.float64)
         self.history: list[dict[str, float]] = []
+
+    @staticmethod
+    def _compiled(student: nn.Module) -> nn.Module:
+        """``torch.compile`` with static shapes: one graph per (mode, batch size), so the student in train mode
+        and in eval mode (training PGD) get two each, for full batches and the epoch's smaller last one, all
+        built in the first epoch; validation runs the eager student (docs/gpu.md, "torch.compile").
+
+        Dynamo keeps at most eight graphs per function and runs eagerly past them, without an error; graphs of
+        an architecture's ``forward`` built by earlier trainers in this process (teachers trained first,
+        ``compare``'s runs) count too, so a compiling trainer starts from empty in-memory caches (Inductor's
+        on-disk cache still serves graphs it has seen).
+        """
+        torch.compiler.reset()
+        return torch.compile(student, dynamic=False)
 
     def _frozen_teacher(self, teacher: nn.Module) -> nn.Module:
         """A teacher as the hot loop wants it: on the device, in eval mode, without grad, NHWC under

@@ -72,7 +72,7 @@ def bench_step(cfg: Config, batch_size: int | None, repeats: int, window_s: floa
         return forward
 
     extra_student = copy.deepcopy(pgdat.student)
-    extra_model = torch.compile(extra_student) if pgdat.perf.compile else extra_student
+    extra_model = torch.compile(extra_student, dynamic=False) if pgdat.perf.compile else extra_student
 
     def student_forward_backward() -> None:
         with autocast():
