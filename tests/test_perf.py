@@ -169,6 +169,24 @@ def test_channels_last_gives_the_nchw_results(tiny_config, tiny_digits, tiny_tea
         assert torch.allclose(nhwc.student.state_dict()[key], value, rtol=1e-4, atol=1e-5), key
 
 
+def test_the_attacks_random_starts_do_not_depend_on_the_memory_format():
+    """randn_like on a channels_last batch of three channels would give each pixel another draw than in NCHW."""
+    from tune_mtard.methods.base import kl_attack
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10)).eval()
+    x, y = torch.rand(5, 3, 6, 6), torch.randint(0, 10, (5,))
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    target = torch.softmax(torch.randn(5, 10), dim=1)
+    attacks = [TrainPGD(model, 0.1, 0.025, 2), PGD(model, 0.1, 0.025, 2),
+               lambda images, _: kl_attack(model, images, target, 0.1, 0.025, 2)]
+    for attack in attacks:
+        torch.manual_seed(1)
+        expected = attack(x, y)
+        torch.manual_seed(1)
+        assert torch.allclose(attack(nhwc, y), expected, rtol=0, atol=1e-6)
+
+
 # ---- torch.compile ---------------------------------------------------------------------------------
 
 

@@ -112,6 +112,15 @@ def cw_loss(logits: Tensor, labels: Tensor, confidence: float = CW_CONFIDENCE) -
     return -F.relu(correct - best_other + confidence).sum()
 
 
+def standard_normal(like: Tensor) -> Tensor:
+    """N(0, I) noise of ``like``'s shape, dtype and device, drawn in NCHW order.
+
+    ``torch.randn_like`` keeps a channels_last tensor's memory format and fills it in memory order, so each
+    pixel would get another draw than in NCHW and a channels_last run another random start.
+    """
+    return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+
+
 def input_gradient(model: nn.Module, loss_fn: LossFn, images: Tensor, labels: Tensor) -> Tensor:
     """Gradient of ``loss_fn(model(images), labels)`` with respect to the images only."""
     images = images.detach().requires_grad_(True)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from tune_mtard.attacks.base import (
     CW_CONFIDENCE, TRAIN_PGD_NOISE, Attack, cross_entropy_sum, cw_loss, frozen_parameters, input_gradient,
-    model_device, sign_step,
+    model_device, sign_step, standard_normal,
 )
 
 
@@ -58,7 +58,7 @@ class TrainPGD(Attack):
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
         if self.steps == 0:
             return images.clone()
-        x_adv = images + TRAIN_PGD_NOISE * torch.randn_like(images)
+        x_adv = images + TRAIN_PGD_NOISE * standard_normal(images)
         with frozen_parameters(self.model) if self.freeze_parameters else contextlib.nullcontext():
             for _ in range(self.steps):
                 grad = input_gradient(self.model, cross_entropy_sum, x_adv, labels)
@@ -82,7 +82,9 @@ class PGD(Attack):
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
         x_adv = images.clone()
         if self.random_start:
-            noise = torch.empty_like(images).uniform_(-self.epsilon, self.epsilon)
+            # Drawn in NCHW order, as standard_normal: the same start whatever the images' memory format.
+            noise = torch.empty(images.shape, dtype=images.dtype, device=images.device).uniform_(-self.epsilon,
+                                                                                                 self.epsilon)
             x_adv = (x_adv + noise).clamp(0.0, 1.0)
         for _ in range(self.steps):
             grad = input_gradient(self.model, self.loss, x_adv, labels)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tune_mtard.attacks import TrainPGD, frozen_parameters
+from tune_mtard.attacks.base import standard_normal
 from tune_mtard.config import Config
 from tune_mtard.metrics import TRACE_COLUMNS
 
@@ -56,7 +57,7 @@ def kl_attack(student: nn.Module, x: torch.Tensor, target_probs: torch.Tensor, e
     """PGD that maximises KL(target || student(x')) from x + 0.001 N(0, I) (TRADES' and RSLAD's inner attack).
 
     ``freeze_parameters``: as :class:`~tune_mtard.attacks.TrainPGD`'s, for a compiled student."""
-    x_adv = x.detach() + 0.001 * torch.randn_like(x)
+    x_adv = x.detach() + 0.001 * standard_normal(x)
     with frozen_parameters(student) if freeze_parameters else contextlib.nullcontext():
         for _ in range(steps):
             x_adv.requires_grad_(True)
