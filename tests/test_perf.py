@@ -385,6 +385,22 @@ def test_bench_epoch_times_whole_epochs_and_the_loader_alone(tiny_config_path, t
     assert {"loader_share", "images_per_s_with_validation", "ms_per_step", "machine", "perf"} <= result.keys()
 
 
+def small_check_setup():
+    """The GPU checks' setup, shrunk for a CPU: digits CNNs on 3x8x8 images, batches of 8, a last batch of 4."""
+    from tune_mtard.benchmarks.gpu_checks import CheckSetup
+
+    return CheckSetup(CPU, student="digits_cnn", clean_teacher="digits_cnn_large", robust_teacher="digits_cnn",
+                      image_size=8, train_examples=20, val_examples=8, batch_size=8, attack_steps=1)
+
+
+def test_a_check_that_fails_says_what_it_measured(monkeypatch):
+    from tune_mtard.benchmarks import gpu_checks
+
+    monkeypatch.setattr(gpu_checks, "BF16_FIRST_STEP_RTOL", 0.0)
+    with pytest.raises(gpu_checks.CheckFailed, match="first step"):
+        gpu_checks.check_bf16_close_to_fp32(small_check_setup())
+
+
 def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_config_path, tmp_path):
     """The real platform benchmark, shrunk: a fresh Ray in a subprocess, one 1-epoch trial each way."""
     space = tmp_path / "space.yaml"
