@@ -393,6 +393,27 @@ def small_check_setup():
                       image_size=8, train_examples=20, val_examples=8, batch_size=8, attack_steps=1)
 
 
+def test_bench_gpu_runs_every_check_then_step_and_epoch_into_one_json(aot_eager_compile, tiny_config, tmp_path):
+    """The GPU owner's one command, run small on a CPU: the checks (tests/test_cuda.py's, without the sync
+    check's debug mode, which needs CUDA) pass, and every figure lands in one file."""
+    from tune_mtard.benchmarks.gpu import EPOCH_VARIANTS, STEP_VARIANTS, bench_gpu
+    from tune_mtard.benchmarks.gpu_checks import SYNC_CHECK_OPTIONS
+
+    out = tmp_path / "gpu.json"
+    cfg = tiny_config.with_values({"data.batch_size": 8, "eval.n_examples": 8, "attack.steps": 1})
+    bench_gpu(cfg, small_check_setup(), out, train_examples=24, val_examples=8, image_size=8, epochs=1, repeats=1,
+              window_s=0.01, log=lambda line: None)
+    result = json.loads(out.read_text())
+    failed = {name: check["error"] for name, check in result["checks"].items() if not check["passed"]}
+    assert not failed and result["all_checks_passed"] is True
+    assert {f"no_host_sync[{option}]" for option in SYNC_CHECK_OPTIONS} <= result["checks"].keys()
+    assert result["checks"]["compile_steady_state"]["result"]["graphs_after_each_epoch"] == [4, 4, 4]
+    assert set(result["step"]) == set(STEP_VARIANTS) and set(result["epoch"]) == set(EPOCH_VARIANTS)
+    assert result["epoch"]["compile"]["perf"]["compile"] is True
+    assert result["epoch"]["host_data"]["perf"]["data_on_device"] is False
+    assert all("steps_per_s" in figures for figures in [*result["step"].values(), *result["epoch"].values()])
+
+
 def test_a_check_that_fails_says_what_it_measured(monkeypatch):
     from tune_mtard.benchmarks import gpu_checks
 
@@ -423,6 +444,7 @@ def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_
 
 @pytest.mark.parametrize("argv", [["step", "--repeats", "0"], ["search", "--num-samples", "0"],
                                   ["epoch", "--warmup-epochs", "-1"], ["epoch", "--train-examples", "0"],
+                                  ["gpu", "--device", "cpu"], ["gpu", "--device", "nonsense"],
                                   ["step", "--out", "/no/such/folder/x.json"], ["nonsense"]])
 def test_bench_rejects_bad_flags_with_exit_code_2(argv, capsys):
     from tune_mtard.cli.bench import main
