@@ -39,7 +39,7 @@ BF16_EPOCH_MEAN_RTOL = 0.10
 # channels_last changes only the order of float sums (cuDNN picks other algorithms), in strict fp32: the first
 # step agrees to float precision; then PGD's sign steps turn last-bit differences into whole step_size moves of
 # the odd pixel, and SGD carries them on.
-CHANNELS_LAST_FIRST_STEP_RTOL = 1e-4
+CHANNELS_LAST_FIRST_STEP_RTOL = 1e-3
 CHANNELS_LAST_EPOCH_RTOL = 1e-2
 # Compiled and eager bf16 runs: Inductor fuses differently, each rounding to bf16 in other places.
 COMPILE_RTOL = 0.05
@@ -246,7 +246,7 @@ def check_teachers_stored_for_the_fast_path(setup: CheckSetup) -> dict[str, Any]
 
 
 def check_channels_last_matches_nchw(setup: CheckSetup) -> dict[str, Any]:
-    """In strict fp32, an epoch in channels_last gives NCHW's trace: its first step within a relative 1e-4, every
+    """In strict fp32, an epoch in channels_last gives NCHW's trace: its first step within a relative 1e-3, every
     step within 1e-2."""
     traces = {}
     with reproducible_fp32():
