@@ -11,9 +11,9 @@ import contextlib
 import copy
 import random
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Where a run computes, and the GPU fast path (config ``perf``, docs/performance.md)."""
+"""Where a run computes, and the GPU fast path (config ``perf``, docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ class PerfOptions:
     """The GPU fast path resolved for one device: ``auto`` means on for CUDA, off elsewhere.
 
     bf16: autocast to bfloat16 for the student's and teachers' forwards during training, training PGD
-        included, with the frozen teachers' weights stored in bf16; losses, balancing, validation and every
-        evaluation attack stay fp32. ``auto`` turns it on only for a card with native bf16 (Ampere or later).
+        included, with the frozen teachers' weights stored in bf16; losses and balancing stay fp32, validation
+        and every evaluation attack strict fp32 (no TF32). ``auto`` turns it on only for a card with native
+        bf16 (Ampere or later).
     channels_last: student, teachers and batches in NHWC memory format.
-    compile: ``torch.compile`` of the student (off unless asked: each trial pays the compilation).
+    compile: ``torch.compile`` of the student with static shapes (off unless asked: each trial pays the
+        compilation).
     data_on_device: the uint8 dataset lives on the device, and batching, crop and flip run there.
     """
 

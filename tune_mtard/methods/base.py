@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tune_mtard.attacks import TrainPGD, frozen_parameters
-from tune_mtard.attacks.base import standard_normal
+from tune_mtard.attacks import TrainPGD, frozen_parameters, standard_normal
 from tune_mtard.config import Config
 from tune_mtard.metrics import TRACE_COLUMNS
 
