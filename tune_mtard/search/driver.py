@@ -346,30 +346,3 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
         ),
     )
 
-
-def _print_result(cfg: Config, trials, best, best_path: Path, summary: dict[str, Any], folder: Path) -> None:
-    from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC
-
-    full = cfg.train.epochs
-    print()
-    print(f"search {cfg.name}: {summary['n_trials']} trials, {summary['n_pruned']} stopped early by ASHA, "
-          f"{summary['n_failed']} failed ({summary['n_diverged']} diverged), {summary['epochs_spent']} of "
-          f"{summary['n_trials'] * full} epochs, {summary['wall_time_s']:.0f}s")
-    for failure in summary["failed_trials"]:
-        print(f"  failed: trial {failure['trial_id']}: {failure['reason']}")
-    if best is None:
-        print(f"no usable trial: every trial failed or diverged, so there is no best config; see the trials' "
-              f"records above and the Ray Tune logs in {folder}", file=sys.stderr)
-        return
-    metric = cfg.search.metric
-    print(f"best trial {best.trial_id}: {metric} {best.metric(metric):.4f} (clean {best.metric(VAL_CLEAN_ACC):.4f}, "
-          f"robust {best.metric(VAL_ROBUST_ACC):.4f}, {best.epochs} epochs)")
-    for key, value in best.sampled.items():
-        print(f"  {key} = {value:.6g}" if isinstance(value, float) else f"  {key} = {value}")
-    print(f"best config: {best_path}")
-    print(f"train it:    python -m tune_mtard.train --config {best_path}")
-    uri = cfg.mlflow.tracking_uri
-    if uri.startswith("sqlite:") or "://" not in uri:
-        print(f"MLflow UI:   mlflow ui --backend-store-uri {uri}")
-    else:
-        print(f"MLflow:      {uri} (experiment {cfg.mlflow.experiment})")
