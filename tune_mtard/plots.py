@@ -77,7 +77,14 @@ def plot_slice_by_epochs(x: Sequence[Any], y: Sequence[float], epochs: Sequence[
         ax.set_xticks(range(len(categories)), [str(c) for c in categories])
         ax.set_xlim(-0.5, len(categories) - 0.5)
     elif log:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        # 1, 2, 5 per decade, written plainly: matplotlib's default labels every minor tick of a log axis
+        # that spans about one decade, and they overlap.
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     from matplotlib.ticker import MaxNLocator
 
     fig.colorbar(points, ax=ax, label="epochs reached", ticks=MaxNLocator(integer=True))
