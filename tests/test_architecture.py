@@ -5,6 +5,7 @@ registry holds each kind of name."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 import textwrap
@@ -113,8 +114,8 @@ BLOCKER = textwrap.dedent("""
 """)
 
 
-def run_blocked(body: str, *argv: str) -> subprocess.CompletedProcess:
-    code = BLOCKER.format(blocked=HEAVY, body=textwrap.dedent(body).strip())
+def run_blocked(body: str, *argv: str, blocked: tuple[str, ...] = HEAVY) -> subprocess.CompletedProcess:
+    code = BLOCKER.format(blocked=blocked, body=textwrap.dedent(body).strip())
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
@@ -150,6 +151,32 @@ def test_bench_step_runs_with_the_orchestration_stack_blocked(tmp_path):
         "--set", "device=cpu", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file() and "bmtard_over_reference" in out.read_text()
+
+
+def test_bench_gpu_runs_with_the_orchestration_stack_and_pytest_blocked(tmp_path):
+    """What a GPU owner runs needs PyTorch and the light core only. Shrunk to digits CNNs on a CPU, with
+    torch.compile's aot_eager backend (Inductor would compile C++ for minutes)."""
+    out = tmp_path / "gpu.json"
+    result = run_blocked(f"""
+        import functools, json
+        from pathlib import Path
+        import torch
+        torch.compile = functools.partial(torch.compile, backend="aot_eager")
+        from tune_mtard.benchmarks.gpu import bench_gpu
+        from tune_mtard.benchmarks.gpu_checks import CheckSetup
+        from tune_mtard.config import load_config
+        cfg = load_config("digits.yaml", ["data.batch_size=8", "eval.n_examples=8", "attack.steps=1"],
+                          check_files=False)
+        setup = CheckSetup(torch.device("cpu"), student="digits_cnn", clean_teacher="digits_cnn_large",
+                           robust_teacher="digits_cnn", image_size=8, train_examples=20, val_examples=8, batch_size=8,
+                           attack_steps=1)
+        bench_gpu(cfg, setup, Path({str(out)!r}), train_examples=24, val_examples=8, image_size=8, epochs=1,
+                  repeats=1, window_s=0.01)
+        for name in {(*HEAVY, "pytest")!r}:
+            assert name not in sys.modules, name
+    """, blocked=(*HEAVY, "pytest", "_pytest"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["all_checks_passed"] is True
 
 
 def test_autoattack_says_what_is_missing_when_pyautoattack_is_not_installed():

@@ -121,6 +121,51 @@ def test_attacks_run_in_fp32_under_the_callers_autocast(name):
     assert torch.equal(adv, expected)
 
 
+class PrecisionRecorder(nn.Module):
+    """A linear model that records the TF32 settings (cuDNN convolutions, CUDA matmuls) of every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, NUM_CLASSES)
+        self.seen: set[tuple[str, str]] = set()
+
+    def forward(self, x):
+        self.seen.add((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return self.linear(x.flatten(1))
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 allowed for convolutions and matmuls, as a caller (or cuDNN's default for convolutions) may have it."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "tf32"
+    yield
+    conv.fp32_precision, matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("name", ["clean", "fgsm", "pgd20", "cw"])
+def test_evaluation_runs_with_tf32_off_and_gives_the_callers_setting_back(name, tf32_on):
+    model = PrecisionRecorder().eval()
+    images, labels = examples(8)
+    robust_accuracy(model, build_attack(name, model, epsilon=EPSILON, num_classes=NUM_CLASSES), images, labels)
+    build_attack(name, model, epsilon=EPSILON, num_classes=NUM_CLASSES)(images, labels)
+    assert model.seen == {("ieee", "ieee")}
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("tf32", "tf32")
+
+
+def test_cw_loss_is_the_margin_formula_without_a_data_dependent_shape():
+    """The label's logit is gathered, not picked by a boolean mask, whose output size a GPU must sync to learn:
+    the loss runs on the meta device, where no shape can depend on values."""
+    from tune_mtard.attacks.base import cw_loss
+
+    logits, labels = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 4, 2, 2, 1, 3])
+    expected = -sum(max(0.0, float(row[y] - max(v for j, v in enumerate(row) if j != y) + 50.0))
+                    for row, y in zip(logits, labels))
+    assert float(cw_loss(logits, labels)) == pytest.approx(expected, rel=1e-6)
+    assert cw_loss(logits.to("meta"), labels.to("meta")).shape == ()
+
+
 def test_attacks_work_inside_no_grad():
     model = mlp()
     images, labels = examples(8)

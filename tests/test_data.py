@@ -227,6 +227,43 @@ def test_hflip_mirrors_about_half_of_the_samples_exactly_and_leaves_the_rest_unc
     assert 60 <= int(flipped.sum()) <= 140
 
 
+def batch_by_batch_epoch(split: Split, batch_size: int, seed: int, padding: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader as it was first written, drawing as it goes: the order, then per batch each image's crop
+    offsets (y, x) and whether it is flipped; crop after zero padding, then mirror."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=generator)
+    batches = []
+    for start in range(0, len(split), batch_size):
+        indices = order[start : start + batch_size]
+        offsets = torch.randint(0, 2 * padding + 1, (2, len(indices)), generator=generator)
+        flipped = torch.rand(len(indices), generator=generator) < 0.5
+        height, width = split.images.shape[2:]
+        images = []
+        for i, image in enumerate(split.images[indices]):
+            padded = torch.nn.functional.pad(image, (padding,) * 4)
+            crop = padded[:, offsets[0, i] : offsets[0, i] + height, offsets[1, i] : offsets[1, i] + width]
+            images.append(crop.flip(-1) if flipped[i] else crop)
+        batches.append((torch.stack(images).float() / 255, split.labels[indices]))
+    return batches
+
+
+def test_an_epoch_is_drawn_when_it_starts_and_gives_the_batches_of_drawing_batch_by_batch():
+    """The whole epoch's order, crops and flips come from the generator before the first batch, in the order a
+    batch-by-batch loader draws them, so epochs stay what they always were for a given (seed, epoch)."""
+    images = torch.randint(0, 256, (50, 3, 6, 5), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    split = Split(images, torch.arange(50) % 7)
+    generator = torch.Generator().manual_seed(3)
+    batches = iterate_batches(split, 16, shuffle=True, generator=generator, crop_padding=2, hflip=True)
+    first = next(batches)
+    state_after_first = generator.get_state()
+    got = [first, *batches]
+    assert torch.equal(generator.get_state(), state_after_first)
+    expected = batch_by_batch_epoch(split, 16, seed=3, padding=2)
+    assert [len(y) for _, y in got] == [16, 16, 16, 2]
+    for (x, y), (x_expected, y_expected) in zip(got, expected, strict=True):
+        assert torch.equal(x, x_expected) and torch.equal(y, y_expected)
+
+
 def test_loader_runs_on_the_splits_device_and_can_return_batches_elsewhere(digits):
     on_meta = digits.to("meta")
     assert on_meta.test.images.device.type == "meta" and on_meta.val.labels.device.type == "meta"

@@ -106,6 +106,26 @@ def test_bf16_runs_the_student_teachers_and_training_pgd_in_bf16(tiny_config, ti
     assert row.dtype == torch.float32
 
 
+def test_bf16_stores_the_teachers_weights_in_bf16_and_gives_the_outputs_of_casting_them_every_forward(
+        tiny_config, tiny_digits, tiny_teachers):
+    """Autocast re-cast a frozen teacher's fp32 weights at every forward; a teacher stored in bf16 (convolution and
+    linear weights; batch norm stays fp32, as autocast leaves it) gives bit-identical outputs without the casts,
+    and the caller's fp32 teacher is left alone."""
+    x, _ = first_batch(tiny_digits)
+    given = copy.deepcopy(tiny_teachers)
+    t = Trainer(tiny_config.with_values(dict(ALL_OFF, **{"perf.bf16": True})), tiny_digits, given, device=CPU)
+    for role, teacher in (("clean", t.objective.teacher_clean), ("robust", t.objective.teacher_robust)):
+        assert teacher is not given[role]
+        dtypes: dict[type, set[torch.dtype]] = {}
+        for module in teacher.modules():
+            dtypes.setdefault(type(module), set()).update(p.dtype for p in module.parameters(recurse=False))
+        assert dtypes[nn.Conv2d] == dtypes[nn.Linear] == {torch.bfloat16}
+        assert dtypes[nn.BatchNorm2d] == {torch.float32}
+        assert all(p.dtype == torch.float32 for p in given[role].parameters())
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(teacher(x), given[role](x))
+
+
 def test_validation_under_bf16_is_fp32_and_equals_the_fp32_trainers(tiny_config, tiny_digits, tiny_teachers):
     fp32 = trainer(tiny_config, tiny_digits, tiny_teachers)
     bf16 = trainer(tiny_config, tiny_digits, tiny_teachers, bf16=True)
@@ -149,6 +169,24 @@ def test_channels_last_gives_the_nchw_results(tiny_config, tiny_digits, tiny_tea
         assert torch.allclose(nhwc.student.state_dict()[key], value, rtol=1e-4, atol=1e-5), key
 
 
+def test_the_attacks_random_starts_do_not_depend_on_the_memory_format():
+    """randn_like on a channels_last batch of three channels would give each pixel another draw than in NCHW."""
+    from tune_mtard.methods.base import kl_attack
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10)).eval()
+    x, y = torch.rand(5, 3, 6, 6), torch.randint(0, 10, (5,))
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    target = torch.softmax(torch.randn(5, 10), dim=1)
+    attacks = [TrainPGD(model, 0.1, 0.025, 2), PGD(model, 0.1, 0.025, 2),
+               lambda images, _: kl_attack(model, images, target, 0.1, 0.025, 2)]
+    for attack in attacks:
+        torch.manual_seed(1)
+        expected = attack(x, y)
+        torch.manual_seed(1)
+        assert torch.allclose(attack(nhwc, y), expected, rtol=0, atol=1e-6)
+
+
 # ---- torch.compile ---------------------------------------------------------------------------------
 
 
@@ -168,6 +206,55 @@ def test_compiling_the_student_gives_the_eager_step(aot_eager_compile, tiny_conf
     rows_eager, rows_compiled = steps(eager, x, y, 2), steps(compiled, x, y, 2)
     assert rows_compiled.tolist() == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in rows_eager.tolist()]
     assert set(compiled.state_dict()["student"]) == set(eager.state_dict()["student"])  # no _orig_mod. prefix
+
+
+def test_compile_builds_two_graphs_per_mode_in_the_first_epoch_and_none_after(tiny_config, tiny_digits, tiny_teachers,
+                                                                                 monkeypatch):
+    """Static shapes: the student in train mode and in eval mode (training PGD) each get one graph for full
+    batches and one for the epoch's last, smaller batch; validation runs the eager student. Training PGD
+    freezes the weights, so its compiled backward computes the input's gradient only."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    gradients_per_backward = []
+
+    def backward_compiler(graph, example_inputs):
+        (outputs,) = next(node for node in graph.graph.nodes if node.op == "output").args
+        gradients_per_backward.append(sum(output is not None for output in outputs))
+        return make_boxed_func(graph)
+
+    recording = aot_autograd(fw_compiler=lambda graph, _: make_boxed_func(graph), bw_compiler=backward_compiler)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording))
+    torch._dynamo.reset()
+    counters.clear()
+    t = trainer(tiny_config.with_values({"train.epochs": 3}), tiny_digits, tiny_teachers, compile=True)
+    assert len(tiny_digits.train) % tiny_config.data.batch_size != 0  # a smaller last batch every epoch
+    graphs = []
+    for _ in range(3):
+        t.train_epoch()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [4, 4, 4]
+    assert graphs[-1] < torch._dynamo.config.recompile_limit  # past it the student would silently run eager
+    weights = len(list(t.student.parameters()))
+    assert sorted(gradients_per_backward) == [1, 1, weights, weights]  # PGD: the input's; training: the weights'
+    assert all(p.requires_grad for p in t.student.parameters())
+
+
+def test_each_compiling_trainer_gets_its_own_graphs_however_many_came_before(tiny_config, tiny_digits, tiny_teachers,
+                                                                              monkeypatch):
+    """Three trainers in one process with three batch sizes need twelve graphs of one forward; past eight Dynamo
+    would run the third student eagerly, so each compiling trainer starts from empty caches."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    counters.clear()
+    built = []
+    for batch_size in (96, 112, 128):
+        cfg = tiny_config.with_values({"train.epochs": 1, "data.batch_size": batch_size, "attack.steps": 1})
+        trainer(cfg, tiny_digits, tiny_teachers, compile=True).train_epoch()
+        built.append(counters["stats"]["unique_graphs"])
+    assert built == [4, 8, 12]
 
 
 @pytest.mark.skipif(os.environ.get("TUNE_MTARD_TEST_INDUCTOR") != "1",
@@ -216,10 +303,18 @@ def test_perf_auto_is_off_on_the_cpu_and_explicit_values_win(tiny_config):
 
 
 def test_perf_auto_on_cuda_turns_everything_on_and_keeps_large_datasets_on_the_host(tiny_config, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1000))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1000, major=8))
     cuda = torch.device("cuda")
     assert PerfOptions.resolve(tiny_config, cuda, dataset_bytes=100) == PerfOptions(True, True, False, True)
     assert PerfOptions.resolve(tiny_config, cuda, dataset_bytes=101).data_on_device is False
+
+
+def test_perf_auto_leaves_bf16_off_on_a_card_without_native_bf16(tiny_config, monkeypatch):
+    """A V100 or T4 (compute capability 7.x) emulates bf16; an explicit ``perf.bf16: true`` still wins."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1000, major=7))
+    cuda = torch.device("cuda")
+    assert PerfOptions.resolve(tiny_config, cuda) == PerfOptions(False, True, False, True)
+    assert PerfOptions.resolve(tiny_config.with_values({"perf.bf16": True}), cuda).bf16 is True
 
 
 def test_data_bytes_counts_every_split(tiny_digits: DataBundle):
@@ -275,6 +370,58 @@ def test_bench_step_writes_the_ratios_as_json(tiny_config_path, tmp_path):
     assert result["batch_size"] == 32
 
 
+def test_bench_epoch_times_whole_epochs_and_the_loader_alone(tiny_config_path, tmp_path):
+    from tune_mtard.cli.bench import main
+
+    out = tmp_path / "epoch.json"
+    assert main(["epoch", "--config", str(tiny_config_path), "--epochs", "2", "--warmup-epochs", "0",
+                 "--train-examples", "80", "--batch-size", "32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["train_examples"], result["steps_per_epoch"], result["epochs"]) == (80, 3, 2)
+    assert len(result["epoch_s_all"]) == len(result["loader_s_all"]) == 2
+    assert 0 < result["train_s"] < result["epoch_s"] and result["validate_s"] > 0 and result["loader_s"] > 0
+    assert result["steps_per_s"] == pytest.approx(3 / result["train_s"])
+    assert result["images_per_s"] == pytest.approx(80 / result["train_s"])
+    assert {"loader_share", "images_per_s_with_validation", "ms_per_step", "machine", "perf"} <= result.keys()
+
+
+def small_check_setup():
+    """The GPU checks' setup, shrunk for a CPU: digits CNNs on 3x8x8 images, batches of 8, a last batch of 4."""
+    from tune_mtard.benchmarks.gpu_checks import CheckSetup
+
+    return CheckSetup(CPU, student="digits_cnn", clean_teacher="digits_cnn_large", robust_teacher="digits_cnn",
+                      image_size=8, train_examples=20, val_examples=8, batch_size=8, attack_steps=1)
+
+
+def test_bench_gpu_runs_every_check_then_step_and_epoch_into_one_json(aot_eager_compile, tiny_config, tmp_path):
+    """The GPU owner's one command, run small on a CPU: the checks (tests/test_cuda.py's, without the sync
+    check's debug mode, which needs CUDA) pass, and every figure lands in one file."""
+    from tune_mtard.benchmarks.gpu import EPOCH_VARIANTS, STEP_VARIANTS, bench_gpu
+    from tune_mtard.benchmarks.gpu_checks import SYNC_CHECK_OPTIONS
+
+    out = tmp_path / "gpu.json"
+    cfg = tiny_config.with_values({"data.batch_size": 8, "eval.n_examples": 8, "attack.steps": 1})
+    bench_gpu(cfg, small_check_setup(), out, train_examples=24, val_examples=8, image_size=8, epochs=1, repeats=1,
+              window_s=0.01, log=lambda line: None)
+    result = json.loads(out.read_text())
+    failed = {name: check["error"] for name, check in result["checks"].items() if not check["passed"]}
+    assert not failed and result["all_checks_passed"] is True
+    assert {f"no_host_sync[{option}]" for option in SYNC_CHECK_OPTIONS} <= result["checks"].keys()
+    assert result["checks"]["compile_steady_state"]["result"]["graphs_after_each_epoch"] == [4, 4, 4]
+    assert set(result["step"]) == set(STEP_VARIANTS) and set(result["epoch"]) == set(EPOCH_VARIANTS)
+    assert result["epoch"]["compile"]["perf"]["compile"] is True
+    assert result["epoch"]["host_data"]["perf"]["data_on_device"] is False
+    assert all("steps_per_s" in figures for figures in [*result["step"].values(), *result["epoch"].values()])
+
+
+def test_a_check_that_fails_says_what_it_measured(monkeypatch):
+    from tune_mtard.benchmarks import gpu_checks
+
+    monkeypatch.setattr(gpu_checks, "BF16_FIRST_STEP_RTOL", 0.0)
+    with pytest.raises(gpu_checks.CheckFailed, match="first step"):
+        gpu_checks.check_bf16_close_to_fp32(small_check_setup())
+
+
 def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_config_path, tmp_path):
     """The real platform benchmark, shrunk: a fresh Ray in a subprocess, one 1-epoch trial each way."""
     space = tmp_path / "space.yaml"
@@ -296,6 +443,8 @@ def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_
 
 
 @pytest.mark.parametrize("argv", [["step", "--repeats", "0"], ["search", "--num-samples", "0"],
+                                  ["epoch", "--warmup-epochs", "-1"], ["epoch", "--train-examples", "0"],
+                                  ["gpu", "--device", "cpu"], ["gpu", "--device", "nonsense"],
                                   ["step", "--out", "/no/such/folder/x.json"], ["nonsense"]])
 def test_bench_rejects_bad_flags_with_exit_code_2(argv, capsys):
     from tune_mtard.cli.bench import main

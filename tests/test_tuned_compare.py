@@ -30,7 +30,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def compare_args(config: Path, root: Path, *extra: str) -> list[str]:
     return ["--config", str(config), "--methods", ",".join(METHODS), "--seeds", "0", "--tune", str(N),
-            "--tune-epochs", str(EPOCHS), "--out", str(root / "out"), "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--tune-epochs", str(EPOCHS), "--out", str(root / "out"),
+            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}",
             *extra]
 
 
@@ -117,7 +118,10 @@ def test_resume_refuses_a_comparison_asked_for_differently(tuned, tiny_config_pa
     root, out, *_ = tuned
     argv = compare_args(tiny_config_path, root, "--resume")
     for flag, value in zip(changed[::2], changed[1::2]):
-        argv = argv[:argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2:] if flag in argv else argv + [flag, value]
+        if flag in argv and flag != "--set":
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     code, _, err = run_compare(argv)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
@@ -136,7 +140,8 @@ def test_each_method_has_its_own_search_in_optuna_and_mlflow_linked_from_the_com
         assert set(trials[0].params) == set(default_space(method))
         _, runs = experiment_runs(root, f"tiny-digits-tune-{method}")
         search_parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        assert [(r.info.run_name, r.info.status) for r in search_parents] == [(f"tiny-digits-tune-{method}", "FINISHED")]
+        assert [(r.info.run_name, r.info.status) for r in search_parents] == [
+            (f"tiny-digits-tune-{method}", "FINISHED")]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == search_parents[0].info.run_id]
         assert len(children) == N and len(runs) == N + 1
         assert {t.user_attrs["ray_trial_id"] for t in trials} == {c.data.tags["trial_id"] for c in children}
@@ -216,9 +221,12 @@ def test_a_method_whose_search_found_no_usable_trial_gets_a_failed_row_and_exit_
     (["--tune", "2", "--tune-epochs", "0"], "--tune-epochs"),
     (["--tune", "2", "--resume"], "--resume"),
     (["--tune", "2", "--set", "spaces.foo={train.lr: {type: float, low: 0.01, high: 0.1}}"], "spaces.foo"),
-    (["--tune", "2", "--set", "spaces.natural.train.lr={type: float, low: 0.1, high: 0.01}"], "spaces.natural.train.lr"),
-    (["--tune", "2", "--set", "spaces.natural.train.lr={type: gauss, low: 0.01, high: 0.1}"], "spaces.natural.train.lr"),
-    (["--tune", "2", "--set", "spaces.natural.train.epochs={type: int, low: 1, high: 3}"], "spaces.natural.train.epochs"),
+    (["--tune", "2", "--set", "spaces.natural.train.lr={type: float, low: 0.1, high: 0.01}"],
+     "spaces.natural.train.lr"),
+    (["--tune", "2", "--set", "spaces.natural.train.lr={type: gauss, low: 0.01, high: 0.1}"],
+     "spaces.natural.train.lr"),
+    (["--tune", "2", "--set", "spaces.natural.train.epochs={type: int, low: 1, high: 3}"],
+     "spaces.natural.train.epochs"),
     (["--tune", "2", "--set", "spaces.b-mtard.balance.entropy={type: categorical, choices: [true, false]}"],
      "spaces.b-mtard.balance.entropy"),
     (["--tune", "2", "--set", "spaces.b-mtard.balance.tau_min={type: float, low: 1.0, high: 5.0}"],

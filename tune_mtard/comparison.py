@@ -339,7 +339,7 @@ def compare(request: CompareRequest) -> int:
             return summary, markdown_table(summary, attacks, seeds, n_test, base.attack.epsilon, base.eval.clean_weight)
 
         results = run_seeds(configs, data, teachers.models, out, parent, experiment, base.seed, attacks, tabulate)
-        failed = record_comparison(parent, out, results, *tabulate(results))
+        failed = record_comparison(parent, base, out, results, *tabulate(results))
     return report_failures(failed, len(results))
 
 
@@ -379,10 +379,12 @@ def run_seeds(configs: dict[tuple[str, int], Config], data: DataBundle, teachers
     return results
 
 
-def record_comparison(parent, out: Path, results: Sequence[RunResult], summary: Sequence[dict[str, Any]],
-                      table: str) -> list[RunResult]:
-    """The tables (files and parent run), the per-method means as metrics; prints the table. Returns the failed
-    runs (the parent run is then FAILED)."""
+def record_comparison(parent, base: Config, out: Path, results: Sequence[RunResult],
+                      summary: Sequence[dict[str, Any]], table: str) -> list[RunResult]:
+    """The tables (files and parent run), the per-method means as metrics; prints the table and how to see the
+    runs in the MLflow UI. Returns the failed runs (the parent run is then FAILED)."""
+    from tune_mtard import tracking
+
     written = write_results(out, results, summary, table)
     failed = [r for r in results if r.status == FAILED]
     parent.log_metrics({f"{row['method']}/{key}": value for row in summary for key, value in row.items()
@@ -391,6 +393,7 @@ def record_comparison(parent, out: Path, results: Sequence[RunResult], summary: 
     parent.set_tags({"compare.failed_runs": str(len(failed))})
     parent.failed = bool(failed)
     print(f"\n{table}\nfiles in {out}: {files.COMPARISON_CSV} {files.COMPARISON_SUMMARY_CSV} {files.COMPARISON_MD}")
+    print(tracking.ui_hint(base.mlflow.tracking_uri, base.mlflow.experiment))
     return failed
 
 

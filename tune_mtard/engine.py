@@ -8,14 +8,17 @@ the trace rows stay on the device and are copied back once per epoch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from tune_mtard.attacks import PGD, Clean
 from tune_mtard.config import Config
@@ -99,14 +102,10 @@ class Trainer:
         self.student = create_model(cfg.student.arch, data.num_classes, data.in_channels).to(self.device)
         if self.perf.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
-        self.model = torch.compile(self.student) if self.perf.compile else self.student
+        self.model = self._compiled(self.student) if self.perf.compile else self.student
         # Only the teachers the method distils from; any others given are left where they are.
         teachers = {role: (teachers or {}).get(role) for role in needed_teachers(cfg.method)}
-        for teacher in teachers.values():
-            if teacher is not None:
-                teacher.to(self.device).eval().requires_grad_(False)
-                if self.perf.channels_last:
-                    teacher.to(memory_format=torch.channels_last)
+        teachers = {role: None if t is None else self._frozen_teacher(t) for role, t in teachers.items()}
         self.objective: Objective = build_objective(cfg, self.model, teachers, autocast=self._autocast).to(self.device)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay)
@@ -115,6 +114,40 @@ class Trainer:
         self.trace = torch.empty(0, len(TRACE_HEADER), dtype=torch.float64)
         self.history: list[dict[str, float]] = []
         self._watch = DivergenceWatch(self.device)
+
+    @staticmethod
+    def _compiled(student: nn.Module) -> nn.Module:
+        """``torch.compile`` with static shapes: one graph per (mode, batch size), so the student in train mode
+        and in eval mode (training PGD) get two each, for full batches and the epoch's smaller last one, all
+        built in the first epoch; validation runs the eager student (docs/gpu.md, "torch.compile").
+
+        Dynamo keeps at most eight graphs per function and runs eagerly past them, without an error; graphs of
+        an architecture's ``forward`` built by earlier trainers in this process (teachers trained first,
+        ``compare``'s runs) count too, so a compiling trainer starts from empty in-memory caches (Inductor's
+        on-disk cache still serves graphs it has seen).
+        """
+        torch.compiler.reset()
+        return torch.compile(student, dynamic=False)
+
+    def _frozen_teacher(self, teacher: nn.Module) -> nn.Module:
+        """A teacher as the hot loop wants it: on the device, in eval mode, without grad, NHWC under
+        ``channels_last``; under bf16 its convolution and linear weights are stored in bf16.
+
+        Autocast caches its casts only of weights that require grad, so a frozen fp32 teacher had every weight
+        cast to bf16 again at every forward. Stored in bf16 (norm layers stay fp32, as autocast leaves them),
+        the teacher gives the same outputs without those casts. That copy is the trainer's own: the caller's
+        fp32 teacher stays as it was, since another trainer (``compare``) may use it in fp32.
+        """
+        if self.perf.bf16:
+            teacher = copy.deepcopy(teacher)
+        teacher.to(self.device).eval().requires_grad_(False)
+        if self.perf.bf16:
+            for module in teacher.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):  # the layers autocast runs in bf16
+                    module.to(torch.bfloat16)
+        if self.perf.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        return teacher
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.perf.bf16)
@@ -141,13 +174,9 @@ class Trainer:
             group["lr"] = cfg.train.lr * scale
         self.objective.set_lr_scale(scale)
 
-        # The data order is a pure function of (seed, epoch), so a resumed run sees the same batches.
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        batches = iterate_batches(self.data.train, cfg.data.batch_size, shuffle=True, generator=generator,
-                                  crop_padding=self.data.crop_padding, hflip=self.data.hflip,
-                                  drop_last=False, device=self.device)
-        total = num_batches(len(self.data.train), cfg.data.batch_size, drop_last=False)
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = self.epoch_batches(epoch)
         if progress:
+            total = num_batches(len(self.data.train), cfg.data.batch_size, drop_last=False)
             batches = progress_bar(batches, total=total, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
 
         start = time.perf_counter()
@@ -182,6 +211,16 @@ class Trainer:
             self.history.append(metrics)
         return EpochResult(self.epoch, metrics)
 
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training batches of ``epoch`` (0-based), on the device.
+
+        Order and augmentation are a pure function of (seed, epoch), so a resumed run sees the same batches.
+        """
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return iterate_batches(self.data.train, self.cfg.data.batch_size, shuffle=True, generator=generator,
+                               crop_padding=self.data.crop_padding, hflip=self.data.hflip, drop_last=False,
+                               device=self.device)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a batch; returns its trace row, still on the device."""
         x, y = self._to_input(x), y.to(self.device, non_blocking=True)
@@ -199,13 +238,15 @@ class Trainer:
         e = self.cfg.eval
         val = self.data.val.head(e.n_examples)
         x, y = val.floats().to(self.device), val.labels.to(self.device)
-        attack = PGD(self.model, self.cfg.attack.epsilon, e.pgd_step_size, e.pgd_steps, random_start=True)
+        # The eager student: compiled graphs for evaluation's batch sizes and grad modes would only add to the
+        # compile time and the cache (docs/gpu.md, "torch.compile").
+        attack = PGD(self.student, self.cfg.attack.epsilon, e.pgd_step_size, e.pgd_steps, random_start=True)
         # Validation draws its random starts from its own stream so it never shifts training's RNG.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed + 7919 * self.epoch)
-            clean = robust_accuracy(self.model, Clean(self.model), x, y, batch_size=e.batch_size)
-            robust = robust_accuracy(self.model, attack, x, y, batch_size=e.batch_size)
+            clean = robust_accuracy(self.student, Clean(self.student), x, y, batch_size=e.batch_size)
+            robust = robust_accuracy(self.student, attack, x, y, batch_size=e.batch_size)
         return {VAL_CLEAN_ACC: clean, VAL_ROBUST_ACC: robust, VAL_W_ROBUST_ACC: w_robust_acc(clean, robust, e.clean_weight)}
 
     # ---------------------------------------------------------------------------------- checkpointing

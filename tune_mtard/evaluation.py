@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from tune_mtard.attacks import Attack, Clean, build_attack, model_device
+from tune_mtard.attacks import Attack, Clean, build_attack, model_device, strict_fp32
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
 from tune_mtard.metrics import TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, w_robust_acc
@@ -57,13 +57,13 @@ def robust_accuracy(
 
     ``model`` and the attack's own model (another one for transfer attacks) are in eval mode throughout.
     Batches of ``batch_size`` go to the model's device; an attack that sees the whole set at once
-    (AutoAttack) is called once on all of it. Predictions are made in fp32.
+    (AutoAttack) is called once on all of it. Predictions and attacks run in strict fp32 (no autocast, no TF32).
     """
     n = labels.shape[0]
     if n == 0:
         raise ValueError("no examples to evaluate")
     device = model_device(model, images.device)
-    with eval_mode(model, attack.model), torch.autocast(device.type, enabled=False):
+    with eval_mode(model, attack.model), strict_fp32(device.type):
         if attack.attacks_whole_set:
             images = attack(images, labels)
         attack_each_batch = not (attack.attacks_whole_set or isinstance(attack, Clean))

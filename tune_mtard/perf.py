@@ -1,4 +1,4 @@
-"""Where a run computes, and the GPU fast path (config ``perf``, docs/performance.md)."""
+"""Where a run computes, and the GPU fast path (config ``perf``, docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -32,9 +32,12 @@ class PerfOptions:
     """The GPU fast path resolved for one device: ``auto`` means on for CUDA, off elsewhere.
 
     bf16: autocast to bfloat16 for the student's and teachers' forwards during training, training PGD
-        included; losses, balancing, validation and every evaluation attack stay fp32.
+        included, with the frozen teachers' weights stored in bf16; losses and balancing stay fp32, validation
+        and every evaluation attack strict fp32 (no TF32). ``auto`` turns it on only for a card with native
+        bf16 (Ampere or later).
     channels_last: student, teachers and batches in NHWC memory format.
-    compile: ``torch.compile`` of the student (off unless asked: each trial pays the compilation).
+    compile: ``torch.compile`` of the student with static shapes (off unless asked: each trial pays the
+        compilation).
     data_on_device: the uint8 dataset lives on the device, and batching, crop and flip run there.
     """
 
@@ -51,8 +54,13 @@ class PerfOptions:
             return on_cuda if value == AUTO else bool(value)
 
         p = cfg.perf
+        bf16 = pick(p.bf16)
+        if p.bf16 == AUTO and on_cuda:
+            # torch.cuda.is_bf16_supported(including_emulation=False), for this device rather than the current
+            # one: older cards emulate bf16, much slower than fp32.
+            bf16 = torch.cuda.get_device_properties(device).major >= 8
         data_on_device = pick(p.data_on_device)
         if p.data_on_device == AUTO and on_cuda:
             data_on_device = dataset_bytes <= DEVICE_DATA_SHARE * torch.cuda.get_device_properties(device).total_memory
-        return cls(bf16=pick(p.bf16), channels_last=pick(p.channels_last), compile=bool(p.compile),
+        return cls(bf16=bf16, channels_last=pick(p.channels_last), compile=bool(p.compile),
                    data_on_device=data_on_device)

@@ -81,7 +81,7 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
         last = trainer.history[-1] if trainer.history else {}
         metrics: dict[str, Any] = {k: last[k] for k in VALIDATION if k in last}
         if test_eval:
-            metrics.update(final_test_metrics(cfg, trainer.model, data, trainer.device, progress=progress))
+            metrics.update(final_test_metrics(cfg, trainer.student, data, trainer.device, progress=progress))
         metrics.update(epochs=trainer.epoch, steps=trainer.step, train_time_s=round(time.perf_counter() - start, 2))
     except BaseException as error:
         trainer.write_trace(out / files.TRACE_CSV)  # the steps done so far are never lost

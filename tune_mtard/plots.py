@@ -77,13 +77,47 @@ def plot_slice_by_epochs(x: Sequence[Any], y: Sequence[float], epochs: Sequence[
         ax.set_xticks(range(len(categories)), [str(c) for c in categories])
         ax.set_xlim(-0.5, len(categories) - 0.5)
     elif log:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        # 1, 2, 5 per decade, written plainly: matplotlib's default labels every minor tick of a log axis
+        # that spans about one decade, and they overlap.
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     from matplotlib.ticker import MaxNLocator
 
     fig.colorbar(points, ax=ax, label="epochs reached", ticks=MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_pareto(points: list[tuple[str, float, float]], front: list[tuple[str, float, float]], path: str | Path,
+                *, xlabel: str, ylabel: str, default: tuple[str, float, float] | None = None,
+                modes: tuple[str, str] = ("max", "max")) -> None:
+    """Every trial as ``(label, x, y)``, the Pareto front drawn as a step line through its points, and the
+    paper-defaults trial marked and labelled."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    ax.scatter([p[1] for p in points], [p[2] for p in points], c="tab:gray", alpha=0.6, label="trials")
+    if front:
+        ordered = sorted(front, key=lambda p: p[1], reverse=modes[0] == "max")
+        where = "post" if (modes[0] == "max") == (modes[1] == "max") else "pre"
+        ax.step([p[1] for p in ordered], [p[2] for p in ordered], where=where, c="tab:red", lw=1.5)
+        ax.scatter([p[1] for p in ordered], [p[2] for p in ordered], c="tab:red", s=50, zorder=3,
+                   label=f"Pareto front ({len(front)})")
+    if default is not None:
+        ax.scatter([default[1]], [default[2]], marker="*", s=250, c="tab:blue", zorder=4, label="paper defaults")
+        ax.annotate(f"paper defaults ({default[0]})", (default[1], default[2]), textcoords="offset points",
+                    xytext=(6, 6), fontsize="small")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

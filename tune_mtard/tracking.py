@@ -35,14 +35,41 @@ def client_for(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+# MLflow 3 opens an experiment on its GenAI overview unless it is marked as model development.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_PORT = 5000  # mlflow ui's default
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment called ``name``, created (or restored from the bin) if needed."""
+    """The experiment called ``name``, created (or restored from the bin) if needed, marked as model development."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+        found = experiment.experiment_id
+    else:
+        found = client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+    if experiment is None or experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(found, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found
+
+
+def ui_link(tracking_uri: str, experiment: str, port: int = UI_PORT) -> str:
+    """The MLflow UI's page of the experiment's runs table (not its GenAI overview): on a tracking server its
+    own address; for a local store, where ``mlflow ui`` serves it by default."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{port}"
+    return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
+def ui_hint(tracking_uri: str, experiment_name: str) -> str:
+    """What a command prints at its end: how to open its runs in the MLflow UI, with the direct link."""
+    client = client_for(tracking_uri)
+    found = client.get_experiment_by_name(experiment_name)
+    link = ui_link(tracking_uri, found.experiment_id if found else "0")
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI:   {link}"
+    return f"MLflow UI:   mlflow ui --backend-store-uri {tracking_uri}   then open {link}"
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:

@@ -33,6 +33,7 @@ class TrainRequest:
     tracking_uri: str | None = None
     resume: bool = False
     progress: bool = False
+    register: str | None = None  # register the final student as this MLflow model
 
 
 @dataclass
@@ -99,7 +100,16 @@ def train(request: TrainRequest) -> dict[str, Any]:
         print(f"run {cfg.name}: {cfg.method} on {cfg.data.dataset}, {cfg.train.epochs} epochs on {device}; "
               f"output in {out}; MLflow run {run.run_id}", flush=True)
         result = run_pipeline(trainer, data, out, run=run, progress=p.progress, on_epoch=_print_epoch)
+        if request.register:
+            from tune_mtard.model_registry import register_student
+
+            registered = register_student(client, run.run_id, result.trainer.student, data, request.register,
+                                          {"run_id": run.run_id, "config": (out / files.RUN_CONFIG).read_text(),
+                                           **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "test_"))}})
+            run.set_tags({"registered_model": registered.model_uri})
+            print(f"registered: {registered.model_uri}", flush=True)
     print(_summary(result.metrics, out))
+    print(tracking.ui_hint(cfg.mlflow.tracking_uri, cfg.mlflow.experiment))
     return result.metrics
 
 

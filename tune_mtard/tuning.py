@@ -103,7 +103,8 @@ class SearchOutcome:
         """The summary columns of the method's search (``comparison_summary.csv``, the parent run's metrics)."""
         spent = self.summary.get("epochs_spent", 0)
         return {"search_name": self.cfg.name, "search_status": self.status,
-                "search_trials": self.summary.get("n_trials", 0), "search_failed_trials": self.summary.get("n_failed", 0),
+                "search_trials": self.summary.get("n_trials", 0),
+                "search_failed_trials": self.summary.get("n_failed", 0),
                 "search_epochs_spent": spent, "search_epochs_cap": self.epochs_cap,
                 "search_epochs_fraction": spent / self.epochs_cap, "search_wall_time_s": round(self.wall_time_s, 1),
                 **{f"tuned.{key}": value for key, value in self.tuned.items()}}
@@ -137,7 +138,8 @@ def plan_tuned(request: CompareRequest) -> TunedPlan:
     return plan
 
 
-def search_section(given: SearchConfig | None, tune: int, epochs: int, storage: Path) -> tuple[dict[str, Any], list[str]]:
+def search_section(given: SearchConfig | None, tune: int, epochs: int,
+                   storage: Path) -> tuple[dict[str, Any], list[str]]:
     """The search section every method's search shares: the config's (else :data:`DEFAULT_SEARCH`) with N
     trials, stored in the comparison's folder; ASHA's grace period at most ``epochs``."""
     raw = to_plain(given) if given is not None else copy.deepcopy(DEFAULT_SEARCH)
@@ -264,7 +266,7 @@ def _run(plan: TunedPlan) -> int:
                     for m, o in outcomes.items()}
             results = run_seeds(configs, data, teachers.models, out, parent, experiment, base.seed, plan.attacks,
                                 tabulate, done, tags)
-            failed = record_comparison(parent, out, results, *tabulate(results))
+            failed = record_comparison(parent, base, out, results, *tabulate(results))
             no_result = [m for m, o in outcomes.items() if o.best is None]
             parent.failed = bool(failed or no_result)
     for method in no_result:

@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-from tune_mtard.attacks.base import Attack, AutoAttackSettingsError, model_device
+from tune_mtard.attacks.base import (
+    Attack, AutoAttackSettingsError, frozen_parameters, model_device, standard_normal, strict_fp32,
+)
 from tune_mtard.attacks.gradient import FGSM, PGD, Clean, CWInf, TrainPGD
 from tune_mtard.registry import Registry
 
@@ -87,4 +89,4 @@ def build_attack(
 
 
 __all__ = ["ATTACKS", "Attack", "AutoAttackSettingsError", "CWInf", "Clean", "FGSM", "PGD", "TrainPGD",
-           "build_attack", "model_device"]
+           "build_attack", "frozen_parameters", "model_device", "standard_normal", "strict_fp32"]

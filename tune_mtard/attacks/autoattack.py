@@ -5,37 +5,21 @@ The only module that imports pyautoattack: the training core and every other att
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pyautoattack
 import torch
 from pyautoattack.square import SquareAttack
 from torch import Tensor, nn
 
-from tune_mtard.attacks.base import Attack, AutoAttackSettingsError, model_device
+from tune_mtard.attacks.base import Attack, AutoAttackSettingsError, frozen_parameters, model_device
 
 # The standard version of AutoAttack (Croce & Hein, 2020), as its README and _set_version define it.
 AUTOATTACK_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 AUTOATTACK_TARGET_CLASSES = 9
 AUTOATTACK_SQUARE_QUERIES = 5000
 SQUARE_P_INIT = 0.8
-
-
-@contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Parameters stop requiring grad for the duration.
-
-    pyautoattack's FAB calls ``backward()``, which would otherwise accumulate into the parameters' ``.grad``.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 def caller_rng_kept(device: torch.device) -> AbstractContextManager:

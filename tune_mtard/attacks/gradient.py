@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
 from tune_mtard.attacks.base import (
-    CW_CONFIDENCE, TRAIN_PGD_NOISE, Attack, cross_entropy_sum, cw_loss, input_gradient, model_device, sign_step,
+    CW_CONFIDENCE, TRAIN_PGD_NOISE, Attack, cross_entropy_sum, cw_loss, frozen_parameters, input_gradient,
+    model_device, sign_step, standard_normal,
 )
 
 
@@ -27,14 +30,22 @@ class TrainPGD(Attack):
     ``keep_autocast=True`` lets the model's forward and backward run under the caller's autocast (bf16
     training on a GPU) instead of fp32; the examples themselves stay fp32. Only training opts in:
     evaluation attacks always run in fp32.
+
+    ``freeze_parameters=True`` stops the parameters requiring grad during the attack, for a compiled model:
+    its backward (AOTAutograd's) computes a gradient for every graph input that requires one, weights
+    included, which ``autograd.grad`` then discards. Eager autograd computes the input's gradient only by
+    itself, and there freezing would make bf16 autocast cast the weights again at every iteration (it
+    caches casts only of tensors that require grad), so eager training leaves it off.
     """
 
-    def __init__(self, model: nn.Module, epsilon: float, step_size: float, steps: int, keep_autocast: bool = False):
+    def __init__(self, model: nn.Module, epsilon: float, step_size: float, steps: int, keep_autocast: bool = False,
+                 freeze_parameters: bool = False):
         super().__init__(model)
         self.epsilon = float(epsilon)
         self.step_size = float(step_size)
         self.steps = int(steps)
         self.keep_autocast = keep_autocast
+        self.freeze_parameters = freeze_parameters
 
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
         if not self.keep_autocast:
@@ -47,10 +58,11 @@ class TrainPGD(Attack):
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
         if self.steps == 0:
             return images.clone()
-        x_adv = images + TRAIN_PGD_NOISE * torch.randn_like(images)
-        for _ in range(self.steps):
-            grad = input_gradient(self.model, cross_entropy_sum, x_adv, labels)
-            x_adv = sign_step(x_adv, images, grad, self.step_size, self.epsilon)
+        x_adv = images + TRAIN_PGD_NOISE * standard_normal(images)
+        with frozen_parameters(self.model) if self.freeze_parameters else contextlib.nullcontext():
+            for _ in range(self.steps):
+                grad = input_gradient(self.model, cross_entropy_sum, x_adv, labels)
+                x_adv = sign_step(x_adv, images, grad, self.step_size, self.epsilon)
         return x_adv
 
 
@@ -70,7 +82,9 @@ class PGD(Attack):
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
         x_adv = images.clone()
         if self.random_start:
-            noise = torch.empty_like(images).uniform_(-self.epsilon, self.epsilon)
+            # Drawn in NCHW order, as standard_normal: the same start whatever the images' memory format.
+            noise = torch.empty(images.shape, dtype=images.dtype, device=images.device).uniform_(-self.epsilon,
+                                                                                                 self.epsilon)
             x_adv = (x_adv + noise).clamp(0.0, 1.0)
         for _ in range(self.steps):
             grad = input_gradient(self.model, self.loss, x_adv, labels)

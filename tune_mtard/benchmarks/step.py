@@ -45,12 +45,15 @@ def first_batch(data: DataBundle, batch_size: int, device: torch.device) -> tupl
     return next(iterate_batches(data.train, batch_size, shuffle=False, device=device))
 
 
-def bench_step(cfg: Config, batch_size: int | None, repeats: int, window_s: float, warmup: int) -> dict[str, Any]:
+def bench_step(cfg: Config, batch_size: int | None, repeats: int, window_s: float, warmup: int,
+               data: DataBundle | None = None) -> dict[str, Any]:
+    """The figures of ``bench step``, on ``data`` (default: the config's dataset)."""
     cfg = cfg.run_config()
     if batch_size is not None:
         cfg = cfg.with_values({"data.batch_size": batch_size})
     device = resolve_device(cfg.device)
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    if data is None:
+        data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
     x, y = first_batch(data, cfg.data.batch_size, device)
 
     teachers = random_teachers(cfg, data)
@@ -72,7 +75,7 @@ def bench_step(cfg: Config, batch_size: int | None, repeats: int, window_s: floa
         return forward
 
     extra_student = copy.deepcopy(pgdat.student)
-    extra_model = torch.compile(extra_student) if pgdat.perf.compile else extra_student
+    extra_model = torch.compile(extra_student, dynamic=False) if pgdat.perf.compile else extra_student
 
     def student_forward_backward() -> None:
         with autocast():
@@ -118,7 +121,7 @@ def bench_step(cfg: Config, batch_size: int | None, repeats: int, window_s: floa
     median_s = {name: statistics.median(s) for name, s in timer.seconds.items()}
     return {
         "command": "step",
-        "config": cfg.name, "dataset": cfg.data.dataset, "student": cfg.student.arch,
+        "config": cfg.name, "dataset": data.name, "student": cfg.student.arch,
         "teachers": {"clean": cfg.teachers.clean.arch, "robust": cfg.teachers.robust.arch},
         "batch_size": cfg.data.batch_size, "attack_steps": cfg.attack.steps, "device": str(device),
         "perf": {"bf16": bmtard.perf.bf16, "channels_last": bmtard.perf.channels_last,

@@ -1,31 +1,35 @@
-"""``bench step|platform|search|memory``: performance figures (docs/performance.md)."""
+"""``bench step|epoch|gpu|platform|search|memory``: performance figures (docs/performance.md, docs/gpu.md)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for
-from tune_mtard.config import find_config_file, load_config
+from tune_mtard.config import Config, find_config_file, load_config
 from tune_mtard.errors import ConfigError
 
 DEFAULT_SPACE = "digits.yaml"
+GPU_SPACE = "cifar10.yaml"
+GPU_OUT = "gpu.json"
 
 
 def build_parser() -> ArgumentParser:
     """The ``bench`` command's flags (docs/cli.md, "bench")."""
     parser = parser_for("bench", "Performance figures: a table on stdout and, with --out, JSON with the machine "
                                  "they were measured on.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{step,platform,search,memory}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{step,epoch,gpu,platform,search,memory}")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, space: str = DEFAULT_SPACE, out: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", default=None,
+        sub.add_argument("--config", default=space,
                          help=f"run config or search space: a path, or a name in ./search_spaces/ or among the "
-                              f"installed spaces (default: {DEFAULT_SPACE})")
-        sub.add_argument("--out", default=None, help="write the figures as JSON to this file")
+                              f"installed spaces (default: {space})")
+        sub.add_argument("--out", default=out, help="write the figures as JSON to this file"
+                                                     + (f" (default: {out})" if out else ""))
         add_set_flag(sub)
         return sub
 
@@ -37,6 +41,25 @@ def build_parser() -> ArgumentParser:
     step.add_argument("--threads", type=int, default=None,
                       help="torch intra-op threads (default: search.resources.cpu, what one trial gets, "
                            "else torch's default)")
+    epoch = command("epoch", "whole training epochs (loader, steps, validation) in steps/s and images/s, and the "
+                             "loader alone")
+    epoch.add_argument("--epochs", type=int, default=3, help="timed epochs (median taken)")
+    epoch.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first")
+    epoch.add_argument("--batch-size", type=int, default=None, help="batch size (default: data.batch_size)")
+    epoch.add_argument("--train-examples", type=int, default=None,
+                       help="train on the first N examples of the training split (default: all)")
+    epoch.add_argument("--threads", type=int, default=None,
+                       help="torch intra-op threads (default: search.resources.cpu, else torch's default)")
+    gpu = command("gpu", "every GPU figure in one go: the fast path's checks, then bench step and bench epoch in "
+                         "each variant, on a synthetic CIFAR-shaped dataset; exit 1 if a check fails",
+                  space=GPU_SPACE, out=GPU_OUT)
+    gpu.add_argument("--device", default="cuda", help="the card to measure (default: cuda)")
+    gpu.add_argument("--train-examples", type=int, default=10_000,
+                     help="training images of the synthetic dataset bench epoch runs on (default: 10000)")
+    gpu.add_argument("--epochs", type=int, default=2, help="timed epochs per bench epoch variant (default: 2)")
+    gpu.add_argument("--repeats", type=int, default=5, help="timed windows per bench step variant (default: 5)")
+    gpu.add_argument("--window-s", type=float, default=0.5, help="seconds per bench step window (default: 0.5)")
+    gpu.add_argument("--checks-only", action="store_true", help="run the checks and stop")
     plat = command("platform", "the same short trial bare and as a Ray Tune trial with MLflow logging")
     plat.add_argument("--epochs", type=int, default=3, help="epochs of the trial")
     plat.add_argument("--repeats", type=int, default=1, help="bare/trial pairs (median taken)")
@@ -56,32 +79,63 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    for flag in ("batch_size", "repeats", "epochs", "num_samples", "max_epochs", "warmup", "threads"):
+    for flag in ("batch_size", "repeats", "epochs", "num_samples", "max_epochs", "warmup", "threads",
+                 "train_examples"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}", "must be >= 1")
+    if getattr(args, "warmup_epochs", 0) < 0:
+        raise ConfigError("--warmup-epochs", "must be >= 0")
     if getattr(args, "window_s", 1.0) <= 0:
         raise ConfigError("--window-s", "must be > 0")
     if getattr(args, "gpu_gib", 1.0) <= 0:
         raise ConfigError("--gpu-gib", "must be > 0")
     try:
-        args.config = str(find_config_file(args.config or DEFAULT_SPACE))
+        args.config = str(find_config_file(args.config))
     except ConfigError as exc:
         raise ConfigError("--config", exc.message) from None
     if args.out is not None and not Path(args.out).resolve().parent.is_dir():
         raise ConfigError("--out", f"folder {Path(args.out).parent} does not exist")
 
     if args.command == "step":
-        import torch
-
         from tune_mtard.benchmarks.step import bench_step, print_step
 
         cfg = load_config(args.config, args.overrides, check_files=False)
-        threads = args.threads or (int(cfg.search.resources.cpu) if cfg.search is not None else None)
-        if threads:
-            torch.set_num_threads(max(1, threads))
+        _set_threads(args.threads, cfg)
         result = bench_step(cfg, args.batch_size, args.repeats, args.window_s, args.warmup)
         print_step(result)
+    elif args.command == "epoch":
+        from tune_mtard.benchmarks.epoch import bench_epoch, print_epoch
+        from tune_mtard.data import load_data
+
+        cfg = load_config(args.config, args.overrides, check_files=False)
+        if args.batch_size is not None:
+            cfg = cfg.with_values({"data.batch_size": args.batch_size})
+        _set_threads(args.threads, cfg)
+        d = cfg.data
+        data = load_data(d.dataset, d.root, d.download, d.val_fraction, cfg.seed)
+        if args.train_examples is not None:
+            data = dataclasses.replace(data, train=data.train.head(args.train_examples))
+        result = bench_epoch(cfg, data, args.epochs, args.warmup_epochs)
+        print_epoch(result)
+    elif args.command == "gpu":
+        import torch
+
+        from tune_mtard.benchmarks.gpu import bench_gpu
+        from tune_mtard.benchmarks.gpu_checks import CheckSetup
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ConfigError("--device", f"not a device: {args.device!r}") from None
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ConfigError("--device", f"no CUDA device {args.device!r} here: bench gpu measures a GPU")
+        cfg = load_config(args.config, args.overrides, check_files=False)
+        result = bench_gpu(cfg, CheckSetup(device), Path(args.out) if args.out else None,
+                           train_examples=args.train_examples, epochs=args.epochs, repeats=args.repeats,
+                           window_s=args.window_s, checks_only=args.checks_only)
+        print(f"checks {'all passed' if result['all_checks_passed'] else 'FAILED'}; figures in {args.out}")
+        return 0 if result["all_checks_passed"] else 1
     elif args.command == "platform":
         from tune_mtard.benchmarks.platform import bench_platform, print_platform
 
@@ -102,3 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _set_threads(threads: int | None, cfg: Config) -> None:
+    """``--threads``, else what one trial gets (``search.resources.cpu``), else torch's default."""
+    import torch
+
+    threads = threads or (int(cfg.search.resources.cpu) if cfg.search is not None else None)
+    if threads:
+        torch.set_num_threads(max(1, threads))

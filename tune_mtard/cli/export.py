@@ -13,7 +13,10 @@ def build_parser() -> ArgumentParser:
     parser = parser_for("export", "Write a complete run config for the best (or the named) trial of a finished "
                                   "or interrupted search.")
     parser.add_argument("--experiment", required=True, help="the search's folder, <storage>/<name>")
-    parser.add_argument("--trial", default=None, help="a trial id (default: the best trial)")
+    parser.add_argument("--trial", default=None, help="a trial id (default: the best, or the seed-confirmed, trial)")
+    parser.add_argument("--pareto", action="store_true", help="print the search's Pareto front instead")
+    parser.add_argument("--clean-weight", type=float, default=None, metavar="W",
+                        help="the front point maximising W * clean + (1 - W) * robust validation accuracy")
     parser.add_argument("--out", default=None, help=f"output file (default: DIR/{BEST_CONFIG}, or DIR/trial_<ID>.yaml)")
     return parser
 
@@ -23,7 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tune_mtard.search.export import ExportRequest, export_trial
 
-    exported = export_trial(ExportRequest(experiment=args.experiment, trial=args.trial, out=args.out))
+    exported = export_trial(ExportRequest(experiment=args.experiment, trial=args.trial, out=args.out,
+                                          pareto=args.pareto, clean_weight=args.clean_weight))
+    if args.pareto:
+        print(exported.front_table)
+        return 0
     t = exported.trial
     print(f"trial {t.trial_id}: {exported.metric} {t.metric(exported.metric):.4f} after "
           f"{t.epochs}/{exported.full_epochs} epochs")

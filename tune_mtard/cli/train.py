@@ -16,6 +16,8 @@ def build_parser() -> ArgumentParser:
     add_set_flag(parser)
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: mlflow.tracking_uri)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--register", default=None, metavar="NAME",
+                        help="register the final student in the MLflow Model Registry as NAME (pt2 format)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -26,5 +28,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tune_mtard.training import TrainRequest, train
 
     train(TrainRequest(config=args.config, out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri,
-                       resume=args.resume, progress=progress_wanted(args.no_progress)))
+                       resume=args.resume, progress=progress_wanted(args.no_progress), register=args.register))
     return 0

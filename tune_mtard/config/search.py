@@ -26,7 +26,7 @@ class SchedulerConfig:
 
 @dataclass
 class SamplerConfig:
-    type: str = "tpe"  # tpe | random
+    type: str = "tpe"  # tpe | random | nsga2 (multi-objective searches: tpe or nsga2)
     seed: int = 0
     n_startup_trials: int = 10
 
@@ -39,36 +39,66 @@ class FinalEvalConfig:
 
 
 @dataclass
+class ConfirmConfig:
+    """Rerun the ``top_k`` best full-budget configurations on ``seeds`` more seeds; pick the best by mean."""
+
+    top_k: int = 0  # 0: no confirmation
+    seeds: int = 2
+
+
+@dataclass
 class SearchConfig:
     """How a search runs (docs/search.md); ``space`` says what it samples."""
 
     num_samples: int = 64
     max_concurrent: int = 4
-    metric: str = "val_w_robust_acc"
+    metric: str = "val_w_robust_acc"  # what ASHA stops on and the best trial is chosen by
     mode: str = "max"
+    objectives: list[str] = field(default_factory=list)  # two or more metrics: a multi-objective (Pareto) search
+    modes: list[str] = field(default_factory=list)  # one per objective (default: max)
     resources: Resources = field(default_factory=Resources)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     storage: str = "./tune_results"
     max_failures: int = 1
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
+    register_as: str = "auto"  # the registered MLflow model of the best student; auto: the search's name; "": none
+
+    def objective_modes(self) -> list[str]:
+        """One mode per objective (``max`` where ``modes`` is not given)."""
+        return list(self.modes) or ["max"] * len(self.objectives)
 
     def check(self) -> None:
         require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
         require(self.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
         from tune_mtard.metrics import EPOCH_METRICS
 
+        def reported(name: str, key: str) -> None:
+            require(name in EPOCH_METRICS, key,
+                    f"{name!r} is not a metric a trial reports (valid: {', '.join(EPOCH_METRICS)})")
+
         require(self.mode in ("max", "min"), "search.mode", f"must be max or min, got {self.mode!r}")
-        require(self.metric in EPOCH_METRICS, "search.metric",
-                f"{self.metric!r} is not a metric a trial reports (valid: {', '.join(EPOCH_METRICS)})")
+        reported(self.metric, "search.metric")
+        if self.objectives:
+            require(len(self.objectives) >= 2, "search.objectives", "a multi-objective search needs two or more")
+            require(len(set(self.objectives)) == len(self.objectives), "search.objectives", "repeats a metric")
+            for i, name in enumerate(self.objectives):
+                reported(name, f"search.objectives[{i}]")
+        require(not self.modes or len(self.modes) == len(self.objectives), "search.modes",
+                f"needs one mode per objective ({len(self.objectives)}), got {len(self.modes)}")
+        for i, mode in enumerate(self.modes):
+            require(mode in ("max", "min"), f"search.modes[{i}]", f"must be max or min, got {mode!r}")
+        require(self.confirm.top_k >= 0, "search.confirm.top_k", "must be >= 0 (0: no confirmation)")
+        require(self.confirm.seeds >= 1, "search.confirm.seeds", "must be >= 1")
         require(self.resources.cpu > 0, "search.resources.cpu", "must be > 0")
         require(self.resources.gpu >= 0, "search.resources.gpu", "must be >= 0")
         s = self.scheduler
         require(s.type in ("asha", "fifo"), "search.scheduler.type", f"must be asha or fifo, got {s.type!r}")
         require(s.grace_period >= 1, "search.scheduler.grace_period", "must be >= 1")
         require(s.reduction_factor > 1, "search.scheduler.reduction_factor", "must be > 1")
-        require(self.sampler.type in ("tpe", "random"), "search.sampler.type",
-                f"must be tpe or random, got {self.sampler.type!r}")
+        require(self.sampler.type in ("tpe", "random", "nsga2"), "search.sampler.type",
+                f"must be tpe, random or nsga2, got {self.sampler.type!r}")
         require(self.sampler.n_startup_trials >= 0, "search.sampler.n_startup_trials", "must be >= 0")
         require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
         require(bool(self.storage), "search.storage", "must not be empty")

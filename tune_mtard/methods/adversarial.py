@@ -50,7 +50,7 @@ class TRADES(Objective):
         self.student.eval()
         with torch.no_grad():
             p_clean = F.softmax(self.student(x).float(), dim=1)
-        x_adv = kl_attack(self.student, x, p_clean, a.epsilon, a.step_size, a.steps)
+        x_adv = kl_attack(self.student, x, p_clean, a.epsilon, a.step_size, a.steps, self.freeze_in_attacks)
         self.student.train()
         with self.autocast():
             s_nat, s_adv = self.student(x), self.student(x_adv)

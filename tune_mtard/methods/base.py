@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tune_mtard.attacks import TrainPGD
+from tune_mtard.attacks import TrainPGD, frozen_parameters, standard_normal
 from tune_mtard.config import Config
 from tune_mtard.metrics import TRACE_COLUMNS
 
@@ -59,16 +59,19 @@ def trace_row(device: torch.device, **values: Any) -> torch.Tensor:
 
 
 def kl_attack(student: nn.Module, x: torch.Tensor, target_probs: torch.Tensor, epsilon: float,
-              step_size: float, steps: int) -> torch.Tensor:
-    """PGD that maximises KL(target || student(x')) from x + 0.001 N(0, I) (TRADES' and RSLAD's inner attack)."""
-    x_adv = x.detach() + 0.001 * torch.randn_like(x)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.autocast(x.device.type, enabled=False):
-            loss = F.kl_div(F.log_softmax(student(x_adv).float(), dim=1), target_probs, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - epsilon), x + epsilon), 0.0, 1.0)
+              step_size: float, steps: int, freeze_parameters: bool = False) -> torch.Tensor:
+    """PGD that maximises KL(target || student(x')) from x + 0.001 N(0, I) (TRADES' and RSLAD's inner attack).
+
+    ``freeze_parameters``: as :class:`~tune_mtard.attacks.TrainPGD`'s, for a compiled student."""
+    x_adv = x.detach() + 0.001 * standard_normal(x)
+    with frozen_parameters(student) if freeze_parameters else contextlib.nullcontext():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.autocast(x.device.type, enabled=False):
+                loss = F.kl_div(F.log_softmax(student(x_adv).float(), dim=1), target_probs, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + step_size * grad.sign()
+            x_adv = torch.clamp(torch.min(torch.max(x_adv, x - epsilon), x + epsilon), 0.0, 1.0)
     return x_adv.detach()
 
 
@@ -81,8 +84,10 @@ class Objective:
         self.autocast = autocast
         self.traced: tuple[str, ...] = ()  # the trace columns this method fills (the others are NaN by design)
         # Training PGD runs under the objective's autocast (bf16 when perf.bf16); evaluation attacks stay fp32.
+        # A compiled student's attack backward computes input gradients only if the weights are frozen meanwhile.
+        self.freeze_in_attacks = bool(cfg.perf.compile)
         self.pgd = TrainPGD(student, cfg.attack.epsilon, cfg.attack.step_size, cfg.attack.steps,
-                            keep_autocast=True)
+                            keep_autocast=True, freeze_parameters=self.freeze_in_attacks)
 
     def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Step 1: PGD on the student in eval mode, then back to train mode."""

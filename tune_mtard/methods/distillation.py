@@ -64,7 +64,7 @@ class RSLAD(Objective):
         p_teacher = F.softmax(t_nat.float(), dim=1)
         log_p_teacher = torch.log(p_teacher + LOG_EPS)
         self.student.eval()
-        x_adv = kl_attack(self.student, x, p_teacher, a.epsilon, a.step_size, a.steps)
+        x_adv = kl_attack(self.student, x, p_teacher, a.epsilon, a.step_size, a.steps, self.freeze_in_attacks)
         self.student.train()
         with self.autocast():
             s_adv, s_nat = self.student(x_adv), self.student(x)

@@ -37,6 +37,12 @@ def quiet_checkpoint_log() -> None:
     logging.getLogger(RAY_CHECKPOINT_LOGGER).setLevel(logging.WARNING)
 
 
+def quiet_preset_points() -> None:
+    """The confirmation trials set every key of a constant space from their points, as intended; Ray warns
+    about each ("Pre-set value ... is not equal")."""
+    logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
+
+
 def tolerate_deleted_checkpoints() -> None:
     """Let Ray's checkpoint manager skip an old checkpoint that is already gone instead of failing the trial.
 

@@ -26,6 +26,7 @@ from typing import Any
 from tune_mtard import files
 from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, load_config
 from tune_mtard.errors import ConfigError, Interrupted
+from tune_mtard.search.outcome import Outcome
 
 
 @dataclass
@@ -99,12 +100,6 @@ def started(folder: Path) -> bool:
     return (folder / files.TUNER_STATE).exists() and (folder / files.SPACE).exists()
 
 
-def reproducible_values(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
-    """A trial's sampled values plus the thread count it ran with, so ``train`` repeats it exactly on a CPU."""
-    threads = cfg.perf.threads or max(1, int(cfg.search.resources.cpu))
-    return {**sampled, "perf.threads": threads}
-
-
 def searched_methods(cfg: Config) -> set[str]:
     """The methods some trial will train: the base config's and, when ``method`` is searched, its choices."""
     dist = (cfg.space or {}).get("method")
@@ -156,15 +151,6 @@ def search(request: SearchRequest) -> int:
         saved.search.storage = cfg.search.storage
         cfg = saved
     return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet)
-
-
-@dataclass
-class Outcome:
-    """How a search ended: ``finished``, ``no_usable_trial`` or ``interrupted``, with its summary."""
-
-    status: str
-    summary: dict[str, Any]
-    exit_code: int
 
 
 def run_search(cfg: Config, resume: bool = False, address: str | None = None, quiet: bool = False) -> int:
@@ -241,6 +227,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     from tune_mtard import tracking
     from tune_mtard.perf import resolve_device
     from tune_mtard.search import compat, interrupts
+    from tune_mtard.search.outcome import conclude, interrupted
     from tune_mtard.search.recorder import log_teachers, start_parent
     from tune_mtard.search.searcher import finished_optuna_trials
     from tune_mtard.teachers import prepare_teachers
@@ -281,64 +268,28 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                 tuner = new_tuner(cfg, trainable, folder, experiment_id, parent.run_id, quiet)
             with interrupts.watched():
                 grid = tuner.fit()
-            outcome = _conclude(cfg, folder, grid, interrupts.received(), teachers, data, parent, start)
+            if interrupts.received() is None:
+                def rerun(points: list[dict[str, Any]]):
+                    """The seed-confirmation trials, resumed where a killed driver left them."""
+                    from tune_mtard.search.confirm import confirm_tuner
+
+                    if resume and (folder / files.CONFIRM_FOLDER / files.TUNER_STATE).exists():
+                        confirm = tune.Tuner.restore(str(folder / files.CONFIRM_FOLDER), trainable,
+                                                     resume_unfinished=True, resume_errored=False)
+                    else:
+                        confirm = confirm_tuner(cfg, trainable, folder, experiment_id, parent.run_id, points, quiet)
+                    with interrupts.watched():
+                        result = confirm.fit()
+                    return None if interrupts.received() else result
+
+                outcome = conclude(cfg, folder, grid, teachers, data, parent, start, rerun)
+            else:
+                outcome = interrupted(cfg, folder, parent, start)
             if outcome.status == "interrupted":  # raised inside the run: the parent run ends KILLED
                 raise Interrupted(interrupts.received(), f"interrupted by {interrupts.received()}: trials stopped, "
                                                          f"their records KILLED; continue with: python -m "
                                                          f"tune_mtard.search --space {folder / files.SPACE} --resume")
     return outcome
-
-
-def _conclude(cfg: Config, folder: Path, grid, signal_name: str | None, teachers, data, parent,
-              start: float) -> Outcome:
-    """Pick and record the outcome: the best config (pinning the teachers), the parent run's records, the summary."""
-    from tune_mtard.search.recorder import delete_orphaned_child_runs, kill_running_child_runs, record_search
-    from tune_mtard.search.searcher import close_orphaned_optuna_trials
-    from tune_mtard.search.trials import best_trial, load_experiment_trials, summarize_results
-
-    s = cfg.search
-    best_path = folder / files.BEST_CONFIG
-    best_path.unlink(missing_ok=True)  # only a finished search has one
-    if signal_name is not None:
-        # Tune saved the interrupted trials as unfinished (resumable); Optuna keeps them RUNNING for --resume.
-        trials = load_experiment_trials(folder)
-        kill_running_child_runs(parent.client, parent.run_id)
-        summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted")
-        parent.set_tags({"search_status": "interrupted"})
-        _analyze(cfg, folder, trials, parent)
-        return Outcome("interrupted", summary, 130)
-    trials = summarize_results(grid)
-    trial_ids = {t.trial_id for t in trials}
-    close_orphaned_optuna_trials(folder, cfg.name, trial_ids)
-    delete_orphaned_child_runs(parent.client, parent.run_id, trial_ids)
-    best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
-    if best is not None:
-        cfg.run_config().with_values({**reproducible_values(cfg, best.sampled), **teachers.pins()}).dump(best_path)
-    status = "finished" if best is not None else "no_usable_trial"
-    summary = record_search(parent, cfg, folder, trials, best, time.perf_counter() - start, status)
-    parent.set_tags({"search_status": status})
-    _analyze(cfg, folder, trials, parent)
-    if best is None:
-        parent.failed = True
-    elif s.final_eval.top_k > 0:
-        from tune_mtard.search.final_eval import evaluate_top_trials
-
-        evaluate_top_trials(cfg, trials, data, parent.client, parent.run_id, folder)
-    _print_result(cfg, trials, best, best_path, summary, folder)
-    return Outcome(status, summary, 0 if best is not None else 1)
-
-
-def _analyze(cfg: Config, folder: Path, trials, parent) -> None:
-    """The search's sensitivity analysis (docs/sensitivity.md), beside best_config.yaml and on the parent run.
-    A report, not a result: if it fails, the search still ends as it ended, with a warning."""
-    from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
-
-    try:
-        report = analyze_search(folder, cfg, trials)
-        log_sensitivity(parent.client, parent.run_id, report)
-    except Exception as exc:
-        print(f"warning: the sensitivity analysis failed ({type(exc).__name__}: {exc}); rerun it with "
-              f"python -m tune_mtard.analyze --experiment {folder}", file=sys.stderr)
 
 
 def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_run_id: str, quiet: bool,
@@ -358,14 +309,19 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     s = cfg.search
     if s.sampler.type == "tpe":
         sampler = optuna.samplers.TPESampler(seed=s.sampler.seed, n_startup_trials=s.sampler.n_startup_trials)
+    elif s.sampler.type == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=s.sampler.seed)
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.sampler.seed)
     storage = optuna.storages.RDBStorage(optuna_storage_url(folder))
     point, notes = default_point(cfg)
     for note in notes:
         print(note, flush=True)
+    # A multi-objective study gets one direction per objective; ASHA still stops on search.metric (the
+    # searcher is given its space, so Tune's metric and mode below do not overwrite its objectives).
+    metric, mode = (list(s.objectives), s.objective_modes()) if s.objectives else (s.metric, s.mode)
     searcher = (searcher_class or PrunedAwareOptunaSearch)(
-        space=optuna_distributions(cfg.space), metric=s.metric, mode=s.mode, sampler=sampler,
+        space=optuna_distributions(cfg.space), metric=metric, mode=mode, sampler=sampler,
         study_name=cfg.name, storage=storage, points_to_evaluate=[point], full_epochs=cfg.train.epochs,
     )
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
@@ -390,30 +346,3 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
         ),
     )
 
-
-def _print_result(cfg: Config, trials, best, best_path: Path, summary: dict[str, Any], folder: Path) -> None:
-    from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC
-
-    full = cfg.train.epochs
-    print()
-    print(f"search {cfg.name}: {summary['n_trials']} trials, {summary['n_pruned']} stopped early by ASHA, "
-          f"{summary['n_failed']} failed ({summary['n_diverged']} diverged), {summary['epochs_spent']} of "
-          f"{summary['n_trials'] * full} epochs, {summary['wall_time_s']:.0f}s")
-    for failure in summary["failed_trials"]:
-        print(f"  failed: trial {failure['trial_id']}: {failure['reason']}")
-    if best is None:
-        print(f"no usable trial: every trial failed or diverged, so there is no best config; see the trials' "
-              f"records above and the Ray Tune logs in {folder}", file=sys.stderr)
-        return
-    metric = cfg.search.metric
-    print(f"best trial {best.trial_id}: {metric} {best.metric(metric):.4f} (clean {best.metric(VAL_CLEAN_ACC):.4f}, "
-          f"robust {best.metric(VAL_ROBUST_ACC):.4f}, {best.epochs} epochs)")
-    for key, value in best.sampled.items():
-        print(f"  {key} = {value:.6g}" if isinstance(value, float) else f"  {key} = {value}")
-    print(f"best config: {best_path}")
-    print(f"train it:    python -m tune_mtard.train --config {best_path}")
-    uri = cfg.mlflow.tracking_uri
-    if uri.startswith("sqlite:") or "://" not in uri:
-        print(f"MLflow UI:   mlflow ui --backend-store-uri {uri}")
-    else:
-        print(f"MLflow:      {uri} (experiment {cfg.mlflow.experiment})")

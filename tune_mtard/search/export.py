@@ -15,47 +15,77 @@ from pathlib import Path
 from tune_mtard import files
 from tune_mtard.config import load_config
 from tune_mtard.errors import ConfigError
-from tune_mtard.search.driver import reproducible_values
+from tune_mtard.search.outcome import reproducible_values
 from tune_mtard.search.trials import TrialSummary, best_trial, load_experiment_trials
 
 
 @dataclass
 class ExportRequest:
     experiment: str  # the search's folder, <storage>/<name>
-    trial: str | None = None  # a trial id; None: the best trial
+    trial: str | None = None  # a trial id; None: the best (or confirmed) trial
     out: str | None = None
+    pareto: bool = False  # print the Pareto front instead of writing a config
+    clean_weight: float | None = None  # the front point maximising W * clean + (1 - W) * robust
 
 
 @dataclass
 class Exported:
-    trial: TrialSummary
-    path: Path
+    trial: TrialSummary | None
+    path: Path | None
     metric: str
     full_epochs: int
+    front_table: str = ""
 
 
 def export_trial(request: ExportRequest) -> Exported:
+    """What ``export`` does: write one trial's run config (pinning the teachers), or give the Pareto front."""
+    from tune_mtard.search.pareto import front_objectives, front_table, pareto_front, pick_by_clean_weight
+
+    chosen_by = sum(x is not None and x is not False for x in (request.trial, request.clean_weight, request.pareto or None))
+    if chosen_by > 1:
+        raise ConfigError("--trial", "give one of --trial, --clean-weight and --pareto")
+    if request.clean_weight is not None and not 0 <= request.clean_weight <= 1:
+        raise ConfigError("--clean-weight", f"must be in [0, 1], got {request.clean_weight:g}")
     folder = Path(request.experiment).resolve()
     if not (folder / files.SPACE).is_file():
         raise ConfigError("--experiment", f"{folder} is not a tune-mtard search folder (no {files.SPACE})")
     cfg = load_config(folder / files.SPACE, check_files=False)
     trials = load_experiment_trials(folder)
-    if request.trial is not None:
+    full = cfg.train.epochs
+    if request.pareto or request.clean_weight is not None:
+        objectives, modes = front_objectives(cfg)
+        front = pareto_front(trials, objectives, modes, full)
+        if request.pareto:
+            return Exported(None, None, cfg.search.metric, full, front_table(front, objectives, list(cfg.space or {})))
+        trial = pick_by_clean_weight(front, request.clean_weight, objectives)
+        default_name = f"trial_{trial.trial_id}.yaml"
+    elif request.trial is not None:
         chosen = [t for t in trials if t.trial_id == request.trial]
         if not chosen:
             known = ", ".join(t.trial_id for t in trials) or "none"
             raise ConfigError("--trial", f"no trial {request.trial!r} in {folder} (trials: {known})")
         trial = chosen[0]
+        default_name = f"trial_{trial.trial_id}.yaml"
     else:
-        trial = best_trial(trials, cfg.search.metric, cfg.search.mode, cfg.train.epochs)
+        confirmed = _confirmed_trial(folder)
+        trial = next((t for t in trials if t.trial_id == confirmed), None) if confirmed else None
+        trial = trial or best_trial(trials, cfg.search.metric, cfg.search.mode, full)
         if trial is None:
             raise ConfigError("--experiment", f"no trial in {folder} has reported {cfg.search.metric} yet")
+        default_name = files.BEST_CONFIG
     if trial.failed:
         raise ConfigError("--trial", f"trial {trial.trial_id} failed ({trial.failure}): it has no result to export")
-    default_name = files.BEST_CONFIG if request.trial is None else f"trial_{trial.trial_id}.yaml"
     out = Path(request.out) if request.out else folder / default_name
     cfg.run_config().with_values({**reproducible_values(cfg, trial.sampled), **teacher_pins(folder)}).dump(out)
-    return Exported(trial, out, cfg.search.metric, cfg.train.epochs)
+    return Exported(trial, out, cfg.search.metric, full)
+
+
+def _confirmed_trial(folder: Path) -> str | None:
+    """The winner of the search's seed confirmation, when it ran one (docs/search.md, "Seed-confirmed winners")."""
+    try:
+        return json.loads((folder / files.SUMMARY_JSON).read_text()).get("confirm", {}).get("winner")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def teacher_pins(folder: Path) -> dict[str, str]:

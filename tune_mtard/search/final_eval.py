@@ -53,12 +53,12 @@ def evaluate_trial(cfg: Config, trial: TrialSummary, data: DataBundle, device: t
 
 
 def evaluate_top_trials(cfg: Config, trials: list[TrialSummary], data: DataBundle, client, parent_run_id: str,
-                        folder: str | Path) -> list[FinalEvalResult]:
+                        folder: str | Path, first: str | None = None) -> list[FinalEvalResult]:
     """Evaluate the ``search.final_eval.top_k`` best trials on the first ``search.final_eval.n_examples`` test examples.
 
     Trials are ranked by :func:`~tune_mtard.search.trials.rank_trials`, whose first trial is the best one
     (full-epoch trials first by ``search.metric``, then the rest; failed trials never), so rank 1 is the
-    best trial. This never changes
+    best trial; ``first`` puts a trial first instead (a seed-confirmed winner). This never changes
     which trial is best: selection stays on validation, and test results are only reported, never ranked
     on. A trial without a saved student, or whose evaluation fails, is skipped with a warning and the next
     one taken.
@@ -72,7 +72,9 @@ def evaluate_top_trials(cfg: Config, trials: list[TrialSummary], data: DataBundl
     device = resolve_device(cfg.device)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     results: list[FinalEvalResult] = []
-    for rank, trial in enumerate(rank_trials(trials, s.metric, s.mode, cfg.train.epochs), start=1):
+    ranked = rank_trials(trials, s.metric, s.mode, cfg.train.epochs)
+    ranked = [t for t in ranked if t.trial_id == first] + [t for t in ranked if t.trial_id != first]
+    for rank, trial in enumerate(ranked, start=1):
         if len(results) >= s.final_eval.top_k:
             break
         if trial.checkpoint_dir is None or not (Path(trial.checkpoint_dir) / STUDENT).is_file():

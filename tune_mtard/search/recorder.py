@@ -52,12 +52,13 @@ class MlflowTrialRecorder(Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, full_epochs: int,
-                 search_name: str):
+                 search_name: str, extra_tags: dict[str, str] | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.full_epochs = full_epochs
         self.search_name = search_name
+        self.extra_tags = dict(extra_tags or {})  # on every child run this recorder creates
         self._client = None
         self._run_ids: dict[str, str] = {}
         self._logged_epochs: dict[str, set[int]] = {}
@@ -90,7 +91,8 @@ class MlflowTrialRecorder(Callback):
             self.client.update_run(run_id, status=tracking.RUNNING)
         else:
             run = self.client.create_run(self.experiment_id, run_name=trial_id, tags={
-                PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial_id, "tune_mtard.search": self.search_name})
+                PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial_id, "tune_mtard.search": self.search_name,
+                **self.extra_tags})
             run_id = run.info.run_id
             self._logged_epochs[run_id] = set()
             tracking.log_params(self.client, run_id, dict(trial.config))
@@ -187,7 +189,8 @@ def delete_orphaned_child_runs(client, parent_run_id: str, trial_ids: set[str]) 
     Ray does not know these trials after a resume (it samples new ones in their place), so their runs
     would be duplicates with no trial behind them.
     """
-    orphans = [r for r in _child_runs(client, parent_run_id) if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids]
+    orphans = [r for r in _child_runs(client, parent_run_id)
+               if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids and r.data.tags.get("confirm") != "true"]
     for run in orphans:
         client.delete_run(run.info.run_id)
     return len(orphans)
@@ -229,7 +232,8 @@ def write_trials_csv(trials: list[TrialSummary], path: Path, space_keys: list[st
 
 
 def record_search(parent: tracking.RunHandle, cfg: Config, folder: Path, trials: list[TrialSummary],
-                  best: TrialSummary | None, wall: float, status: str) -> dict[str, Any]:
+                  best: TrialSummary | None, wall: float, status: str,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parent run's records of a search that ran: ``trials.csv``, the clean-vs-robust plot, the summary
     (also ``summary.json``, with the outcome as ``status``) and the best config. Returns the summary."""
     full = cfg.train.epochs
@@ -262,8 +266,34 @@ def record_search(parent: tracking.RunHandle, cfg: Config, folder: Path, trials:
         parent.set_tags({"best_trial_id": best.trial_id})
     parent.log_metrics(summary, step=0)
     summary.update(status=status, best_trial_id=best.trial_id if best else None,
-                   failed_trials=[{"trial_id": t.trial_id, "reason": t.failure, **(t.diverged or {})} for t in failed])
+                   failed_trials=[{"trial_id": t.trial_id, "reason": t.failure, **(t.diverged or {})} for t in failed],
+                   **(extra or {}))
     (folder / files.SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
     artifacts.append(folder / files.SUMMARY_JSON)
     parent.log_artifacts(artifacts)
     return summary
+
+
+def record_front(parent: tracking.RunHandle, cfg: Config, folder: Path, trials: list[TrialSummary]) -> list:
+    """``pareto.csv`` and ``pareto.png`` of the search's Pareto front, on the parent run; the front's child runs
+    tagged ``pareto: true`` so the MLflow UI can filter them. Returns the front."""
+    from tune_mtard.plots import plot_pareto
+    from tune_mtard.search.pareto import default_trial, front_objectives, pareto_front, write_pareto_csv
+
+    objectives, modes = front_objectives(cfg)
+    front = pareto_front(trials, objectives, modes, cfg.train.epochs)
+    write_pareto_csv(front, folder / files.PARETO_CSV, objectives, list(cfg.space or {}))
+    x, y = objectives[:2]
+    points = [(t.trial_id, t.metric(x), t.metric(y)) for t in trials if not t.failed]
+    default = default_trial(trials, cfg)
+    plot_pareto(points, [(t.trial_id, t.metric(x), t.metric(y)) for t in front], folder / files.PARETO_PNG,
+                xlabel=f"{x} ({modes[0]})", ylabel=f"{y} ({modes[1]})", modes=(modes[0], modes[1]),
+                default=None if default is None or default.failed else
+                (default.trial_id, default.metric(x), default.metric(y)))
+    parent.log_artifacts([folder / files.PARETO_CSV, folder / files.PARETO_PNG])
+    on_front = {t.trial_id for t in front}
+    for run in _child_runs(parent.client, parent.run_id):
+        if run.data.tags.get(TRIAL_ID_TAG) in on_front:
+            tracking.set_tags(parent.client, run.info.run_id, {"pareto": "true"})
+    parent.log_metrics({"pareto_front_size": len(front)}, step=0)
+    return front

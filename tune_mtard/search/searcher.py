@@ -76,6 +76,10 @@ def optuna_storage_url(experiment_dir: Path) -> str:
 class PrunedAwareOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that reports per epoch and tells each trial's end as :func:`trial_state` names it.
 
+    With a list of metrics (a multi-objective search) the study has one direction per metric, receives no
+    intermediate values (Optuna has none for several objectives) and is told a trial's values at its last
+    report; a trial stopped early is still PRUNED, a failed one FAIL.
+
     A trial's end is told to the study when Tune next snapshots the experiment (``save``), not at once:
     a trial the study holds as finished is then always one that a resumed search knows as finished too,
     never one that a killed driver ran after its last snapshot (which the resumed search replaces).
@@ -86,7 +90,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args: Any, full_epochs: int, **kwargs: Any):
         self.full_epochs = full_epochs
         self._reported_epochs: dict[str, set[int]] = {}
-        self._pending_tells: dict[str, tuple[TrialState, float | None]] = {}
+        self._pending_tells: dict[str, tuple[TrialState, float | list[float] | None]] = {}
         super().__init__(*args, **kwargs)
 
     def save(self, checkpoint_path: str) -> None:
@@ -110,8 +114,20 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     def _open(self, trial_id: str) -> bool:
         return trial_id not in compat.completed_trials(self) and trial_id in compat.optuna_trials(self)
 
+    @property
+    def multi_objective(self) -> bool:
+        return isinstance(self.metric, list)
+
+    def _value(self, result: dict | None) -> float | list[float] | None:
+        """The trial's value(s) in ``result``, None when any is missing or not a number."""
+        names = self.metric if self.multi_objective else [self.metric]
+        values = [None if not result else result.get(name) for name in names]
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+            return None
+        return [float(v) for v in values] if self.multi_objective else float(values[0])
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if not self._open(trial_id):
+        if not self._open(trial_id) or self.multi_objective:
             return
         epoch = int(result.get(EPOCH, 0))
         if self.metric in result and epoch and epoch not in self._reported_epochs.get(trial_id, set()):
@@ -121,14 +137,13 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if not self._open(trial_id):
             return
-        value = None if not result else result.get(self.metric)
+        value = self._value(result)
         epochs = int(result.get(EPOCH, 0)) if result else 0
         if value is not None and epochs:
             # The result that ends a trial (ASHA's stop, or the last epoch) reaches us only here.
             self.on_trial_result(trial_id, result)
-        missing = value is None or (isinstance(value, float) and math.isnan(value))
-        state = trial_state(epochs, self.full_epochs, failed=error or missing)
-        self._pending_tells[trial_id] = (state, float(value) if state is TrialState.COMPLETE else None)
+        state = trial_state(epochs, self.full_epochs, failed=error or value is None)
+        self._pending_tells[trial_id] = (state, value if state is TrialState.COMPLETE else None)
         compat.completed_trials(self).add(trial_id)
 
     def tell_pending(self) -> None:

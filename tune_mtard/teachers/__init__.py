@@ -117,16 +117,22 @@ def check_teacher_files(cfg: Config, roles: Iterable[str], train_missing: bool =
                                                           f"{file_sha256(path)}, the config pins {teacher.sha256}")
 
 
-def measure_quality(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> dict[str, float]:
-    """Clean and PGD (``eval.pgd_steps``) accuracy on the first ``eval.n_examples`` validation examples."""
-    val = data.val.head(cfg.eval.n_examples)
-    x, y = val.floats().to(device), val.labels.to(device)
+def _accuracy(cfg: Config, model: nn.Module, split, device: torch.device) -> tuple[float, float]:
+    """Clean and PGD (``eval.pgd_steps``) accuracy on the first ``eval.n_examples`` examples of ``split``."""
+    part = split.head(cfg.eval.n_examples)
+    x, y = part.floats().to(device), part.labels.to(device)
     attack = PGD(model, cfg.attack.epsilon, cfg.eval.pgd_step_size, cfg.eval.pgd_steps, random_start=True)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         clean = robust_accuracy(model, Clean(model), x, y, batch_size=cfg.eval.batch_size)
         robust = robust_accuracy(model, attack, x, y, batch_size=cfg.eval.batch_size)
-    return {"val_clean_acc": clean, "val_pgd_acc": robust, "n": float(len(val))}
+    return clean, robust
+
+
+def measure_quality(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> dict[str, float]:
+    """Clean and PGD accuracy on the validation split: what the teacher cache records and warns on."""
+    clean, robust = _accuracy(cfg, model, data.val, device)
+    return {"val_clean_acc": clean, "val_pgd_acc": robust, "n": float(min(len(data.val), cfg.eval.n_examples))}
 
 
 def _quality(cfg: Config, path: Path, sha256: str, model: nn.Module, data: DataBundle,
@@ -210,14 +216,8 @@ def prepare_teachers(cfg: Config, data: DataBundle, device: torch.device | None 
 
 
 def teacher_accuracy(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> dict[str, float]:
-    """Clean and PGD (``eval.pgd_steps``) accuracy on the first ``eval.n_examples`` test examples."""
-    test = data.test.head(cfg.eval.n_examples)
-    x, y = test.floats().to(device), test.labels.to(device)
-    attack = PGD(model, cfg.attack.epsilon, cfg.eval.pgd_step_size, cfg.eval.pgd_steps, random_start=True)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        clean = robust_accuracy(model, Clean(model), x, y, batch_size=cfg.eval.batch_size)
-        robust = robust_accuracy(model, attack, x, y, batch_size=cfg.eval.batch_size)
+    """Clean and PGD accuracy on the test split, as the ``teachers`` command reports it."""
+    clean, robust = _accuracy(cfg, model, data.test, device)
     return {"clean_acc": clean, "pgd_acc": robust}
 
 

@@ -1,0 +1,189 @@
+"""How a search ends, and what it hands over (docs/search.md, "Outcomes").
+
+After the Tuner returns: ``interrupted`` when a signal stopped it (its records KILLED, resumable), else
+the trials are settled, the best (or seed-confirmed) trial chosen, and the search is ``finished`` (its
+config exported with the teachers pinned, its student registered as an MLflow Model) or
+``no_usable_trial``. Either way the parent run gets the summary, the Pareto front and the sensitivity
+analysis.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tune_mtard import files
+from tune_mtard.config import Config
+from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
+
+Rerun = Callable[[list[dict[str, Any]]], Any]  # runs the confirmation trials; None when a signal stopped them
+
+
+@dataclass
+class Outcome:
+    """How a search ended: ``finished``, ``no_usable_trial`` or ``interrupted``, with its summary."""
+
+    status: str
+    summary: dict[str, Any]
+    exit_code: int
+
+
+def reproducible_values(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
+    """A trial's sampled values plus the thread count it ran with, so ``train`` repeats it exactly on a CPU."""
+    threads = cfg.perf.threads or max(1, int(cfg.search.resources.cpu))
+    return {**sampled, "perf.threads": threads}
+
+
+def interrupted(cfg: Config, folder: Path, parent, start: float) -> Outcome:
+    """Tune saved the interrupted trials as unfinished (resumable) and Optuna keeps them RUNNING for
+    ``--resume``; their child runs and the parent run end KILLED."""
+    from tune_mtard.search.recorder import kill_running_child_runs, record_search
+    from tune_mtard.search.trials import load_experiment_trials
+
+    (folder / files.BEST_CONFIG).unlink(missing_ok=True)
+    trials = load_experiment_trials(folder)
+    kill_running_child_runs(parent.client, parent.run_id)
+    summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted")
+    parent.set_tags({"search_status": "interrupted"})
+    analyze(cfg, folder, trials, parent)
+    return Outcome("interrupted", summary, 130)
+
+
+def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: float, rerun: Rerun) -> Outcome:
+    """Pick and record the outcome: the best or confirmed trial's config (teachers pinned) and registered
+    student, the parent run's records, the summary."""
+    from tune_mtard.search.recorder import delete_orphaned_child_runs, record_front, record_search
+    from tune_mtard.search.searcher import close_orphaned_optuna_trials
+    from tune_mtard.search.trials import best_trial, summarize_results
+
+    s = cfg.search
+    best_path = folder / files.BEST_CONFIG
+    best_path.unlink(missing_ok=True)  # only a finished search has one
+    trials = summarize_results(grid)
+    trial_ids = {t.trial_id for t in trials}
+    close_orphaned_optuna_trials(folder, cfg.name, trial_ids)
+    delete_orphaned_child_runs(parent.client, parent.run_id, trial_ids)
+    best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
+    confirmation = None
+    if best is not None and s.confirm.top_k > 0:
+        confirmation = confirm(cfg, folder, trials, parent, rerun)
+        if confirmation is None:
+            return interrupted(cfg, folder, parent, start)
+        if confirmation["winner"] is not None:
+            best = next(t for t in trials if t.trial_id == confirmation["winner"])
+    if best is not None:
+        cfg.run_config().with_values({**reproducible_values(cfg, best.sampled), **teachers.pins()}).dump(best_path)
+    status = "finished" if best is not None else "no_usable_trial"
+    summary = record_search(parent, cfg, folder, trials, best, time.perf_counter() - start, status,
+                            extra={"confirm": confirmation} if confirmation else None)
+    parent.set_tags({"search_status": status})
+    record_front(parent, cfg, folder, trials)
+    analyze(cfg, folder, trials, parent)
+    if best is None:
+        parent.failed = True
+    else:
+        test_metrics: dict[str, float] = {}
+        if s.final_eval.top_k > 0:
+            from tune_mtard.search.final_eval import evaluate_top_trials
+
+            results = evaluate_top_trials(cfg, trials, data, parent.client, parent.run_id, folder, first=best.trial_id)
+            test_metrics = next((r.metrics for r in results if r.trial_id == best.trial_id), {})
+        register(cfg, best, test_metrics, best_path, data, parent)
+    print_result(cfg, best, best_path, summary, folder)
+    return Outcome(status, summary, 0 if best is not None else 1)
+
+
+def confirm(cfg: Config, folder: Path, trials, parent, rerun: Rerun) -> dict[str, Any] | None:
+    """The seed confirmation of the ``confirm.top_k`` best trials; None when a signal stopped it."""
+    from tune_mtard.search import confirm as confirmation
+
+    chosen = confirmation.candidates(cfg, trials)
+    print(f"confirming the {len(chosen)} best trials on {cfg.search.confirm.seeds} more seeds each", flush=True)
+    grid = rerun(confirmation.rerun_points(cfg, chosen))
+    if grid is None:
+        return None
+    reruns = confirmation.tally(cfg, chosen, grid)
+    confirmation.write_confirm_csv(chosen, reruns, folder / files.CONFIRM_CSV, cfg)
+    won = confirmation.winner(cfg, chosen)
+    record = {"top_k": cfg.search.confirm.top_k, "seeds": cfg.search.confirm.seeds,
+              "candidates": [c.record() for c in chosen], "winner": won.trial.trial_id if won else None}
+    metric = cfg.search.metric
+    parent.log_metrics({f"confirm/{c.trial.trial_id}/{metric}_{stat}": value for c in chosen
+                        for stat, value in (("mean", c.mean), ("std", c.std))}, step=0)
+    parent.log_artifacts([folder / files.CONFIRM_CSV])
+    if won is not None:
+        parent.set_tags({"confirmed_trial_id": won.trial.trial_id})
+    for c in chosen:
+        print(f"  trial {c.trial.trial_id}: {metric} {c.mean:.4f} ± {c.std:.4f} over seeds "
+              f"{', '.join(map(str, sorted(c.values)))}"
+              + (f" (failed on seeds {c.failed_seeds})" if c.failed_seeds else ""), flush=True)
+    return record
+
+
+def register(cfg: Config, best, test_metrics: dict[str, float], best_path: Path, data, parent) -> None:
+    """The best student as an MLflow Model, registered as ``search.register_as``: a report, not a result, so a
+    failure is a warning (the weights stay in the trial's checkpoint and child run)."""
+    from tune_mtard.model_registry import register_student
+    from tune_mtard.models import create_model, load_checkpoint
+    from tune_mtard.search.recorder import child_run_id
+
+    name = cfg.name if cfg.search.register_as == "auto" else cfg.search.register_as
+    if not name or best.checkpoint_dir is None:
+        return
+    try:
+        model = create_model(cfg.run_config().with_values(best.sampled).student.arch, data.num_classes,
+                             data.in_channels)
+        load_checkpoint(model, Path(best.checkpoint_dir) / files.STUDENT)
+        experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
+        run_id = child_run_id(parent.client, experiment_id, parent.run_id, best.trial_id) or parent.run_id
+        tags = {"trial_id": best.trial_id, "search": cfg.name, "config": best_path.read_text(),
+                **{k: best.metrics[k] for k in VALIDATION if k in best.metrics}, **test_metrics}
+        registered = register_student(parent.client, run_id, model, data, name, tags)
+    except Exception as exc:
+        print(f"warning: the best student was not registered as {name!r} ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return
+    parent.set_tags({"registered_model": registered.model_uri})
+    print(f"registered:  {registered.model_uri} (load it with mlflow.pytorch.load_model)", flush=True)
+
+
+def analyze(cfg: Config, folder: Path, trials, parent) -> None:
+    """The search's sensitivity analysis (docs/sensitivity.md), beside best_config.yaml and on the parent run.
+    A report, not a result: if it fails, the search still ends as it ended, with a warning."""
+    from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
+
+    try:
+        report = analyze_search(folder, cfg, trials)
+        log_sensitivity(parent.client, parent.run_id, report)
+    except Exception as exc:
+        print(f"warning: the sensitivity analysis failed ({type(exc).__name__}: {exc}); rerun it with "
+              f"python -m tune_mtard.analyze --experiment {folder}", file=sys.stderr)
+
+
+def print_result(cfg: Config, best, best_path: Path, summary: dict[str, Any], folder: Path) -> None:
+    from tune_mtard import tracking
+
+    full = cfg.train.epochs
+    print()
+    print(f"search {cfg.name}: {summary['n_trials']} trials, {summary['n_pruned']} stopped early by ASHA, "
+          f"{summary['n_failed']} failed ({summary['n_diverged']} diverged), {summary['epochs_spent']} of "
+          f"{summary['n_trials'] * full} epochs, {summary['wall_time_s']:.0f}s")
+    for failure in summary["failed_trials"]:
+        print(f"  failed: trial {failure['trial_id']}: {failure['reason']}")
+    if best is None:
+        print(f"no usable trial: every trial failed or diverged, so there is no best config; see the trials' "
+              f"records above and the Ray Tune logs in {folder}", file=sys.stderr)
+        return
+    metric = cfg.search.metric
+    chosen = "confirmed trial" if summary.get("confirm") else "best trial"
+    print(f"{chosen} {best.trial_id}: {metric} {best.metric(metric):.4f} (clean {best.metric(VAL_CLEAN_ACC):.4f}, "
+          f"robust {best.metric(VAL_ROBUST_ACC):.4f}, {best.epochs} epochs)")
+    for key, value in best.sampled.items():
+        print(f"  {key} = {value:.6g}" if isinstance(value, float) else f"  {key} = {value}")
+    print(f"best config: {best_path}")
+    print(f"train it:    python -m tune_mtard.train --config {best_path}")
+    print(tracking.ui_hint(cfg.mlflow.tracking_uri, cfg.mlflow.experiment))
