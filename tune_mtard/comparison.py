@@ -26,16 +26,10 @@ from tune_mtard import files
 from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
 from tune_mtard.data import DataBundle
 from tune_mtard.errors import ConfigError
-from tune_mtard.methods import METHODS
+from tune_mtard.methods import variants
 from tune_mtard.metrics import TEST_ACC, TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, VAL_CLEAN_ACC, VAL_ROBUST_ACC, \
     VAL_W_ROBUST_ACC
 
-
-def variants() -> dict[str, dict[str, Any]]:
-    """What each name in ``--methods`` sets on the base config: every registered method and its variants
-    (the B-MTARD ablations are variants of b-mtard)."""
-    return {variant: {"method": method, **settings}
-            for method, spec in METHODS.items() for variant, settings in spec.variants.items()}
 
 ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf", "aa": "AutoAttack",
                  "square": "Square"}
@@ -54,6 +48,9 @@ class CompareRequest:
     out: str | None = None
     overrides: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
+    tune: int | None = None  # trials of each method's search first (docs/methods.md, "Tuned comparisons")
+    tune_epochs: int | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -167,26 +164,35 @@ def summarize(results: Sequence[RunResult], methods: Sequence[str]) -> list[dict
 
 
 def markdown_table(summary: Sequence[dict[str, Any]], attacks: Sequence[str], seeds: Sequence[int],
-                   n_test: int, epsilon: float, clean_weight: float) -> str:
-    """The comparison as a markdown table: accuracies in %, mean ± std over the seeds."""
+                   n_test: int, epsilon: float, clean_weight: float,
+                   extra: dict[str, dict[str, str]] | None = None) -> str:
+    """The comparison as a markdown table: accuracies in %, mean ± std over the seeds.
+
+    ``extra`` adds columns after the method's name (title -> method -> cell: a tuned comparison's values and
+    budget); a row's ``note`` follows the method's name.
+    """
     keys, titles = metric_keys(attacks), column_titles(attacks)
+    extra = extra or {}
     over = (f"mean ± sample std over seeds {', '.join(str(s) for s in seeds)}" if len(seeds) > 1
             else f"seed {seeds[0]}")
     lines = [
         f"Test accuracy in % (n = {n_test}, eps = {epsilon:.4g}), {over}; "
         f"W-Robust = {clean_weight:g} * clean + {1 - clean_weight:g} * robust.",
         "",
-        "| method | " + " | ".join(titles) + " |",
-        "|---|" + "---:|" * len(titles),
+        "| method | " + " | ".join([*extra, *titles]) + " |",
+        "|---|" + "---|" * len(extra) + "---:|" * len(titles),
     ]
     for row in summary:
         name = row["method"]
+        if row.get("note"):
+            name += f" ({row['note']})"
         if row["seeds_failed"]:
             name += f" ({row['seeds_failed']} of {row['seeds_finished'] + row['seeds_failed']} seeds failed)"
         if row["seeds_finished"] == 0:
             cells = ["failed"] * len(keys)
         else:
             cells = [_percent(row[f"{k}_mean"], row[f"{k}_std"], len(seeds) > 1) for k in keys]
+        cells = [column.get(row["method"], "") for column in extra.values()] + cells
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -209,6 +215,18 @@ def write_results(out: Path, results: Sequence[RunResult], summary: Sequence[dic
     return [per_run, summary_path, markdown]
 
 
+def read_results(path: Path) -> list[RunResult]:
+    """The runs a ``comparison.csv`` holds (what a resumed comparison does not run again)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    fixed = ("method", "seed", "status", "mlflow_run_id", "error")
+    return [RunResult(row["method"], int(row["seed"]), row["status"],
+                      {k: float(v) for k, v in row.items() if k not in fixed and v != ""}, row["mlflow_run_id"],
+                      row["error"]) for row in rows]
+
+
 def _write_csv(path: Path, header: list[str], rows: Sequence[dict[str, Any]]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, restval="")
@@ -220,15 +238,15 @@ def _write_csv(path: Path, header: list[str], rows: Sequence[dict[str, Any]]) ->
 
 
 def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dict[str, nn.Module], out: Path,
-            client, experiment: str, parent_id: str, data_seed: int) -> RunResult:
-    """One (method, seed) through the run pipeline, as a child run of the comparison; a failure is recorded
-    (FAILED, with its error as a tag), not raised; an interrupt ends it KILLED and propagates."""
+            client, experiment: str, parent_id: str, data_seed: int, tags: dict[str, str] | None = None) -> RunResult:
+    """One (method, seed) through the run pipeline, as a child run of the comparison (with ``tags`` too); a
+    failure is recorded (FAILED, with its error as a tag), not raised; an interrupt ends it KILLED and propagates."""
     from tune_mtard import tracking
     from tune_mtard.pipeline import new_trainer, run_pipeline
 
     run_dir = out / method / f"seed{seed}"
     tags = {"mlflow.parentRunId": parent_id, "tune_mtard.command": "compare", "compare.method": method,
-            "compare.seed": str(seed), "compare.data_seed": str(data_seed)}
+            "compare.seed": str(seed), "compare.data_seed": str(data_seed), **(tags or {})}
 
     def show(result) -> None:
         if result.validated:
@@ -258,13 +276,12 @@ def plan(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tu
     each run's config and the output folder."""
     from tune_mtard.teachers import check_teacher_files, roles_for
 
+    for flag, given in (("--tune-epochs", request.tune_epochs is not None), ("--resume", request.resume)):
+        if given:
+            raise ConfigError(flag, "only with --tune (a tuned comparison)")
     methods = parse_methods(request.methods)
     seeds = parse_seeds(request.seeds)
-    base = load_config(request.config, request.overrides, check_files=False).run_config()
-    if request.attacks is not None:
-        base = base.with_values({"eval.final_attacks": parse_attacks(request.attacks)})
-    if request.tracking_uri:
-        base.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
+    base = base_config(request).run_config()
     configs = run_configs(base, methods, seeds)
     check_teacher_files(base, roles_for({c.method for c in configs.values()}))
     out = Path(request.out or Path("runs") / f"{base.name}-compare").resolve()
@@ -273,18 +290,32 @@ def plan(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tu
     return base, methods, seeds, configs, out
 
 
+def base_config(request: CompareRequest) -> Config:
+    """The config file with ``--set``, ``--attacks`` and ``--tracking-uri`` applied, validated; its run config is
+    the comparison's base config (its ``search`` and ``spaces`` sections serve ``--tune``)."""
+    base = load_config(request.config, request.overrides, check_files=False)
+    if request.attacks is not None:
+        base = base.with_values({"eval.final_attacks": parse_attacks(request.attacks)})
+    if request.tracking_uri:
+        base.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
+    return base
+
+
 def compare(request: CompareRequest) -> int:
-    """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records."""
+    """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records; with
+    ``--tune``, each method's search first (:mod:`tune_mtard.tuning`)."""
     from tune_mtard import tracking
     from tune_mtard.data import load_data
     from tune_mtard.perf import resolve_device
     from tune_mtard.teachers import prepare_teachers, roles_for
 
+    if request.tune is not None:
+        from tune_mtard.tuning import compare_tuned
+
+        return compare_tuned(request)
     base, methods, seeds, configs, out = plan(request)
-    attacks = list(dict.fromkeys(["clean", *base.eval.final_attacks]))
+    attacks = final_attacks(base)
     data = load_data(base.data.dataset, base.data.root, base.data.download, base.data.val_fraction, base.seed)
-    n_test = min(base.eval.final_n_examples or len(data.test), len(data.test))
-    device = resolve_device(base.device)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / files.RUN_CONFIG).write_text(to_yaml(base))
@@ -292,43 +323,84 @@ def compare(request: CompareRequest) -> int:
     experiment = tracking.experiment_id(client, base.mlflow.experiment)
     with tracking.open_run(client, experiment, f"{base.name}-compare",
                            tags={"tune_mtard.command": "compare", "tune_mtard.out": str(out)}) as parent:
-        parent.log_params({"compare.methods": ",".join(methods), "compare.seeds": ",".join(map(str, seeds)),
-                           "compare.attacks": ",".join(attacks),
-                           **{k: v for k, v in base.flat().items() if k not in ("method", "seed")}})
+        parent.log_params(comparison_params(base, methods, seeds, attacks))
         print(f"compare {base.name}: {', '.join(methods)} x seeds {', '.join(map(str, seeds))} on "
-              f"{base.data.dataset}, {base.train.epochs} epochs each on {device}; output in {out}; "
-              f"MLflow parent run {parent.run_id}", flush=True)
-        teachers = prepare_teachers(base, data, device, progress=False,
+              f"{base.data.dataset}, {base.train.epochs} epochs each on {resolve_device(base.device)}; output in "
+              f"{out}; MLflow parent run {parent.run_id}", flush=True)
+        teachers = prepare_teachers(base, data, resolve_device(base.device), progress=False,
                                     roles=roles_for({c.method for c in configs.values()}))
         parent.log_metrics(teachers.quality_metrics(), step=0)
         for line in teachers.describe() + teachers.warnings():
             print(line, flush=True)
-        results: list[RunResult] = []
-        for i, ((method, seed), cfg) in enumerate(configs.items(), start=1):
-            print(f"[{i}/{len(configs)}] {method} seed {seed}", flush=True)
-            result = run_one(method, seed, cfg, data, teachers.models, out, client, experiment, parent.run_id,
-                             base.seed)
-            results.append(result)
-            if result.status == FINISHED:
-                shown = "  ".join(f"{k[5:]} {result.metrics[k]:.4f}" for k in metric_keys(attacks))
-                print(f"[{i}/{len(configs)}] {method} seed {seed}: {shown}  "
-                      f"({result.metrics['train_time_s']:.0f}s)", flush=True)
-            else:
-                print(f"[{i}/{len(configs)}] {method} seed {seed} FAILED: {result.error}", flush=True)
-            summary = summarize(results, [m for m in methods if any(r.method == m for r in results)])
-            table = markdown_table(summary, attacks, seeds, n_test, base.attack.epsilon, base.eval.clean_weight)
-            written = write_results(out, results, summary, table)  # after every run: a cut-short comparison keeps its rows
+        n_test = min(base.eval.final_n_examples or len(data.test), len(data.test))
 
-        failed = [r for r in results if r.status == FAILED]
-        parent.log_metrics({f"{row['method']}/{key}": value for row in summary for key, value in row.items()
-                            if key != "method" and isinstance(value, (int, float)) and not math.isnan(value)}, step=0)
-        parent.log_artifacts([*written, out / files.RUN_CONFIG])
-        parent.set_tags({"compare.failed_runs": str(len(failed))})
-        parent.failed = bool(failed)
+        def tabulate(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], str]:
+            summary = summarize(results, [m for m in methods if any(r.method == m for r in results)])
+            return summary, markdown_table(summary, attacks, seeds, n_test, base.attack.epsilon, base.eval.clean_weight)
+
+        results = run_seeds(configs, data, teachers.models, out, parent, experiment, base.seed, attacks, tabulate)
+        failed = record_comparison(parent, base, out, results, *tabulate(results))
+    return report_failures(failed, len(results))
+
+
+def final_attacks(base: Config) -> list[str]:
+    """The attacks of the final test evaluation, ``clean`` first."""
+    return list(dict.fromkeys(["clean", *base.eval.final_attacks]))
+
+
+def comparison_params(base: Config, methods: Sequence[str], seeds: Sequence[int],
+                      attacks: Sequence[str]) -> dict[str, Any]:
+    """The parent run's params: what was compared, and the base config's dotted keys."""
+    return {"compare.methods": ",".join(methods), "compare.seeds": ",".join(map(str, seeds)),
+            "compare.attacks": ",".join(attacks),
+            **{k: v for k, v in base.flat().items() if k not in ("method", "seed")}}
+
+
+def run_seeds(configs: dict[tuple[str, int], Config], data: DataBundle, teachers: dict[str, nn.Module], out: Path,
+              parent, experiment: str, data_seed: int, attacks: Sequence[str], tabulate,
+              done: Sequence[RunResult] = (), tags: dict[str, dict[str, str]] | None = None) -> list[RunResult]:
+    """Every (method, seed) of ``configs`` that ``done`` lacks, in order, through :func:`run_one`; the tables
+    (``tabulate(results)`` -> summary rows and markdown) are rewritten after every run, so a comparison cut
+    short keeps its rows. ``tags`` adds tags to each method's runs."""
+    results = list(done)
+    todo = {key: cfg for key, cfg in configs.items() if not any((r.method, r.seed) == key for r in done)}
+    for i, ((method, seed), cfg) in enumerate(todo.items(), start=1):
+        print(f"[{i}/{len(todo)}] {method} seed {seed}", flush=True)
+        result = run_one(method, seed, cfg, data, teachers, out, parent.client, experiment, parent.run_id, data_seed,
+                         (tags or {}).get(method))
+        results.append(result)
+        if result.status == FINISHED:
+            shown = "  ".join(f"{k[5:]} {result.metrics[k]:.4f}" for k in metric_keys(attacks))
+            print(f"[{i}/{len(todo)}] {method} seed {seed}: {shown}  ({result.metrics['train_time_s']:.0f}s)",
+                  flush=True)
+        else:
+            print(f"[{i}/{len(todo)}] {method} seed {seed} FAILED: {result.error}", flush=True)
+        write_results(out, results, *tabulate(results))
+    return results
+
+
+def record_comparison(parent, base: Config, out: Path, results: Sequence[RunResult],
+                      summary: Sequence[dict[str, Any]], table: str) -> list[RunResult]:
+    """The tables (files and parent run), the per-method means as metrics; prints the table and how to see the
+    runs in the MLflow UI. Returns the failed runs (the parent run is then FAILED)."""
+    from tune_mtard import tracking
+
+    written = write_results(out, results, summary, table)
+    failed = [r for r in results if r.status == FAILED]
+    parent.log_metrics({f"{row['method']}/{key}": value for row in summary for key, value in row.items()
+                        if key != "method" and isinstance(value, (int, float)) and not math.isnan(value)}, step=0)
+    parent.log_artifacts([*written, out / files.RUN_CONFIG])
+    parent.set_tags({"compare.failed_runs": str(len(failed))})
+    parent.failed = bool(failed)
     print(f"\n{table}\nfiles in {out}: {files.COMPARISON_CSV} {files.COMPARISON_SUMMARY_CSV} {files.COMPARISON_MD}")
     print(tracking.ui_hint(base.mlflow.tracking_uri, base.mlflow.experiment))
+    return failed
+
+
+def report_failures(failed: Sequence[RunResult], n_runs: int) -> int:
+    """Exit code 1, with one line naming each failed run, when some run failed; else 0."""
     if failed:
-        print(f"{len(failed)} of {len(results)} runs failed: "
+        print(f"{len(failed)} of {n_runs} runs failed: "
               + "; ".join(f"{r.method} seed {r.seed}: {r.error}" for r in failed), file=sys.stderr)
         return 1
     return 0

@@ -38,3 +38,5 @@ DIVERGED_JSON = "diverged.json"  # where the trial diverged: a restart fails at 
 COMPARISON_CSV = "comparison.csv"
 COMPARISON_SUMMARY_CSV = "comparison_summary.csv"
 COMPARISON_MD = "comparison.md"
+TUNED_STATE = "tuned_comparison.json"  # compare --tune: what was asked and each search's wall time (--resume)
+TUNED_SEARCHES = "searches"  # compare --tune: the folder of the per-method searches

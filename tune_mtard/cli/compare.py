@@ -1,11 +1,13 @@
-"""``compare --config FILE --methods LIST``: methods side by side, over seeds (docs/methods.md)."""
+"""``compare --config FILE --methods LIST [--tune N]``: methods side by side, over seeds, each at the same
+hand-set hyperparameters or, with ``--tune``, at its own searched best (docs/methods.md)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for
-from tune_mtard.comparison import CompareRequest, compare, variants
+from tune_mtard.comparison import CompareRequest, compare
+from tune_mtard.methods import variants
 
 
 def build_parser() -> ArgumentParser:
@@ -21,6 +23,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", default=None, help="output folder (default: runs/<name>-compare)")
     add_set_flag(parser)
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: mlflow.tracking_uri)")
+    parser.add_argument("--tune", type=int, default=None, metavar="N",
+                        help="first search each method's own space with N trials (equal budget per method), then "
+                             "train each method's best config on the seeds (default output: runs/<name>-compare-tuned)")
+    parser.add_argument("--tune-epochs", type=int, default=None, metavar="E",
+                        help="epochs of each search's trials, ASHA's max_t (default: train.epochs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted tuned comparison in --out, without redoing finished searches")
     return parser
 
 
@@ -28,4 +37,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     return compare(CompareRequest(config=args.config, methods=args.methods, seeds=args.seeds, attacks=args.attacks,
-                                  out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri))
+                                  out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri,
+                                  tune=args.tune, tune_epochs=args.tune_epochs, resume=args.resume))

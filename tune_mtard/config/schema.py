@@ -244,7 +244,8 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 @dataclass
 class Config:
-    """A run config; with ``search`` and ``space`` it is a search space (docs/configuration.md)."""
+    """A run config; with ``search`` and ``space`` it is a search space, and ``spaces`` is what ``compare --tune``
+    searches per method (docs/configuration.md)."""
 
     name: str = "cifar10-bmtard"
     seed: int = 0
@@ -263,6 +264,7 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     search: SearchConfig | None = None
     space: dict[str, Distribution] | None = None
+    spaces: dict[str, dict[str, Distribution | None]] | None = None  # over compare --tune's spaces (space.py)
 
     def check(self, check_files: bool = True) -> None:
         """Every rule of the run config, and of the search section when there is one (the space: space.py)."""
@@ -287,16 +289,19 @@ class Config:
             self.search.check()
 
     def to_dict(self, with_search: bool = False) -> dict[str, Any]:
-        """Plain YAML-ready dict; the run config alone unless ``with_search``."""
+        """Plain YAML-ready dict; the run config alone unless ``with_search`` (then also ``search``, ``space``
+        and ``spaces``, where the config has them)."""
         raw = to_plain(self)
         if not with_search or self.search is None:
             raw.pop("search", None)
             raw.pop("space", None)
+        if not with_search or self.spaces is None:
+            raw.pop("spaces", None)
         return raw
 
     def run_config(self) -> Config:
-        """This config without its ``search`` and ``space`` sections."""
-        return dataclasses.replace(self, search=None, space=None)
+        """This config without its ``search``, ``space`` and ``spaces`` sections."""
+        return dataclasses.replace(self, search=None, space=None, spaces=None)
 
     def flat(self) -> dict[str, Any]:
         """The run config as dotted keys (``balance.beta``), for MLflow params and comparisons."""

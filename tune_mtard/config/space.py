@@ -50,12 +50,13 @@ def unsearchable_reason(key: str) -> str | None:
     return None
 
 
-def parse_space(raw: Any) -> dict[str, Distribution]:
+def parse_space(raw: Any, section: str = "space") -> dict[str, Distribution]:
+    """A space as distributions; ``section`` is where it sits (``space``, or ``spaces.<method>``), for messages."""
     if not isinstance(raw, dict):
-        raise ConfigError("space", "expected a mapping of dotted config keys to distributions")
+        raise ConfigError(section, "expected a mapping of dotted config keys to distributions")
     space = {}
     for key, spec in raw.items():
-        where = f"space.{key}"
+        where = f"{section}.{key}"
         if not isinstance(spec, dict):
             raise ConfigError(where, "expected a mapping like {type: float, low: .., high: ..}")
         dist = build(Distribution, spec, where)
@@ -102,6 +103,73 @@ def check_space(cfg: Config) -> None:
                                                       f"(at {values})") from None
 
 
+def parse_spaces(raw: Any) -> dict[str, dict[str, Distribution | None]]:
+    """The ``spaces`` section: a method (or variant) name -> what to lay over the default space ``compare --tune``
+    searches for it (a key's distribution, or null: not searched)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("spaces", "expected a mapping of method names to spaces")
+    spaces: dict[str, dict[str, Distribution | None]] = {}
+    for name, entry in raw.items():
+        section = f"spaces.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(section, "expected a mapping of dotted config keys to distributions (or null)")
+        spaces[str(name)] = {key: None if spec is None else parse_space({key: spec}, section)[key]
+                             for key, spec in entry.items()}
+    return spaces
+
+
+def check_spaces(cfg: Config) -> None:
+    """Each ``spaces`` entry names a method or variant ``compare --methods`` accepts, and the space it makes is
+    one that method can search."""
+    from tune_mtard.methods import variants
+
+    names = variants()
+    for name in cfg.spaces or {}:
+        require(name in names, f"spaces.{name}", f"unknown method {name!r} (valid: {', '.join(names)})")
+        method_search_base(cfg, name)
+
+
+def method_space(cfg: Config, variant: str) -> dict[str, Distribution]:
+    """What ``compare --tune`` searches for ``variant``: its default space (beside its registration in
+    tune_mtard/methods/) with the config's ``spaces.<variant>`` laid over it, key by key: a distribution
+    replaces or adds that key, null drops it (docs/configuration.md, "spaces")."""
+    from tune_mtard.methods import default_space
+
+    section = f"spaces.{variant}"
+    space = parse_space(default_space(variant), section)
+    for key, dist in ((cfg.spaces or {}).get(variant) or {}).items():
+        if dist is not None:
+            space[key] = dist
+            continue
+        require(key in space, f"{section}.{key}", f"null drops a key of {variant}'s default space, which does not "
+                                                  f"search it (it searches {', '.join(space)})")
+        del space[key]
+    require(bool(space), section, "leaves nothing to search")
+    return space
+
+
+def method_search_base(cfg: Config, variant: str) -> Config:
+    """``cfg``'s run config as ``variant`` runs it, with :func:`method_space` as its space, checked like any
+    space (:func:`check_space`) and for keys the variant sets itself; a ConfigError names ``spaces.<variant>.<key>``."""
+    from tune_mtard.methods import variants
+
+    section = f"spaces.{variant}"
+    space = method_space(cfg, variant)
+    fixed = variants()[variant]
+    clash = [key for key in space if key in fixed]
+    if clash:
+        raise ConfigError(f"{section}.{clash[0]}", f"cannot be searched: {variant} sets it to {fixed[clash[0]]!r}")
+    searched = dataclasses.replace(cfg.run_config().with_values(fixed), space=space)
+    try:
+        check_space(searched)
+    except ConfigError as exc:
+        given = (cfg.spaces or {}).get(variant) or {}
+        hint = "" if any(exc.key.startswith(f"space.{key}") for key in given) else \
+            f" (in {variant}'s default space; set {section} to change it)"
+        raise ConfigError(section + exc.key[len("space"):], exc.message + hint) from None
+    return searched
+
+
 def _corners(space: dict[str, Distribution]) -> Iterable[tuple]:
     corners = [[(k, v) for v in d.extremes()] for k, d in space.items()]
     n_corners = 1
@@ -122,7 +190,7 @@ def leaf_types() -> dict[str, Any]:
 
     def walk(cls: Any, prefix: str) -> None:
         for name, hint in get_type_hints(cls).items():
-            if cls is Config and name in ("search", "space"):
+            if cls is Config and name in ("search", "space", "spaces"):
                 continue
             key = f"{prefix}{name}"
             if dataclasses.is_dataclass(hint):

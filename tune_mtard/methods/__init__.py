@@ -7,17 +7,32 @@ class decorated with :func:`register_method`, in a module imported below.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from tune_mtard.config import Config
 from tune_mtard.methods import adversarial, distillation, mtard, bmtard  # noqa: F401 (they register, in this order)
 from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast, trace_row
-from tune_mtard.methods.registry import METHODS, MethodSpec, register_method
+from tune_mtard.methods.registry import METHODS, SHARED_SPACE, MethodSpec, Space, register_method
 
 
 def needed_teachers(method: str) -> tuple[str, ...]:
     """The teacher roles ``method`` distils from."""
     return METHODS.get(method).teachers
+
+
+def variants() -> dict[str, dict[str, Any]]:
+    """What each name ``compare --methods`` accepts sets on the base config (``method`` included): every
+    registered method and its variants (the B-MTARD ablations are variants of b-mtard)."""
+    return {variant: {"method": method, **settings}
+            for method, spec in METHODS.items() for variant, settings in spec.variants.items()}
+
+
+def default_space(variant: str) -> Space:
+    """The space ``compare --tune`` searches for a method or variant by default (docs/methods.md, "Tuned
+    comparisons")."""
+    return METHODS.get(variants()[variant]["method"]).default_space(variant)
 
 
 def build_objective(cfg: Config, student: nn.Module, teachers: Teachers,
@@ -30,5 +45,5 @@ def build_objective(cfg: Config, student: nn.Module, teachers: Teachers,
     return spec.objective(cfg, student, teachers, autocast)
 
 
-__all__ = ["METHODS", "MethodSpec", "Objective", "Teachers", "build_objective", "needed_teachers",
-           "register_method", "trace_row"]
+__all__ = ["METHODS", "SHARED_SPACE", "MethodSpec", "Objective", "Space", "Teachers", "build_objective",
+           "default_space", "needed_teachers", "register_method", "trace_row", "variants"]

@@ -35,7 +35,9 @@ class PGDAT(Objective):
         return loss_adv, self.trace(x.device, loss_adv=loss_adv, w_adv=1.0, w_nat=0.0)
 
 
-@register_method("trades")
+@register_method("trades", space={
+    "baselines.trades_beta": {"type": "float", "low": 0.5, "high": 12.0, "log": True},
+})
 class TRADES(Objective):
     """Zhang et al. (ICML 2019): CE(S(x), y) + beta * KL(S(x) || S(x')), KL inner attack."""
 

@@ -28,6 +28,13 @@ def no_autocast() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+# train.lr as compare --tune searches it for the methods whose loss is KL~ alone (rslad, mtard, b-mtard): KL~ is
+# averaged over classes as well as the batch, which makes its gradients about an order of magnitude smaller
+# than cross-entropy's, so the range is as wide as SHARED_SPACE's (a factor of 20) and five times higher
+# (docs/methods.md, "Tuned comparisons").
+KL_MEAN_LR_SPACE = {"train.lr": {"type": "float", "low": 0.05, "high": 1.0, "log": True}}
+
+
 def soft_kl(p: torch.Tensor, log_p: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """The reference's distillation loss: mean over batch and classes of ``p * (log p - log_softmax(s))``."""
     return (p * (log_p - F.log_softmax(student_logits.float(), dim=1))).mean()

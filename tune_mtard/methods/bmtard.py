@@ -13,8 +13,20 @@ import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS, EntropyBalance, LossBalance
 from tune_mtard.config import Config
-from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast, soft_kl
+from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
+
+# What compare --tune searches of each balancer (docs/methods.md, "Tuned comparisons"): the ranges of the digits
+# space. An ablation that switches a balancer off does not search its keys, which would change nothing.
+ENTROPY_BALANCE_SPACE = {
+    "balance.tau_min": {"type": "float", "low": 0.5, "high": 2.0},
+    "balance.tau_max": {"type": "float", "low": 2.0, "high": 20.0},
+    "balance.tau_lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
+}
+LOSS_BALANCE_SPACE = {
+    "balance.beta": {"type": "float", "low": 0.5, "high": 3.0},
+    "balance.weight_lr": {"type": "float", "low": 5.0e-3, "high": 0.1, "log": True},
+}
 
 
 @register_method("b-mtard", teachers=("clean", "robust"), variants={
@@ -24,6 +36,10 @@ from tune_mtard.methods.registry import register_method
     "b-mtard-no-ebb": {"balance.entropy": False, "balance.loss": True},
     "b-mtard-no-nlb": {"balance.entropy": True, "balance.loss": False},
     "b-mtard-none": {"balance.entropy": False, "balance.loss": False},
+}, space={**KL_MEAN_LR_SPACE, **ENTROPY_BALANCE_SPACE, **LOSS_BALANCE_SPACE}, variant_spaces={
+    "b-mtard-no-ebb": {**KL_MEAN_LR_SPACE, **LOSS_BALANCE_SPACE},
+    "b-mtard-no-nlb": {**KL_MEAN_LR_SPACE, **ENTROPY_BALANCE_SPACE},
+    "b-mtard-none": KL_MEAN_LR_SPACE,
 })
 class BMTARD(Objective):
     """Balanced Multi-Teacher Adversarial Robustness Distillation (docs/algorithm.md, steps 1-6)."""

@@ -8,11 +8,14 @@ import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS
 from tune_mtard.config import Config
-from tune_mtard.methods.base import Autocast, Objective, Teachers, kl_attack, no_autocast, soft_kl
+from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, kl_attack, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
 
 
-@register_method("ard", teachers=("robust",))
+@register_method("ard", teachers=("robust",), space={
+    "baselines.ard_temperature": {"type": "float", "low": 1.0, "high": 50.0, "log": True},
+    "baselines.ard_alpha": {"type": "float", "low": 0.5, "high": 1.0},
+})
 class ARD(Objective):
     """Goldblum et al. (AAAI 2020): robust teacher's tempered soft labels on clean inputs for the
     student's tempered adversarial outputs, alpha*T^2*KL(T_T(x) || S_T(x')) + (1-alpha)*CE(S(x), y).
@@ -41,7 +44,7 @@ class ARD(Objective):
                             w_adv=w_adv, w_nat=w_nat)
 
 
-@register_method("rslad", teachers=("robust",))
+@register_method("rslad", teachers=("robust",), space=KL_MEAN_LR_SPACE)
 class RSLAD(Objective):
     """Zi et al. (ICCV 2021): the robust teacher's soft labels on clean inputs for both terms,
     5/6 KL(T(x) || S(x')) + 1/6 KL(T(x) || S(x)), with a KL inner attack against those labels.

@@ -11,11 +11,16 @@ import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS
 from tune_mtard.config import Config
-from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast, soft_kl
+from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
 
 
-@register_method("mtard", teachers=("clean", "robust"))
+@register_method("mtard", teachers=("clean", "robust"), space={
+    **KL_MEAN_LR_SPACE,
+    "balance.tau_init": {"type": "float", "low": 1.0, "high": 10.0, "log": True},  # MTARD's fixed temperature
+    "balance.beta": {"type": "float", "low": 0.5, "high": 3.0},
+    "balance.weight_lr": {"type": "float", "low": 5.0e-3, "high": 0.1, "log": True},
+})
 class MTARD(Objective):
     """MTARD (Zhao et al., ECCV 2022): two teachers at a fixed temperature; ``w_nat`` follows the relative
     losses to the power beta and ``w_adv = 1 - w_nat``."""
