@@ -23,7 +23,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from searchkit import mlflow_runs, optuna_trials, search_args, tracking_uri
+from searchkit import child_env, mlflow_runs, optuna_trials, search_args, tracking_uri
 
 from tune_mtard.cli import export, search, train
 from tune_mtard.models import create_model, load_checkpoint
@@ -137,6 +137,25 @@ def test_the_best_student_is_a_registered_pt2_model_equal_to_its_weights(pareto_
     x = tiny_digits.test.floats()
     with torch.no_grad():
         assert torch.equal(loaded(x), student(x))
+
+
+def test_mlflow_models_predict_serves_the_registered_model_on_a_sample_batch(pareto_search, tiny_digits, tmp_path):
+    """The registered model through MLflow's own CLI (pyfunc, the local environment): the student's logits."""
+    x = tiny_digits.test.floats()[:4]
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps({"inputs": x.tolist()}))
+    env = {**child_env(), "MLFLOW_TRACKING_URI": tracking_uri(pareto_search["root"])}
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    result = subprocess.run([str(mlflow_cli), "models", "predict", "-m", f"models:/{NAME}/1", "-i", str(batch),
+                             "-t", "json", "--env-manager", "local"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    predictions = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])["predictions"])
+    winner = pareto_search["summary"]["best_trial_id"]
+    checkpoint = sorted(pareto_search["folder"].glob(f"train_bmtard_{winner}_*/checkpoint_*/student.pt"))[-1]
+    student = load_checkpoint(create_model("digits_cnn", 10, 1), checkpoint).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(predictions, student(x), rtol=1e-5, atol=1e-5)
 
 
 def test_train_registers_its_final_student_when_asked(tiny_config_path, tiny_teachers, tiny_digits, tmp_path):
