@@ -87,18 +87,18 @@ def test_diverged_trials_fail_in_tune_optuna_and_mlflow_and_are_never_the_best(s
     assert diverging and diverging != set(lr)
     states = tune_states(folder)
     optuna_states = {t.user_attrs["ray_trial_id"]: t.state for t in optuna_trials(folder, name)}
-    for run in children:
-        tid = run.data.tags["trial_id"]
+    for record in children:
+        tid = record.data.tags["trial_id"]
         if tid in diverging:
             assert states[tid] == "ERROR" and optuna_states[tid] == optuna.trial.TrialState.FAIL
-            assert run.info.status == "FAILED" and run.data.tags["failure"] == "diverged"
-            step, epoch = int(run.data.tags["diverged_step"]), int(run.data.tags["diverged_epoch"])
+            assert record.info.status == "FAILED" and record.data.tags["failure"] == "diverged"
+            step, epoch = int(record.data.tags["diverged_step"]), int(record.data.tags["diverged_epoch"])
             assert step >= 1 and epoch == 1
-            trace = Path(client.download_artifacts(run.info.run_id, "balance_trace.csv", str(tmp_path / tid)))
+            trace = Path(client.download_artifacts(record.info.run_id, "balance_trace.csv", str(tmp_path / tid)))
             assert len(trace.read_text().splitlines()) == 1 + step  # the trace up to the step that diverged
         else:
             assert states[tid] == "TERMINATED" and optuna_states[tid] == optuna.trial.TrialState.COMPLETE
-            assert run.info.status == "FINISHED"
+            assert record.info.status == "FINISHED"
     s = summary(folder)
     assert s["status"] == "finished" and s["n_diverged"] == len(diverging) and s["n_failed"] == len(diverging)
     assert {f["trial_id"] for f in s["failed_trials"]} == diverging

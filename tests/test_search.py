@@ -78,42 +78,42 @@ def test_mlflow_has_one_experiment_with_one_parent_run_and_one_child_run_per_tri
 def test_child_runs_are_named_by_trial_id_and_hold_its_sampled_values_as_dotted_params(finished_search):
     _, _, children = mlflow_runs(finished_search["root"], finished_search["name"])
     reports = finished_search["reports"]
-    for run in children:
-        trial_id = run.data.tags["trial_id"]
-        assert run.info.run_name == trial_id
+    for record in children:
+        trial_id = record.data.tags["trial_id"]
+        assert record.info.run_name == trial_id
         sampled = reports[trial_id][0]["config"]
         assert set(sampled) == set(SPACE_KEYS)
-        assert run.data.params == {k: str(v) for k, v in sampled.items()}
+        assert record.data.params == {k: str(v) for k, v in sampled.items()}
 
 
 def test_child_runs_log_every_spec_metric_once_per_validation_epoch_with_step_epoch(finished_search):
     client, _, children = mlflow_runs(finished_search["root"], finished_search["name"])
     reports = finished_search["reports"]
-    for run in children:
-        rows = reports[run.data.tags["trial_id"]]
+    for record in children:
+        rows = reports[record.data.tags["trial_id"]]
         for metric in EPOCH_METRICS:
-            history = client.get_metric_history(run.info.run_id, metric)
+            history = client.get_metric_history(record.info.run_id, metric)
             assert sorted(m.step for m in history) == [r["epoch"] for r in rows], metric
             assert {m.step: m.value for m in history} == pytest.approx({r["epoch"]: r[metric] for r in rows})
         last_state = "COMPLETE" if rows[-1]["epoch"] == EPOCHS else "PRUNED"
-        assert run.data.tags["trial_state"] == last_state
-        assert run.data.tags["node_id"] == rows[-1]["node_id"]
+        assert record.data.tags["trial_state"] == last_state
+        assert record.data.tags["node_id"] == rows[-1]["node_id"]
 
 
 def test_child_runs_hold_the_balance_trace_its_plot_and_the_student_weights(finished_search, tmp_path):
     client, _, children = mlflow_runs(finished_search["root"], finished_search["name"])
     reports = finished_search["reports"]
-    for run in children:
-        paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    for record in children:
+        paths = {a.path for a in client.list_artifacts(record.info.run_id)}
         assert {"balance_trace.csv", "balance_trace.png", "model"} <= paths
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/student.pt"]
-        local = Path(client.download_artifacts(run.info.run_id, "balance_trace.csv", str(tmp_path)))
+        assert [a.path for a in client.list_artifacts(record.info.run_id, "model")] == ["model/student.pt"]
+        local = Path(client.download_artifacts(record.info.run_id, "balance_trace.csv", str(tmp_path)))
         lines = local.read_text().splitlines()
         assert lines[0] == SPEC_TRACE_HEADER
         steps = [int(line.split(",")[0]) for line in lines[1:]]
         epochs = [int(line.split(",")[1]) for line in lines[1:]]
         assert steps == list(range(1, len(steps) + 1))
-        assert max(epochs) == reports[run.data.tags["trial_id"]][-1]["epoch"]
+        assert max(epochs) == reports[record.data.tags["trial_id"]][-1]["epoch"]
 
 
 def test_parent_run_holds_space_best_config_trials_csv_scatter_plot_and_summary(finished_search, tmp_path):
@@ -149,9 +149,9 @@ def test_a_finished_search_writes_and_logs_its_sensitivity_analysis(finished_sea
 
 def test_each_trial_reports_its_balance_diagnostics_and_the_search_counts_the_flags(finished_search):
     client, parents, children = mlflow_runs(finished_search["root"], finished_search["name"])
-    for run in children:
-        gaps = client.get_metric_history(run.info.run_id, "entropy_gap")
-        assert len(gaps) == int(run.data.tags["epochs_run"]) and all(g.value >= 0 for g in gaps)
+    for record in children:
+        gaps = client.get_metric_history(record.info.run_id, "entropy_gap")
+        assert len(gaps) == int(record.data.tags["epochs_run"]) and all(g.value >= 0 for g in gaps)
     header = (finished_search["folder"] / "trials.csv").read_text().splitlines()[0].split(",")
     assert {"entropy_gap", "entropy_gap_persists", "loss_dominates"} <= set(header)
     summary = summary_of(finished_search["folder"])
@@ -529,13 +529,13 @@ def test_killed_search_resumes_to_the_same_counts_without_rerunning_or_duplicati
     assert not [t for t in trials if t.state == TrialState.RUNNING], "an Optuna trial was left RUNNING"
 
     reports = ray_reports(folder)
-    for run in children:
-        trial_id = run.data.tags["trial_id"]
+    for record in children:
+        trial_id = record.data.tags["trial_id"]
         epochs_run = reports[trial_id][-1]["epoch"]
         # Each epoch logged once, whatever was repeated around the kill.
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_w_robust_acc")]
+        steps = [m.step for m in client.get_metric_history(record.info.run_id, "val_w_robust_acc")]
         assert sorted(steps) == list(range(1, epochs_run + 1)), (trial_id, steps)
-        trace = Path(client.download_artifacts(run.info.run_id, "balance_trace.csv", str(tmp_path))).read_text()
+        trace = Path(client.download_artifacts(record.info.run_id, "balance_trace.csv", str(tmp_path))).read_text()
         trace_steps = [int(line.split(",")[0]) for line in trace.splitlines()[1:]]
         assert trace_steps == list(range(1, len(trace_steps) + 1))
         assert int(trace.splitlines()[-1].split(",")[1]) == epochs_run

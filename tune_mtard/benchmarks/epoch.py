@@ -15,9 +15,7 @@ import statistics
 import time
 from typing import Any
 
-import torch
-
-from tune_mtard.benchmarks.machine import machine_info, synchronizer
+from tune_mtard.benchmarks.machine import machine_info, machine_line, synchronizer
 from tune_mtard.benchmarks.step import random_teachers
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle, num_batches
@@ -82,8 +80,7 @@ def print_epoch(result: dict[str, Any]) -> None:
     print(f"epoch benchmark: {result['dataset']}, {result['method']}, student {result['student']}, teachers "
           f"{result['teachers']['clean']} / {result['teachers']['robust']}, batch {result['batch_size']}, "
           f"{result['attack_steps']}-step PGD, {result['device']}, perf {result['perf']}")
-    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, GPU {m['gpu']}, "
-          f"load {m['load_avg_before']} -> {m['load_avg_1_5_15']}")
+    print(machine_line(m))
     print(f"{result['train_examples']} training images in {result['steps_per_epoch']} steps, validation on "
           f"{result['val_examples']} images (clean + PGD-{result['val_pgd_steps']}); median of {result['epochs']} "
           f"epochs after {result['warmup_epochs']} untimed")

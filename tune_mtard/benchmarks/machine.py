@@ -30,6 +30,12 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """The machine a benchmark ran on, and the load average before and after it, as every benchmark prints it."""
+    return (f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, GPU {m['gpu']}, "
+            f"load {m['load_avg_before']} -> {m['load_avg_1_5_15']}")
+
+
 def synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)

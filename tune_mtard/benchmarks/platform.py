@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tune_mtard.benchmarks.machine import machine_info
+from tune_mtard.benchmarks.machine import machine_info, machine_line
 from tune_mtard.benchmarks.step import random_teachers
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle, load_data
@@ -184,8 +184,7 @@ def print_platform(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(f"platform benchmark: {result['dataset']}, {result['epochs']} epochs, {result['reports']} reports, "
           f"{result['threads_per_trial']} thread(s) per trial, {result['device']}, median of {result['repeats']}")
-    print(f"machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}, "
-          f"load {m['load_avg_before']} -> {m['load_avg_1_5_15']}")
+    print(machine_line(m))
     print(f"bare Trainer (teachers + Trainer + fit)            {result['bare_s']:8.2f} s")
     print(f"Ray Tune trial, inside the trainable               {result['trial_loop_s']:8.2f} s")
     print(f"Ray Tune trial, Tuner.fit end to end               {result['tuner_fit_s']:8.2f} s")

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tune_mtard.benchmarks.machine import StepTimer, machine_info
+from tune_mtard.benchmarks.machine import StepTimer, machine_info, machine_line
 from tune_mtard.benchmarks.reference_step import ReferenceStep
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle, iterate_batches, load_data
@@ -140,8 +140,7 @@ def print_step(result: dict[str, Any]) -> None:
     print(f"B-MTARD step benchmark: {result['dataset']}, student {result['student']}, teachers "
           f"{result['teachers']['clean']} / {result['teachers']['robust']}, batch {result['batch_size']}, "
           f"{result['attack_steps']}-step PGD, {result['device']}, perf {result['perf']}")
-    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, GPU {m['gpu']}, "
-          f"load {m['load_avg_before']} -> {m['load_avg_1_5_15']}")
+    print(machine_line(m))
     print(f"{'':28s} {'ms/call':>10s} {'calls/s':>10s}   (median of {result['repeats']} windows)")
     for name, ms in result["ms_per_call"].items():
         print(f"{name:28s} {ms:10.3f} {result['steps_per_s'][name]:10.1f}")
