@@ -334,11 +334,37 @@ def test_parse_override_splits_at_the_first_equals_sign():
     pytest.param(digits_run(eval={"final_attacks": ["clean", "deepfool"]}), "eval.final_attacks[1]",
                  id="unknown final attack"),
     pytest.param(digits_run(search={"mode": "maximum"}), "search.mode", id="unknown search mode"),
+    pytest.param(digits_run(name=".."), "name", id="name .."),
+    pytest.param(digits_run(search={"register_as": "robust/best"}), "search.register_as",
+                 id="registered model name with a slash"),
+    pytest.param(digits_run(search={"register_as": " "}), "search.register_as", id="blank registered model name"),
+    pytest.param(digits_run(name="digits:b-mtard", search={}), "search.register_as",
+                 id="auto registers under a search name MLflow refuses"),
 ])
 def test_a_bad_value_raises_config_error_naming_its_dotted_key(raw, key):
     error = config_error(raw)
     assert error.key == key
     assert str(error).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize("search", [{"register_as": ""}, {"register_as": "digits-best"}])
+def test_a_search_name_mlflow_refuses_is_fine_when_nothing_is_registered_under_it(search):
+    cfg = from_dict(digits_run(name="digits:b-mtard", search=search), check_files=False)
+    assert cfg.name == "digits:b-mtard"
+
+
+def test_registered_model_names_follow_mlflows_rules():
+    from mlflow.utils.validation import _validate_model_name
+
+    from tune_mtard.config.rules import model_name_problem
+
+    for name in ["digits-bmtard", "with space", "a.b", "ünï", "", " ", "a/b", "a:b", ".", "..", "../x", "a/../b", "./a"]:
+        try:
+            _validate_model_name(name)
+            refused = False
+        except Exception:
+            refused = True
+        assert (model_name_problem(name) is not None) == refused, name
 
 
 def test_a_missing_teacher_checkpoint_file_is_an_error_only_when_files_are_checked(tmp_path):

@@ -188,6 +188,8 @@ BAD_INPUTS = {
     "missing config file": (["--config", "nowhere.yaml"], ["nowhere.yaml"]),
     "bad --set syntax": (["--config", "{config}", "--set", "train.epochs"], ["--set", "train.epochs"]),
     "unknown flag": (["--config", "{config}", "--bogus"], ["--bogus"]),
+    "registered model name MLflow refuses": (["--config", "{config}", "--register", "digits/best"],
+                                             ["--register", "digits/best"]),
     "resume with nothing to resume": (["--config", "{config}", "--out", "{tmp}/never-ran", "--resume"],
                                       ["--out", "never-ran"]),
     "existing out without resume": (["--config", "{config}", "--out", "{finished}", "--set", f"train.epochs={EPOCHS}"],

@@ -17,6 +17,7 @@ import torch
 
 from tune_mtard import files
 from tune_mtard.config import Config, absolute_tracking_uri, load_config
+from tune_mtard.config.rules import check_model_name
 from tune_mtard.engine import EpochResult
 from tune_mtard.errors import ConfigError
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VAL_W_ROBUST_ACC
@@ -48,6 +49,8 @@ class TrainPlan:
 
 def plan(request: TrainRequest) -> TrainPlan:
     """Check everything the run needs before anything is written or logged; ConfigError (exit 2) otherwise."""
+    if request.register is not None:
+        check_model_name(request.register, "--register")
     cfg = load_config(request.config, request.overrides).run_config()
     if request.tracking_uri:
         cfg.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from tune_mtard.config.coerce import AUTO, flatten, to_plain
-from tune_mtard.config.rules import check_attack_names, require, require_name
+from tune_mtard.config.rules import check_attack_names, model_name_problem, require, require_name
 from tune_mtard.config.search import Distribution, SearchConfig
 
 
@@ -270,7 +270,8 @@ class Config:
         """Every rule of the run config, and of the search section when there is one (the space: space.py)."""
         from tune_mtard.methods import METHODS
 
-        require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+                "must be a non-empty name without '/' (and not '.' or '..')")
         require(self.seed >= 0, "seed", "must be >= 0")
         require(bool(_DEVICE.match(self.device)), "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.data.check()
@@ -287,6 +288,12 @@ class Config:
         self.mlflow.check()
         if self.search is not None:
             self.search.check()
+            auto = self.search.register_as == "auto"
+            registered = self.name if auto else self.search.register_as
+            problem = model_name_problem(registered) if registered else None
+            require(problem is None, "search.register_as",
+                    f"{registered!r} {problem}: the MLflow Model Registry refuses it"
+                    + (" (auto registers under the search's name; set another name, or '' for none)" if auto else ""))
 
     def to_dict(self, with_search: bool = False) -> dict[str, Any]:
         """Plain YAML-ready dict; the run config alone unless ``with_search`` (then also ``search``, ``space``
