@@ -29,7 +29,7 @@ import torch.nn as nn
 from tune_mtard.attacks import PGD, TrainPGD
 from tune_mtard.data import DataBundle, Split, iterate_batches
 from tune_mtard.engine import Trainer
-from tune_mtard.perf import PerfOptions, data_bytes
+from tune_mtard.perf import PerfOptions, data_bytes, resolve_device
 from tune_mtard.methods import trace_row
 from tune_mtard.metrics import TRACE_COLUMNS
 
@@ -466,3 +466,25 @@ def test_bench_search_refuses_a_fifo_baseline_from_another_config(tmp_path, caps
         run(main, ["search", "--fifo-from", str(earlier)])
     assert exit_info.value.code == 2
     assert "--fifo-from" in capsys.readouterr().err
+
+
+def test_a_device_the_machine_lacks_is_a_config_error_naming_device(monkeypatch):
+    from tune_mtard.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ConfigError, match="has 2 CUDA device") as info:
+        resolve_device("cuda:2")
+    assert info.value.key == "device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="MPS is not available"):
+        resolve_device("mps")

@@ -188,6 +188,7 @@ BAD_INPUTS = {
     "missing config file": (["--config", "nowhere.yaml"], ["nowhere.yaml"]),
     "bad --set syntax": (["--config", "{config}", "--set", "train.epochs"], ["--set", "train.epochs"]),
     "unknown flag": (["--config", "{config}", "--bogus"], ["--bogus"]),
+    "a device the machine lacks": (["--config", "{config}", "--set", "device=cuda:99"], ["device", "cuda:99"]),
     "registered model name MLflow refuses": (["--config", "{config}", "--register", "digits/best"],
                                              ["--register", "digits/best"]),
     "resume with nothing to resume": (["--config", "{config}", "--out", "{tmp}/never-ran", "--resume"],

@@ -274,6 +274,7 @@ def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dic
 def plan(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tuple[str, int], Config], Path]:
     """Everything checked before anything runs, is written or is logged: the base config, methods, seeds,
     each run's config and the output folder."""
+    from tune_mtard.perf import resolve_device
     from tune_mtard.teachers import check_teacher_files, roles_for
 
     for flag, given in (("--tune-epochs", request.tune_epochs is not None), ("--resume", request.resume)):
@@ -282,6 +283,7 @@ def plan(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tu
     methods = parse_methods(request.methods)
     seeds = parse_seeds(request.seeds)
     base = base_config(request).run_config()
+    resolve_device(base.device)
     configs = run_configs(base, methods, seeds)
     check_teacher_files(base, roles_for({c.method for c in configs.values()}))
     out = Path(request.out or Path("runs") / f"{base.name}-compare").resolve()

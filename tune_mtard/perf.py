@@ -8,6 +8,7 @@ import torch
 
 from tune_mtard.config import AUTO, Config
 from tune_mtard.data import DataBundle
+from tune_mtard.errors import ConfigError
 
 # ``perf.data_on_device: auto`` keeps a dataset on the GPU when it takes at most this share of the card's
 # memory: trials sharing a card through fractional ``search.resources`` each hold their own copy.
@@ -15,10 +16,20 @@ DEVICE_DATA_SHARE = 0.1
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU."""
+    """``auto`` is CUDA when present, else the CPU; a device this machine lacks is a ConfigError on ``device``."""
     if name == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError("device", f"{name!r}, but this machine has no CUDA device (use auto or cpu)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError("device", f"{name!r}, but this machine has {count} CUDA device(s): cuda:0 to "
+                                        f"cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", f"{name!r}, but MPS is not available on this machine (use auto or cpu)")
+    return device
 
 
 def data_bytes(data: DataBundle) -> int:

@@ -52,6 +52,9 @@ def plan(request: TrainRequest) -> TrainPlan:
     if request.register is not None:
         check_model_name(request.register, "--register")
     cfg = load_config(request.config, request.overrides).run_config()
+    from tune_mtard.perf import resolve_device
+
+    resolve_device(cfg.device)
     if request.tracking_uri:
         cfg.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
     out = Path(request.out or Path("runs") / cfg.name).resolve()

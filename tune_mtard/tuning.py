@@ -115,6 +115,7 @@ class SearchOutcome:
 
 def plan_tuned(request: CompareRequest) -> TunedPlan:
     """Everything checked before anything runs, is written or is logged (exit 2 on any problem)."""
+    from tune_mtard.perf import resolve_device
     from tune_mtard.search.driver import check_local_resources
     from tune_mtard.teachers import check_teacher_files, roles_for
 
@@ -126,6 +127,7 @@ def plan_tuned(request: CompareRequest) -> TunedPlan:
     seeds = parse_seeds(request.seeds)
     loaded = base_config(request)
     base = loaded.run_config()
+    resolve_device(base.device)
     epochs = request.tune_epochs or base.train.epochs
     out = Path(request.out or Path("runs") / f"{base.name}-compare-tuned").resolve()
     search, notes = search_section(loaded.search, request.tune, epochs, out / files.TUNED_SEARCHES)

@@ -159,6 +159,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     import ray
 
     from tune_mtard.data import load_data
+    from tune_mtard.perf import resolve_device
     from tune_mtard.search.lock import SearchLock
     from tune_mtard.teachers import check_teacher_files, roles_for
 
@@ -168,6 +169,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
     roles = roles_for(searched_methods(cfg))
     check_teacher_files(cfg.run_config(), roles)
+    resolve_device(cfg.device)  # the driver prepares the teachers there
     ray_started_here = not ray.is_initialized()
     if ray_started_here and address is None:
         check_local_resources(cfg)  # before Ray starts: a local Ray has this machine's CPUs and GPUs
