@@ -192,3 +192,18 @@ def test_a_failed_run_is_recorded_failed_and_the_others_still_run(tmp_path, monk
     _, runs = runs_of(tmp_path / "mlflow.db")
     by_method = {r.data.tags.get("compare.method", "parent"): r.info.status for r in runs}
     assert by_method == {"parent": "FAILED", "pgd-at": "FAILED", "natural": "FINISHED"}
+
+
+def test_a_diverging_run_is_failed_in_one_line_without_a_traceback(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = compare.main(["--config", str(tiny_config(tmp_path, epochs=1)), "--methods", "natural",
+                         "--seeds", "0", "--out", str(out), "--set", "train.lr=1e6"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    [row] = read_csv(out / "comparison.csv")
+    assert row["status"] == "FAILED" and row["error"].startswith("diverged: the loss or balancer state became "
+                                                                  "non-finite at step ")
+    _, runs = runs_of(tmp_path / "mlflow.db")
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert [r.data.tags["error"] for r in runs if "compare.method" in r.data.tags] == [row["error"]]

@@ -25,7 +25,7 @@ import torch.nn as nn
 from tune_mtard import files
 from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
 from tune_mtard.data import DataBundle
-from tune_mtard.errors import ConfigError
+from tune_mtard.errors import ConfigError, RunFailed
 from tune_mtard.methods import variants
 from tune_mtard.metrics import TEST_ACC, TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, VAL_CLEAN_ACC, VAL_ROBUST_ACC, \
     VAL_W_ROBUST_ACC
@@ -237,6 +237,12 @@ def _write_csv(path: Path, header: list[str], rows: Sequence[dict[str, Any]]) ->
 # ------------------------------------------------------------------------------------------ running
 
 
+def _error_line(exc: Exception) -> str:
+    """A failure in one line: a RunFailed (divergence) speaks for itself; anything else is named by its type."""
+    text = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dict[str, nn.Module], out: Path,
             client, experiment: str, parent_id: str, data_seed: int, tags: dict[str, str] | None = None) -> RunResult:
     """One (method, seed) through the run pipeline, as a child run of the comparison (with ``tags`` too); a
@@ -263,11 +269,12 @@ def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dic
             try:
                 result = run_pipeline(new_trainer(cfg, data, teachers, run_dir), data, run_dir, run=run, on_epoch=show)
             except Exception as exc:
-                run.set_tags({"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:5000]})
+                run.set_tags({"error": _error_line(exc)[:5000]})
                 raise
     except Exception as exc:  # one failed method must not cost the others their results
-        traceback.print_exc()
-        return RunResult(method, seed, FAILED, run_id=run_id, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        if not isinstance(exc, RunFailed):  # a crash: its traceback; a divergence says all in its line
+            traceback.print_exc()
+        return RunResult(method, seed, FAILED, run_id=run_id, error=_error_line(exc))
     return RunResult(method, seed, FINISHED, result.metrics, run_id)
 
 
