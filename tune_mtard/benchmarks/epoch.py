@@ -15,7 +15,7 @@ import statistics
 import time
 from typing import Any
 
-from tune_mtard.benchmarks.machine import machine_info, machine_line, synchronizer
+from tune_mtard.benchmarks.machine import machine_info, machine_line, synchronizer, training_setup, training_setup_line
 from tune_mtard.benchmarks.step import random_teachers
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle, num_batches
@@ -56,11 +56,7 @@ def bench_epoch(cfg: Config, data: DataBundle, epochs: int, warmup_epochs: int) 
     images = len(data.train)
     return {
         "command": "epoch",
-        "config": cfg.name, "dataset": data.name, "method": cfg.method, "student": cfg.student.arch,
-        "teachers": {"clean": cfg.teachers.clean.arch, "robust": cfg.teachers.robust.arch},
-        "batch_size": cfg.data.batch_size, "attack_steps": cfg.attack.steps, "device": str(device),
-        "perf": {"bf16": trainer.perf.bf16, "channels_last": trainer.perf.channels_last,
-                 "compile": trainer.perf.compile, "data_on_device": trainer.perf.data_on_device},
+        **training_setup(cfg, data, device, trainer.perf), "method": cfg.method,
         "train_examples": images, "steps_per_epoch": steps,
         "val_examples": min(cfg.eval.n_examples, len(data.val)), "val_pgd_steps": cfg.eval.pgd_steps,
         "epochs": epochs, "warmup_epochs": warmup_epochs,
@@ -71,15 +67,13 @@ def bench_epoch(cfg: Config, data: DataBundle, epochs: int, warmup_epochs: int) 
         "images_per_s_with_validation": images / median["epoch_s"],
         "ms_per_step": 1000 * median["train_s"] / steps,
         "loader_share": median["loader_s"] / median["train_s"],
-        "machine": dict(machine_info(device), load_avg_before=[round(v, 2) for v in load_before]),
+        "machine": machine_info(device, load_before),
     }
 
 
 def print_epoch(result: dict[str, Any]) -> None:
     m = result["machine"]
-    print(f"epoch benchmark: {result['dataset']}, {result['method']}, student {result['student']}, teachers "
-          f"{result['teachers']['clean']} / {result['teachers']['robust']}, batch {result['batch_size']}, "
-          f"{result['attack_steps']}-step PGD, {result['device']}, perf {result['perf']}")
+    print(f"epoch benchmark: {result['dataset']}, {result['method']}, {training_setup_line(result)}")
     print(machine_line(m))
     print(f"{result['train_examples']} training images in {result['steps_per_epoch']} steps, validation on "
           f"{result['val_examples']} images (clean + PGD-{result['val_pgd_steps']}); median of {result['epochs']} "

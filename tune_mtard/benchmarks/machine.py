@@ -7,13 +7,20 @@ import platform as platform_module
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
+from tune_mtard.config import Config
+from tune_mtard.data import DataBundle
+from tune_mtard.perf import PerfOptions
 
-def machine_info(device: torch.device | None = None) -> dict[str, Any]:
-    """Where the figures come from: CPU model, cores, torch threads, load average, GPU."""
+
+def machine_info(device: torch.device | None = None,
+                 load_before: tuple[float, float, float] | None = None) -> dict[str, Any]:
+    """Where the figures come from: CPU model, cores, torch threads, load average (and ``load_before``, the
+    load average when the benchmark started), GPU."""
     cpu = platform_module.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -27,6 +34,8 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     }
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if load_before is not None:
+        info["load_avg_before"] = [round(v, 2) for v in load_before]
     return info
 
 
@@ -34,6 +43,21 @@ def machine_line(m: dict[str, Any]) -> str:
     """The machine a benchmark ran on, and the load average before and after it, as every benchmark prints it."""
     return (f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, GPU {m['gpu']}, "
             f"load {m['load_avg_before']} -> {m['load_avg_1_5_15']}")
+
+
+def training_setup(cfg: Config, data: DataBundle, device: torch.device, perf: PerfOptions) -> dict[str, Any]:
+    """What the training benchmarks (step, epoch) time: the data, models, batch, attack and fast path."""
+    return {"config": cfg.name, "dataset": data.name, "student": cfg.student.arch,
+            "teachers": {"clean": cfg.teachers.clean.arch, "robust": cfg.teachers.robust.arch},
+            "batch_size": cfg.data.batch_size, "attack_steps": cfg.attack.steps, "device": str(device),
+            "perf": asdict(perf)}
+
+
+def training_setup_line(result: dict[str, Any]) -> str:
+    """A training benchmark's models, batch, attack, device and fast path, as step and epoch print them."""
+    return (f"student {result['student']}, teachers {result['teachers']['clean']} / {result['teachers']['robust']}, "
+            f"batch {result['batch_size']}, {result['attack_steps']}-step PGD, {result['device']}, "
+            f"perf {result['perf']}")
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

@@ -176,7 +176,7 @@ def bench_platform(cfg: Config, epochs: int, repeats: int) -> dict[str, Any]:
         "trial_launch_s": statistics.median(r["tuner_fit_s"] - r["trial_loop_s"] for r in runs),
         "platform_overhead_end_to_end": statistics.median(end_to_end),
         "ray_startup_s": ray_startup,
-        "machine": dict(machine_info(device), load_avg_before=[round(v, 2) for v in load_before]),
+        "machine": machine_info(device, load_before),
     }
 
 

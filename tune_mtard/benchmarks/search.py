@@ -83,7 +83,7 @@ def bench_search(space: str, overrides: list[str], num_samples: int | None, max_
         "asha_epoch_fraction": asha["epochs_spent"] / fifo["epochs_full_budget"],
         "asha_best_gap": fifo["best_val_w_robust_acc"] - asha["best_val_w_robust_acc"],
         "ray_startup_s": ray_startup, "teachers_s": teachers_s,
-        "machine": dict(machine_info(resolve_device(cfg.device)), load_avg_before=[round(v, 2) for v in load_before]),
+        "machine": machine_info(resolve_device(cfg.device), load_before),
     }
 
 

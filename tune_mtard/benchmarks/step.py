@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tune_mtard.benchmarks.machine import StepTimer, machine_info, machine_line
+from tune_mtard.benchmarks.machine import StepTimer, machine_info, machine_line, training_setup, training_setup_line
 from tune_mtard.benchmarks.reference_step import ReferenceStep
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle, iterate_batches, load_data
@@ -121,25 +121,19 @@ def bench_step(cfg: Config, batch_size: int | None, repeats: int, window_s: floa
     median_s = {name: statistics.median(s) for name, s in timer.seconds.items()}
     return {
         "command": "step",
-        "config": cfg.name, "dataset": data.name, "student": cfg.student.arch,
-        "teachers": {"clean": cfg.teachers.clean.arch, "robust": cfg.teachers.robust.arch},
-        "batch_size": cfg.data.batch_size, "attack_steps": cfg.attack.steps, "device": str(device),
-        "perf": {"bf16": bmtard.perf.bf16, "channels_last": bmtard.perf.channels_last,
-                 "compile": bmtard.perf.compile, "data_on_device": bmtard.perf.data_on_device},
+        **training_setup(cfg, data, device, bmtard.perf),
         "repeats": repeats, "calls_per_window": timer.calls,
         "ms_per_call": {name: 1000 * s for name, s in median_s.items()},
         "steps_per_s": {name: 1 / s for name, s in median_s.items()},
         "ms_per_call_all_windows": {name: [round(1000 * v, 4) for v in s] for name, s in timer.seconds.items()},
         **{f"bmtard_over_{name}": statistics.median(values) for name, values in ratios.items()},
-        "machine": dict(machine_info(device), load_avg_before=[round(v, 2) for v in load_before]),
+        "machine": machine_info(device, load_before),
     }
 
 
 def print_step(result: dict[str, Any]) -> None:
     m = result["machine"]
-    print(f"B-MTARD step benchmark: {result['dataset']}, student {result['student']}, teachers "
-          f"{result['teachers']['clean']} / {result['teachers']['robust']}, batch {result['batch_size']}, "
-          f"{result['attack_steps']}-step PGD, {result['device']}, perf {result['perf']}")
+    print(f"B-MTARD step benchmark: {result['dataset']}, {training_setup_line(result)}")
     print(machine_line(m))
     print(f"{'':28s} {'ms/call':>10s} {'calls/s':>10s}   (median of {result['repeats']} windows)")
     for name, ms in result["ms_per_call"].items():
