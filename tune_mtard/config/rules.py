@@ -36,6 +36,6 @@ def model_name_problem(name: str) -> str | None:
     return None
 
 
-def check_model_name(name: str, key: str) -> None:
+def check_model_name(name: str, key: str, hint: str = "") -> None:
     problem = model_name_problem(name)
-    require(problem is None, key, f"{name!r} {problem}: the MLflow Model Registry refuses it")
+    require(problem is None, key, f"{name!r} {problem}: the MLflow Model Registry refuses it{hint}")

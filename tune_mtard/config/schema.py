@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from tune_mtard.config.coerce import AUTO, flatten, to_plain
-from tune_mtard.config.rules import check_attack_names, model_name_problem, require, require_name
+from tune_mtard.config.rules import check_attack_names, check_model_name, require, require_name
 from tune_mtard.config.search import Distribution, SearchConfig
 
 
@@ -290,10 +290,9 @@ class Config:
             self.search.check()
             auto = self.search.register_as == "auto"
             registered = self.name if auto else self.search.register_as
-            problem = model_name_problem(registered) if registered else None
-            require(problem is None, "search.register_as",
-                    f"{registered!r} {problem}: the MLflow Model Registry refuses it"
-                    + (" (auto registers under the search's name; set another name, or '' for none)" if auto else ""))
+            if registered:  # "": nothing is registered
+                check_model_name(registered, "search.register_as", " (auto registers under the search's name; set "
+                                 "another name, or '' for none)" if auto else "")
 
     def to_dict(self, with_search: bool = False) -> dict[str, Any]:
         """Plain YAML-ready dict; the run config alone unless ``with_search`` (then also ``search``, ``space``
