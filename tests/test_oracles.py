@@ -33,7 +33,8 @@ from tune_mtard.models import create_model
 BATCH = 32
 # float32 (the project) against float64 (the oracle). Measured: losses within 3e-6 (ARD at T = 30, whose KL is a
 # small number) and most within 1e-7, gradients within 1.4e-6 of their largest entry. A wrong reduction,
-# temperature or weight is a factor of at least 1e-2 away; even dropping the 1e-5 inside the reference's log moves a loss by about 3e-5.
+# temperature or weight is a factor of at least 1e-2 away; even dropping the 1e-5 inside the reference's log
+# moves a loss by about 3e-5.
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-5  # of the largest gradient entry
 TRACE_RTOL, TRACE_ATOL = 1e-5, 1e-7
