@@ -140,6 +140,24 @@ def test_robustbench_normalize_model_wrapping_and_its_model_prefix_are_mapped(tm
     assert_same_logits(ours, theirs)
 
 
+def test_a_wrapper_holding_mu_sigma_around_a_model_submodule_is_mapped(tmp_path):
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mu", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1))
+            self.register_buffer("sigma", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1))
+            self.model = randomize(KuangliuResNet18())
+
+        def forward(self, x):
+            return self.model((x - self.mu) / self.sigma)
+
+    theirs = Wrapper().eval()
+    path = save(theirs.state_dict(), tmp_path / "wrapped.pt")
+    ours = create_model("resnet18", 10)
+    assert "stripped the model. key prefix" in load_mapped(ours, path)
+    assert_same_logits(ours, theirs)
+
+
 def external_normalization(x: torch.Tensor) -> torch.Tensor:
     """What Rice et al.'s and Wong et al.'s training scripts feed their models: float32 mean/std, outside."""
     mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1).double()

@@ -42,8 +42,9 @@ def strip_prefixes(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list
         done.append("stripped the module. / _orig_mod. key prefixes")
     normalizer = {key: value for key, value in stripped.items() if key in _NORMALIZER_KEYS}
     rest = {key: value for key, value in stripped.items() if key not in _NORMALIZER_KEYS}
-    if rest and all(key.startswith(_WRAPPING_MODULE) for key in rest):
-        rest = {key[len(_WRAPPING_MODULE):]: value for key, value in rest.items()}
+    network = [key for key in rest if key not in (MEAN_KEY, STD_KEY)]  # a wrapper may hold mu / sigma itself
+    if network and all(key.startswith(_WRAPPING_MODULE) for key in network):
+        rest = {key.removeprefix(_WRAPPING_MODULE): value for key, value in rest.items()}
         done.append("stripped the model. key prefix")
         if normalizer:
             rest.update({_NORMALIZER_KEYS[key]: value for key, value in normalizer.items()})
