@@ -359,6 +359,21 @@ def foreign_teacher(tmp_path_factory):
     return tmp, path, digits_config(tmp, path)
 
 
+def test_a_teachers_measured_quality_is_kept_per_declared_normalisation(foreign_teacher):
+    from tune_mtard.config import load_config
+    from tune_mtard.data import load_data
+    from tune_mtard.teachers import prepare_teachers
+
+    tmp, _, config = foreign_teacher
+    declared = load_config(str(config), [], check_files=False).run_config()
+    undeclared = declared.with_values({"teachers.clean.normalization": {"mean": [], "std": []}})
+    data = load_data("digits", val_fraction=declared.data.val_fraction, seed=0)
+    for cfg in (declared, undeclared):
+        teacher = prepare_teachers(cfg, data, torch.device("cpu"), progress=False, roles=["clean"]).teachers["clean"]
+        assert teacher.mapping.endswith("mean [0.3], std [0.4]") == (cfg is declared)
+    assert len(list((tmp / "cache" / "quality").iterdir())) == 2  # not the first measurement read back
+
+
 @pytest.mark.slow
 def test_teachers_command_prints_the_mapping_and_validation_accuracy_of_a_foreign_teacher(foreign_teacher):
     tmp, path, config = foreign_teacher

@@ -28,6 +28,7 @@ from tune_mtard.evaluation import robust_accuracy
 from tune_mtard.methods import METHODS
 from tune_mtard.metrics import VAL_CLEAN_ACC
 from tune_mtard.models import AS_SAVED, create_model, load_mapped
+from tune_mtard.models.normalization import normalization_of
 from tune_mtard.perf import resolve_device
 from tune_mtard.teachers.cache import exclusive, file_sha256, quality_record_path, read_json, write_json
 from tune_mtard.teachers.recipes import recipe_config, recipe_key, teacher_path, teacher_settings
@@ -144,6 +145,9 @@ def _quality(cfg: Config, path: Path, sha256: str, model: nn.Module, data: DataB
     settings = {"dataset": cfg.data.dataset, "val_fraction": cfg.data.val_fraction, "seed": cfg.seed,
                 "epsilon": cfg.attack.epsilon, "pgd_steps": e.pgd_steps, "pgd_step_size": e.pgd_step_size,
                 "n_examples": e.n_examples}
+    normalization = normalization_of(model)
+    if normalization is not None:  # the same file under another declared normalisation is another model
+        settings["normalization"] = list(normalization)
     record_path = quality_record_path(cfg.teachers.cache_dir, sha256, settings)
     record = read_json(record_path)
     if record is None or record.get("settings") != settings:
