@@ -25,7 +25,7 @@ _NORMALIZER_KEYS = {"normalize.mean": MEAN_KEY, "normalize.std": STD_KEY}
 _WRAPPING_MODULE = "model."
 # The MTARD ResNet-56 (a torchvision-style CIFAR ResNet): projection shortcut `downsample`, classifier `fc`.
 _TORCHVISION_STYLE = ((re.compile(r"^(layer\d+\.\d+\.)downsample\."), r"\1shortcut."), (re.compile(r"^fc\."), "linear."))
-_WIDTHS_RESNET56 = 16
+_RESNET56_STEM_WIDTH = 16
 
 
 def plain_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -55,7 +55,7 @@ def strip_prefixes(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list
 
 
 def _is_resnet56(model: nn.Module) -> bool:
-    return isinstance(model, CifarResNet) and model.num_stages == 3 and model.conv1.out_channels == _WIDTHS_RESNET56
+    return isinstance(model, CifarResNet) and model.num_stages == 3 and model.conv1.out_channels == _RESNET56_STEM_WIDTH
 
 
 def _torchvision_style(keys: set[str]) -> bool:
@@ -84,7 +84,7 @@ def refusal(model: nn.Module, state: Mapping[str, Tensor], arch: str) -> str | N
     keys, expected = set(state), set(model.state_dict())
     if isinstance(model, PreActResNet) and _has(keys, "layer1.") and "linear.weight" in keys:
         if model.bn is not None and not _has(keys, "bn."):
-            return (f"has no final BN (bn.*): a PreActResNet-18 of kuangliu/pytorch-cifar, which {arch} is not; "
+            return (f"has no final BN (bn.*): kuangliu/pytorch-cifar's PreActResNet-18, not {arch}; "
                     "load it as arch preact_resnet18_kuangliu")
         if model.bn is None and _has(keys, "bn."):
             return (f"has a final BN (bn.*), which {arch} (kuangliu/pytorch-cifar) lacks; load it as arch "
