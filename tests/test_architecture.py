@@ -196,7 +196,8 @@ def test_autoattack_says_what_is_missing_when_pyautoattack_is_not_installed():
     ("tune_mtard.methods:METHODS", {"natural", "pgd-at", "trades", "ard", "rslad", "mtard", "b-mtard"}),
     ("tune_mtard.data:DATASETS", {"digits", "synthetic", "cifar10", "cifar100", "svhn", "tiny-imagenet"}),
     ("tune_mtard.attacks:ATTACKS", {"clean", "fgsm", "pgd20", "cw", "aa", "square"}),
-    ("tune_mtard.models:MODELS", {"resnet18", "preact_resnet18", "mobilenet_v2", "wrn34_10", "wrn28_10", "resnet56",
+    ("tune_mtard.models:MODELS", {"resnet18", "preact_resnet18", "preact_resnet18_wong", "preact_resnet18_kuangliu",
+                                  "mobilenet_v2", "wrn34_10", "wrn28_10", "resnet56",
                                   "digits_cnn", "digits_cnn_large"}),
 ])
 def test_each_kind_of_name_lives_in_one_registry(registry, names):

@@ -18,7 +18,8 @@ from tune_mtard.models import (
 )
 from tune_mtard.models.wide_resnet import WideResNet
 
-CIFAR_MODELS = ["resnet18", "preact_resnet18", "mobilenet_v2", "wrn34_10", "wrn28_10", "resnet56"]
+CIFAR_MODELS = ["resnet18", "preact_resnet18", "preact_resnet18_wong", "preact_resnet18_kuangliu", "mobilenet_v2",
+                "wrn34_10", "wrn28_10", "resnet56"]
 DIGITS_MODELS = ["digits_cnn", "digits_cnn_large"]
 NUM_CLASSES = 7  # not 10, so a hard-coded head size would show
 

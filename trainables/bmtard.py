@@ -25,7 +25,7 @@ from tune_mtard.data import DataBundle
 from tune_mtard.diagnostics import diagnose
 from tune_mtard.engine import Trainer
 from tune_mtard.errors import Diverged
-from tune_mtard.models import create_model, save_checkpoint
+from tune_mtard.models import create_model, load_state, save_checkpoint
 from tune_mtard.search import compat
 from tune_mtard.search.trials import read_divergence
 
@@ -41,9 +41,9 @@ def trial_config(base: Config, sampled: dict[str, Any]) -> Config:
 
 
 def teacher_from_weights(arch: str, weights: dict[str, torch.Tensor], data: DataBundle) -> torch.nn.Module:
-    """A frozen teacher in eval mode from its architecture and state dict."""
+    """A frozen teacher in eval mode from its architecture and state dict (its normalisation buffers included)."""
     model = create_model(arch, data.num_classes, data.in_channels)
-    model.load_state_dict(weights)
+    load_state(model, weights, f"the {arch} teacher's weights", arch)
     return model.eval().requires_grad_(False)
 
 

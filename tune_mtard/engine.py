@@ -99,7 +99,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.student = create_model(cfg.student.arch, data.num_classes, data.in_channels).to(self.device)
+        self.student = create_model(cfg.student.arch, data.num_classes, data.in_channels,
+                                    cfg.student.normalization).to(self.device)
         if self.perf.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
         self.model = self._compiled(self.student) if self.perf.compile else self.student

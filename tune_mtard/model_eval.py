@@ -29,12 +29,13 @@ from tqdm.auto import tqdm
 
 from tune_mtard.attacks import ATTACKS, Attack, AutoAttackSettingsError, build_attack
 from tune_mtard.config import Config, load_config
+from tune_mtard.config.schema import NormalizationConfig
 from tune_mtard.data import DataBundle, load_data
 from tune_mtard.errors import ConfigError
 from tune_mtard.evaluation import TRANSFER_ATTACKS, robust_accuracy
 from tune_mtard.files import STUDENT
 from tune_mtard.metrics import w_robust_acc
-from tune_mtard.models import available_models, create_model, load_checkpoint
+from tune_mtard.models import AS_SAVED, available_models, create_model, load_mapped
 from tune_mtard.perf import resolve_device
 
 SPLITS = ("test", "val", "train")
@@ -120,13 +121,25 @@ def default_out(checkpoint: Path, split: str) -> Path:
     return checkpoint.parent / f"{checkpoint.stem}.eval_{split}.json"
 
 
-def load_model(arch: str, checkpoint: Path, data: DataBundle, arch_flag: str) -> nn.Module:
-    """``arch`` for ``data`` with the weights in ``checkpoint``; ConfigError (exit 2) when they do not fit."""
-    model = create_model(arch, data.num_classes, data.in_channels)
+def declared_normalization(cfg: Config, arch: str, checkpoint: Path) -> NormalizationConfig:
+    """The normalisation the config declares for ``checkpoint``: a teacher's when it is that teacher's file (and
+    arch), else the student's when it is loaded as ``student.arch``, else none (a file's own buffers still count)."""
+    for role in ("clean", "robust"):
+        teacher = getattr(cfg.teachers, role)
+        if teacher.arch == arch and Path(teacher.checkpoint).expanduser().resolve() == checkpoint:
+            return teacher.normalization
+    return cfg.student.normalization if arch == cfg.student.arch else NormalizationConfig()
+
+
+def load_model(cfg: Config, arch: str, checkpoint: Path, data: DataBundle, arch_flag: str) -> tuple[nn.Module, str]:
+    """``arch`` for ``data`` with the weights in ``checkpoint``, and what loading mapped of its keys; ConfigError
+    (exit 2) when they do not fit."""
+    model = create_model(arch, data.num_classes, data.in_channels, declared_normalization(cfg, arch, checkpoint))
     try:
-        return load_checkpoint(model, checkpoint).eval()
+        mapping = load_mapped(model, checkpoint, arch)
     except ConfigError as exc:
         raise ConfigError(exc.key, f"{exc.message} (it was loaded as {arch}; {arch_flag} names its arch)") from None
+    return model.eval(), mapping
 
 
 def build_request(args: EvaluateRequest) -> Request:
@@ -280,10 +293,12 @@ def evaluate(args: EvaluateRequest) -> int:
     cfg = request.cfg
     data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
     device = resolve_device(cfg.device)
-    model = load_model(request.arch, request.checkpoint, data, "--arch").to(device)
-    source = None
+    model, mapping = load_model(cfg, request.arch, request.checkpoint, data, "--arch")
+    model = model.to(device)
+    source, source_mapping = None, AS_SAVED
     if request.source_checkpoint is not None:
-        source = load_model(request.source_arch, request.source_checkpoint, data, "--source-arch").to(device)
+        source, source_mapping = load_model(cfg, request.source_arch, request.source_checkpoint, data, "--source-arch")
+        source = source.to(device)
     split = getattr(data, request.split)
     notes: list[str] = []
     if request.n is not None and request.n > len(split):
@@ -300,8 +315,12 @@ def evaluate(args: EvaluateRequest) -> int:
     n = len(examples)
     print(f"evaluating {request.arch} {request.checkpoint} on the first {n} {request.split} examples of "
           f"{cfg.data.dataset} (eps {cfg.attack.epsilon:.4g}) on {device}", flush=True)
+    if mapping != AS_SAVED:
+        print(f"loaded with: {mapping}", flush=True)
     if source is not None:
         print(f"transfer examples crafted on {request.source_arch} {request.source_checkpoint}", flush=True)
+        if source_mapping != AS_SAVED:
+            print(f"  loaded with: {source_mapping}", flush=True)
     x, y = examples.floats().to(device), examples.labels.to(device)
     outcomes = []
     try:

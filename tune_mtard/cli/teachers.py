@@ -28,4 +28,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in reports:
         print(f"{r.role:6s} {r.arch:18s} {r.status:7s} clean {r.clean_acc:.4f}  PGD-{r.pgd_steps} {r.pgd_acc:.4f}  "
               f"(test, n={r.n}, eps={r.epsilon:.4g})  {r.path}", flush=True)
+        print(f"       val clean {r.val_clean_acc:.4f}  PGD-{r.pgd_steps} {r.val_pgd_acc:.4f}  loaded with: {r.mapping}",
+              flush=True)
     return 0

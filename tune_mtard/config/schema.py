@@ -24,6 +24,12 @@ def _archs() -> list[str]:
     return available_models()
 
 
+def _dataset_channels(dataset: str) -> int:
+    from tune_mtard.data import DATASETS
+
+    return DATASETS.get(dataset).channels
+
+
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"
@@ -41,8 +47,24 @@ class DataConfig:
 
 
 @dataclass
+class NormalizationConfig:
+    """The mean and std (one value per channel) a model applies to its [0, 1] input; empty lists: none."""
+
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    def check(self, key: str, channels: int) -> None:
+        require(len(self.mean) == len(self.std), f"{key}.std", f"needs as many values as {key}.mean "
+                                                                f"({len(self.mean)}), got {len(self.std)}")
+        require(len(self.mean) in (0, channels), f"{key}.mean",
+                f"needs one value per input channel ({channels}), got {len(self.mean)}")
+        require(all(v > 0 for v in self.std), f"{key}.std", f"values must be > 0, got {self.std}")
+
+
+@dataclass
 class StudentConfig:
     arch: str = "resnet18"
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
 
     def check(self) -> None:
         require_name(self.arch, _archs(), "student.arch", "arch")
@@ -62,6 +84,7 @@ class TeacherConfig:
     weight_decay: float = 2.0e-4
     batch_size: int = 128
     trades_beta: float = 6.0
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)  # what its file was trained on
 
     def check(self, key: str, check_files: bool) -> None:
         from tune_mtard.methods import METHODS
@@ -277,6 +300,9 @@ class Config:
         self.data.check()
         self.student.check()
         self.teachers.check(check_files)
+        channels = _dataset_channels(self.data.dataset)
+        for key in ("student", "teachers.clean", "teachers.robust"):
+            self.get(key).normalization.check(f"{key}.normalization", channels)
         require_name(self.method, METHODS.names(), "method", "method")
         self.attack.check()
         self.train.check()

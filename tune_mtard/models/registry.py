@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from torch import nn
 
 from tune_mtard.registry import Registry
 
 ModelFactory = Callable[[int, int], nn.Module]
+
+
+class InputNormalization(Protocol):
+    """The mean and std a model normalises its input with (the config's ``normalization``); empty: none."""
+
+    mean: Sequence[float]
+    std: Sequence[float]
 
 MODELS: Registry[ModelFactory] = Registry("model")
 
@@ -23,18 +31,26 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def create_model(name: str, num_classes: int, in_channels: int = 3,
+                 normalization: InputNormalization | None = None) -> nn.Module:
     """Build a freshly initialised model.
 
     Args:
         name: registry name, one of :func:`available_models`.
         num_classes: number of output logits.
         in_channels: channels of the input images (3 for colour, 1 for digits).
+        normalization: mean and std (one value per channel) the model applies to its [0, 1] input first;
+            None or empty: none (docs/configuration.md, "Checkpoints from other repositories").
 
     Raises:
         KeyError: ``name`` is not registered; the message lists the registered names.
     """
-    return MODELS.get(name)(num_classes, in_channels)
+    model = MODELS.get(name)(num_classes, in_channels)
+    if normalization is not None and len(normalization.mean):
+        from tune_mtard.models.normalization import add_normalization
+
+        add_normalization(model, normalization.mean, normalization.std)
+    return model
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

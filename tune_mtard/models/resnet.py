@@ -1,5 +1,5 @@
-"""ResNet-18 of kuangliu/pytorch-cifar and the CIFAR ResNet-56 of He et al. (parameter names kept, so
-reference checkpoints load strictly: ``conv1, bn1, layer1..4, linear``)."""
+"""ResNet-18 of kuangliu/pytorch-cifar and the CIFAR ResNet-56 of He et al. (kuangliu's parameter names:
+``conv1, bn1, layer1..4, linear``; the MTARD ResNet-56's ``downsample`` / ``fc`` are mapped in layouts.py)."""
 
 from __future__ import annotations
 

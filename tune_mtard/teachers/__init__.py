@@ -27,7 +27,8 @@ from tune_mtard.errors import ConfigError, TeacherTrainingFailed
 from tune_mtard.evaluation import robust_accuracy
 from tune_mtard.methods import METHODS
 from tune_mtard.metrics import VAL_CLEAN_ACC
-from tune_mtard.models import create_model, load_checkpoint
+from tune_mtard.models import AS_SAVED, create_model, load_mapped
+from tune_mtard.models.normalization import normalization_of
 from tune_mtard.perf import resolve_device
 from tune_mtard.teachers.cache import exclusive, file_sha256, quality_record_path, read_json, write_json
 from tune_mtard.teachers.recipes import recipe_config, recipe_key, teacher_path, teacher_settings
@@ -60,6 +61,7 @@ class Teacher:
     model: nn.Module
     quality: dict[str, float] = field(default_factory=dict)  # val_clean_acc, val_pgd_acc, n
     trained: bool = False  # trained by this call (rather than found)
+    mapping: str = AS_SAVED  # what loading mapped of the file's keys (a file from another repository)
 
 
 @dataclass
@@ -97,7 +99,8 @@ class TeacherSet:
 
     def describe(self) -> list[str]:
         return [f"{role} teacher {t.arch}: val clean {t.quality['val_clean_acc']:.4f}, val PGD "
-                f"{t.quality['val_pgd_acc']:.4f} (n={t.quality['n']:.0f})  {t.path}" for role, t in self.teachers.items()]
+                f"{t.quality['val_pgd_acc']:.4f} (n={t.quality['n']:.0f})  {t.path}"
+                + ("" if t.mapping == AS_SAVED else f"\n  loaded with: {t.mapping}") for role, t in self.teachers.items()]
 
 
 def check_teacher_files(cfg: Config, roles: Iterable[str], train_missing: bool = False) -> None:
@@ -142,6 +145,9 @@ def _quality(cfg: Config, path: Path, sha256: str, model: nn.Module, data: DataB
     settings = {"dataset": cfg.data.dataset, "val_fraction": cfg.data.val_fraction, "seed": cfg.seed,
                 "epsilon": cfg.attack.epsilon, "pgd_steps": e.pgd_steps, "pgd_step_size": e.pgd_step_size,
                 "n_examples": e.n_examples}
+    normalization = normalization_of(model)
+    if normalization is not None:  # the same file under another declared normalisation is another model
+        settings["normalization"] = list(normalization)
     record_path = quality_record_path(cfg.teachers.cache_dir, sha256, settings)
     record = read_json(record_path)
     if record is None or record.get("settings") != settings:
@@ -184,11 +190,12 @@ def train_teacher(cfg: Config, role: str, data: DataBundle, device: torch.device
     return result.trainer.student.eval().cpu()
 
 
-def load_teacher(cfg: Config, role: str, data: DataBundle) -> nn.Module:
+def load_teacher(cfg: Config, role: str, data: DataBundle) -> tuple[nn.Module, str]:
+    """Teacher ``role`` frozen in eval mode, with its declared normalisation, and what loading its file mapped."""
     teacher = teacher_settings(cfg, role)
-    model = create_model(teacher.arch, data.num_classes, data.in_channels)
-    load_checkpoint(model, teacher_path(cfg, role))
-    return model.eval().requires_grad_(False)
+    model = create_model(teacher.arch, data.num_classes, data.in_channels, teacher.normalization)
+    mapping = load_mapped(model, teacher_path(cfg, role), teacher.arch)
+    return model.eval().requires_grad_(False), mapping
 
 
 def prepare_teachers(cfg: Config, data: DataBundle, device: torch.device | None = None, progress: bool = True,
@@ -208,10 +215,10 @@ def prepare_teachers(cfg: Config, data: DataBundle, device: torch.device | None 
                 if not path.is_file():
                     train_teacher(cfg, role, data, device, progress, log)
                     trained = True
-        model = load_teacher(cfg, role, data)
+        model, mapping = load_teacher(cfg, role, data)
         sha256 = file_sha256(path)
         found.teachers[role] = Teacher(role, teacher_settings(cfg, role).arch, path.resolve(), sha256, model,
-                                       _quality(cfg, path, sha256, model, data, device), trained)
+                                       _quality(cfg, path, sha256, model, data, device), trained, mapping)
     return found
 
 
@@ -242,6 +249,9 @@ class TeacherReport:
     pgd_steps: int
     n: int  # test examples measured on
     epsilon: float
+    val_clean_acc: float
+    val_pgd_acc: float
+    mapping: str  # what loading mapped of the file's keys
 
 
 def train_missing(request: TeachersRequest) -> list[TeacherReport]:
@@ -262,6 +272,7 @@ def train_missing(request: TeachersRequest) -> list[TeacherReport]:
         accuracy = teacher_accuracy(cfg, teacher.model.to(device), data, device)
         reports.append(TeacherReport(role, teacher.arch, "trained" if teacher.trained else "exists", teacher.path,
                                      accuracy["clean_acc"], accuracy["pgd_acc"], cfg.eval.pgd_steps,
-                                     min(cfg.eval.n_examples, len(data.test)), cfg.attack.epsilon))
+                                     min(cfg.eval.n_examples, len(data.test)), cfg.attack.epsilon,
+                                     teacher.quality["val_clean_acc"], teacher.quality["val_pgd_acc"], teacher.mapping))
     return reports
 

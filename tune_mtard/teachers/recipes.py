@@ -31,7 +31,7 @@ def recipe_config(cfg: Config, role: str) -> Config:
         cfg.run_config(),
         name=f"{cfg.name}-teacher-{role}",
         method=teacher.recipe,
-        student=dataclasses.replace(cfg.student, arch=teacher.arch),
+        student=dataclasses.replace(cfg.student, arch=teacher.arch, normalization=teacher.normalization),
         data=dataclasses.replace(cfg.data, batch_size=teacher.batch_size),
         train=TrainConfig(epochs=teacher.epochs, lr=teacher.lr, momentum=teacher.momentum,
                           weight_decay=teacher.weight_decay, lr_milestones=list(RECIPE_MILESTONES),
@@ -51,6 +51,8 @@ def recipe_key(cfg: Config, role: str) -> str:
         "trades_beta": teacher.trades_beta, "milestones": RECIPE_MILESTONES, "gamma": RECIPE_GAMMA,
         "attack": None if teacher.recipe == "natural" else dataclasses.asdict(cfg.attack),
     }
+    if teacher.normalization.mean:  # only when set, so the keys of teachers cached before it existed stay valid
+        recipe["normalization"] = dataclasses.asdict(teacher.normalization)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.data.dataset}-{teacher.arch}-{teacher.recipe}-{digest}"
 
