@@ -317,11 +317,11 @@ def test_a_second_search_with_the_same_name_without_resume_exits_2(finished_sear
 
 def _searcher(folder: Path, name: str = "unit"):
     from tune_mtard.config import Distribution
-    from tune_mtard.search.searcher import PrunedAwareOptunaSearch, optuna_distributions, optuna_storage_url
+    from tune_mtard.search.searcher import PrunedAwareOptunaSearch, optuna_distributions
 
     space = optuna_distributions({"balance.beta": Distribution(type="float", low=0.5, high=3.0)})
     return PrunedAwareOptunaSearch(space=space, metric="val_w_robust_acc", mode="max", study_name=name,
-                                   storage=optuna.storages.RDBStorage(optuna_storage_url(folder)),
+                                   storage=optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}"),
                                    sampler=optuna.samplers.RandomSampler(seed=0),
                                    full_epochs=EPOCHS)
 
@@ -376,7 +376,7 @@ def test_orphaned_running_optuna_trials_are_closed_as_fail_and_known_ones_left(t
     searcher = _searcher(tmp_path)
     searcher.suggest("known")
     searcher.suggest("lost")
-    assert close_orphaned_optuna_trials(tmp_path, "unit", {"known"}) == 1
+    assert close_orphaned_optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "unit", {"known"}) == 1
     states = {t.user_attrs["ray_trial_id"]: t.state for t in optuna_trials(tmp_path, "unit")}
     assert states == {"known": TrialState.RUNNING, "lost": TrialState.FAIL}
 
