@@ -592,3 +592,24 @@ def test_search_on_a_two_node_cluster_runs_trials_on_both_nodes(space_file, tmp_
     assert len(children) == 2
     nodes = {r.data.tags["node_id"] for r in children}
     assert len(nodes) >= 2, nodes
+
+
+def test_resume_from_another_working_folder_takes_its_own_relative_data_root(space_file, ray_address, tmp_path,
+                                                                           monkeypatch, capsys):
+    """`data.root: ./data` is made absolute against each driver's working folder: a driver resuming from another
+    folder (a new machine) uses its own, rather than refusing the config as different."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    args = search_args(space_file, tmp_path, "tiny-moved", "--num-samples", "1", "--max-epochs", "1",
+                       "--set", "data.root=./data")
+    monkeypatch.chdir(first)
+    assert search.main(args) == 0
+    saved = yaml.safe_load((tmp_path / "results" / "tiny-moved" / "search_space.yaml").read_text())
+    assert saved["data"]["root"] == str(first / "data")
+    monkeypatch.chdir(second)
+    assert search.main(args + ["--resume"]) == 0, capsys.readouterr().err
+    _, parents, children = mlflow_runs(tmp_path, "tiny-moved")
+    assert len(parents) == 1 and len(children) == 1
+    with pytest.raises(SystemExit) as exit_info:  # what the data is, unlike where it is, must still match
+        run(search.main, args + ["--resume", "--set", "data.val_fraction=0.3"])
+    assert exit_info.value.code == 2 and "'data'" in capsys.readouterr().err

@@ -106,13 +106,24 @@ def searched_methods(cfg: Config) -> set[str]:
     return {cfg.method} | set(dist.choices if dist is not None and dist.choices else [])
 
 
+# Where the driver's machine keeps the data and the teacher cache: a driver resuming from another working
+# folder (or machine) takes its own, relative ones resolved against its working folder.
+DRIVER_PATHS = ("data.root", "teachers.cache_dir")
+
+
+def saved_config(cfg: Config) -> Config:
+    """The interrupted search's config, with this driver's ``DRIVER_PATHS``."""
+    saved = load_config(experiment_dir(cfg) / files.SPACE, check_files=False)
+    return saved.with_values({key: cfg.get(key) for key in DRIVER_PATHS})
+
+
 def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None) -> None:
     """A new search needs an unused name; a resumed one, a search of that name that ran, with the same config."""
     folder = experiment_dir(cfg)
     if resume and not started(folder):
         raise ConfigError("--resume", f"no interrupted search named {cfg.name!r} in {folder.parent}")
     if resume:
-        saved = load_config(folder / files.SPACE, check_files=False)
+        saved = saved_config(cfg)
         for key, value in cfg.to_dict(with_search=False).items():
             if key == "mlflow":
                 continue
@@ -148,7 +159,7 @@ def search(request: SearchRequest) -> int:
     check_experiment(cfg, request.resume, request.tracking_uri)
     if request.resume:
         # The interrupted search's own config rules (its MLflow store and study too), except where it is stored.
-        saved = load_config(experiment_dir(cfg) / files.SPACE, check_files=False)
+        saved = saved_config(cfg)
         if cfg.search.optuna_storage and cfg.search.optuna_storage != saved.search.optuna_storage:
             raise ConfigError("search.optuna_storage", "the interrupted search's study is in "
                                                        f"{saved.search.optuna_storage or files.OPTUNA_DB}; "
