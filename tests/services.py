@@ -116,3 +116,57 @@ def mlflow_server(folder: Path) -> Iterator[tuple[str, Path]]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             process.wait()
+
+
+@contextlib.contextmanager
+def ray_cluster_with_blind_worker(storage: Path) -> Iterator[str]:
+    """A two-node Ray cluster of real raylets (``ray start``): the head, and a worker in its own mount namespace
+    with an empty tmpfs over ``storage`` (it cannot see what the driver writes there). Needs root for
+    ``unshare -m``. Yields the head's address; both nodes are stopped after (only these processes)."""
+    ray = str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    temp = Path(tempfile.mkdtemp(prefix="rt"))  # short: Ray's socket paths must fit in 107 characters
+    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    processes: list[subprocess.Popen] = []
+    env = ray_env()
+    try:
+        head_log = (temp / "head.log").open("w")
+        processes.append(subprocess.Popen([ray, "start", "--head", "--port", str(port), "--include-dashboard",
+                                           "false", "--temp-dir", str(temp), *common], stdout=head_log,
+                                          stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        _wait_started(temp / "head.log", processes[-1])
+        worker_log = (temp / "worker.log").open("w")
+        blind = (f"mount -t tmpfs tmpfs {storage} && exec {ray} start --address 127.0.0.1:{port} "
+                 f"--temp-dir {temp} {' '.join(common)}")
+        processes.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", blind],
+                                          stdout=worker_log, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True))
+        _wait_started(temp / "worker.log", processes[-1])
+        yield f"127.0.0.1:{port}"
+    finally:
+        for process in reversed(processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 15)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def ray_env() -> dict[str, str]:
+    """The environment of a process of (or joining) a cluster that ``ray start`` made: Ray 2.60 clusters
+    authenticate with the token in ``~/.ray/auth_token``; no address of another cluster."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
+
+
+def _wait_started(log: Path, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if "Ray runtime started" in log.read_text():
+            return
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise RuntimeError(f"ray start did not start in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")

@@ -5,6 +5,8 @@ started here, on free loopback ports, and stopped after."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from tune_mtard.cli.common import run
 from tune_mtard.search import driver as search_driver
 
 from searchkit import EPOCHS, NUM_SAMPLES, SPEC_TRACE_HEADER, child_env, ray_reports, ray_trial_ids, search_args
-from services import free_port, mlflow_server, postgres_bin, postgres_server
+from services import free_port, mlflow_server, postgres_bin, postgres_server, ray_cluster_with_blind_worker, ray_env
 
 needs_postgres = pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL's initdb and pg_ctl are not "
                                     "installed (Debian: apt-get install postgresql)")
@@ -237,3 +239,29 @@ def test_the_study_names_its_objectives_by_their_metrics(metric, tmp_path):
                             sampler=optuna.samplers.RandomSampler(seed=0), full_epochs=EPOCHS)
     assert optuna.load_study(study_name="named", storage=url).metric_names == (
         [metric] if isinstance(metric, str) else metric)
+
+
+# ---- every node checked before the first trial ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a worker in its own mount namespace needs root and unshare")
+def test_a_worker_node_that_cannot_see_the_storage_folder_is_named_and_nothing_starts(space_file, tmp_path):
+    storage = tmp_path / "results"
+    storage.mkdir()
+    with ray_cluster_with_blind_worker(storage) as address:
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "tune_mtard.search",
+                                 *search_args(space_file, tmp_path, "tiny-blind", "--address", address)],
+                                cwd=tmp_path, env={**child_env(), **ray_env()},
+                                capture_output=True, text=True, timeout=400)
+        wall = time.perf_counter() - start
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-4000:]
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: search.storage:") and "1 of 2 Ray nodes cannot read" in err, err
+    named = err.split("(node ", 1)[1]
+    assert "the head" not in named and "FileNotFoundError" in named, err
+    assert list(storage.iterdir()) == [] and not (tmp_path / "mlflow.db").exists()
+    print(f"two-node check: exit 2 in {wall:.1f} s: {err}")

@@ -178,6 +178,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     from tune_mtard.data import load_data
     from tune_mtard.perf import resolve_device
     from tune_mtard.search.lock import SearchLock
+    from tune_mtard.search.nodes import check_nodes_see_storage
     from tune_mtard.teachers import check_teacher_files, roles_for
 
     assert cfg.search is not None and cfg.space is not None
@@ -196,6 +197,8 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
                  log_to_driver=not quiet, configure_logging=True)
     try:
         check_resources(cfg)
+        if not (ray_started_here and address is None):  # a cluster: its other nodes may not see the storage
+            check_nodes_see_storage(cfg.search.storage, cfg.search.resources.cpu, cfg.search.resources.gpu)
         with SearchLock(folder, "--resume" if resume else "name") as lock:
             check_experiment(cfg, resume)  # again, under the lock: another driver may have started it
             try:
