@@ -223,7 +223,9 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
 
     cfg = tiny_config.with_values({"method": "clean-ce-twice", "train.epochs": 1})
     history = Trainer(cfg, tiny_digits).fit()
-    assert history[-1]["val_clean_acc"] > 0.1
+    # It learns: one epoch reached 0.80 to 0.91 on the 64 validation digits over seeds 0-4 (0.86 at seed 0), chance
+    # is 0.1; a loss the loop ignored, or a step that did not reach the weights, stays near chance.
+    assert history[-1]["val_clean_acc"] > 0.6
 
     from tune_mtard.comparison import parse_methods
 

@@ -230,13 +230,14 @@ def test_a_new_search_whose_study_name_the_database_holds_exits_2_before_anythin
 @pytest.mark.parametrize("metric", ["val_w_robust_acc", ["val_clean_acc", "val_robust_acc"]])
 def test_the_study_names_its_objectives_by_their_metrics(metric, tmp_path):
     from tune_mtard.config import Distribution
+    from tune_mtard.config.search import SamplerConfig
     from tune_mtard.search.searcher import PrunedAwareOptunaSearch, optuna_distributions
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = optuna_distributions({"balance.beta": Distribution(type="float", low=0.5, high=3.0)})
     PrunedAwareOptunaSearch(space=space, metric=metric, mode="max" if isinstance(metric, str) else ["max", "max"],
                             study_name="named", storage=optuna.storages.RDBStorage(url),
-                            sampler=optuna.samplers.RandomSampler(seed=0), full_epochs=EPOCHS)
+                            sampler_config=SamplerConfig(type="random", seed=0), full_epochs=EPOCHS)
     assert optuna.load_study(study_name="named", storage=url).metric_names == (
         [metric] if isinstance(metric, str) else metric)
 

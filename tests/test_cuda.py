@@ -43,11 +43,17 @@ def test_channels_last_gives_the_nchw_trace(setup):
 
 
 def test_data_on_the_device_gives_the_same_batches_and_trace_bit_for_bit(setup):
-    checks.check_data_on_device_is_bit_identical(setup)
+    result = checks.check_data_on_device_is_bit_identical(setup)
+    # The two runs took different paths: uint8 images on the card (floats made per batch there) against images on
+    # the host copied through pinned memory.
+    assert result["images_of_each_run"] == {"host": "cpu torch.uint8", "device": "cuda torch.uint8"}
 
 
 def test_evaluation_is_the_same_whether_tf32_is_allowed_or_not(setup):
-    checks.check_evaluation_ignores_tf32(setup)
+    if torch.cuda.get_device_properties(setup.device).major < 8:
+        pytest.skip("no TF32 on a card before Ampere (compute capability < 8): the check could not fail here")
+    result = checks.check_evaluation_ignores_tf32(setup)
+    assert result["tf32_changes_raw_logits"], "TF32 left the raw logits unchanged: the check compared fp32 with fp32"
 
 
 def test_compile_builds_every_graph_in_the_first_epoch_and_none_after(setup):

@@ -21,10 +21,10 @@ DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 PAGES = sorted(DOCS.glob("*.md"))
 MARKDOWN = [README, *PAGES]
-EXPECTED_PAGES = {"algorithm", "architecture", "cli", "configuration", "evaluation", "methods", "performance",
-                  "results", "search"}
+EXPECTED_PAGES = {"algorithm", "architecture", "cli", "configuration", "evaluation", "install", "methods",
+                  "performance", "results", "search"}
 
-SETUP_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
+SETUP_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -c requirements.lock -e '.[test]' && "
                  ".venv/bin/python -m tune_mtard.search --space digits.yaml")
 TEST_COMMAND = ".venv/bin/python -m pytest"
 README_MAX_LINES = 160
@@ -123,8 +123,20 @@ def flags_of(parser: argparse.ArgumentParser) -> set[str]:
     return {flag for flag in parser._option_string_actions if flag.startswith("--")}
 
 
+def tool_flags(tool: str) -> set[str]:
+    """The flags a script in tools/ documents in its opening comment (its usage lines)."""
+    header = []
+    for line in (ROOT / tool).read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    return set(FLAG.findall("\n".join(header)))
+
+
 def valid_flags(command: str | None, sub: str | None) -> set[str]:
     """The flags a command (and subcommand) takes; all commands' flags when it is not known."""
+    if command is not None and command.startswith("tools/"):
+        return {"--help"} | tool_flags(command)
     if command is None:
         parsers = [p for parser in PARSERS.values() for p in (parser, *subcommands(parser).values())]
     elif sub is None:
@@ -139,6 +151,7 @@ PACKAGE_FORM = re.compile(r"python3? -m tune_mtard(?=\s|$)\s*(?P<word>\S*)")
 SCRIPT_FORM = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:time\s+)?(?:\S*/)?tune-mtard(?=\s|$)\s*(?P<word>\S*)")
 BARE_FORM = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?P<word>[a-z]+)(?=\s|$)")
 # Programs that are not ours: their flags are not checked.
+TOOL_FORM = re.compile(r"(?:^|[\s(])(?P<tool>tools/[\w.-]+)(?=\s|$)")
 FOREIGN = re.compile(r"(?:^|[\s/(])(?:mlflow|ray|pip3?|git|pytest)(?=\s|$)")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 WORD = re.compile(r"[a-z][a-z-]*")
@@ -200,6 +213,10 @@ def invocations(snippet: Snippet) -> list[Invocation]:
     if bare and bare.group("word") in PARSERS:
         end = offset + bare.end()
         found.append(with_subcommand(bare.group("word"), text[end:], end))
+    for match in TOOL_FORM.finditer(text):
+        tool = match.group("tool")
+        problem = "" if (ROOT / tool).is_file() else f"`{tool}`: no such script"
+        found.append(Invocation(tool, None, match.end(), problem))
     for match in FOREIGN.finditer(text):
         found.append(Invocation("foreign", None, match.end()))
     return sorted(found, key=lambda inv: inv.start)
@@ -270,11 +287,12 @@ def test_the_flag_checker_catches_what_does_not_exist(tmp_path):
     page.write_text("Run `python -m tune_mtard.search --spaces x.yaml` or `bench steps`, then\n\n"
                     "```bash\npython -m tune_mtard.analyse --experiment DIR\n"
                     "tune-mtard train --config a.yaml --max-epochs 3\nmlflow ui --port 5000\n```\n"
-                    "And `--no-such-flag`, `tune-mtard evaluate --n 5`.\n")
+                    "And `--no-such-flag`, `tune-mtard evaluate --n 5`, `tools/check-latest --write`,\n"
+                    "`tools/check-latest --rewrite`, `tools/no-such-tool`.\n")
     problems = command_problems(page)
-    assert len(problems) == 5, problems
+    assert len(problems) == 7, problems
     for expected in ("--spaces", "bench steps", "tune_mtard.analyse", "--max-epochs is not a flag of train",
-                     "--no-such-flag"):
+                     "--no-such-flag", "--rewrite is not a flag of tools/check-latest", "tools/no-such-tool"):
         assert any(expected in p for p in problems), (expected, problems)
 
 

@@ -8,7 +8,8 @@ Tolerances:
 * channels_last: a step's trace within 1e-4 (relative) of NCHW, the weights after three steps within
   1e-4 relative or 1e-5 absolute; only the order of float sums changes.
 * torch.compile: a step's trace within 1e-4 (relative) of eager.
-* data on the device: bit-identical batches and traces.
+* data on the device: bit-identical batches and traces, checked on a card only (tests/test_cuda.py): on a CPU
+  the device is the host and both runs would take the same path.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from tune_mtard.attacks import PGD, TrainPGD
-from tune_mtard.data import DataBundle, Split, iterate_batches
+from tune_mtard.data import DataBundle, iterate_batches
 from tune_mtard.engine import Trainer
 from tune_mtard.perf import PerfOptions, data_bytes, resolve_device
 from tune_mtard.methods import trace_row
@@ -257,43 +258,17 @@ def test_each_compiling_trainer_gets_its_own_graphs_however_many_came_before(tin
     assert built == [4, 8, 12]
 
 
-@pytest.mark.skipif(os.environ.get("TUNE_MTARD_TEST_INDUCTOR") != "1",
-                    reason="Inductor's C++ compilation of the student takes about 3 minutes on a 2-core CPU; "
-                           "set TUNE_MTARD_TEST_INDUCTOR=1 to run it (the aot_eager test covers the code path)")
+@pytest.mark.slow
 def test_inductor_compiled_student_gives_the_eager_step(tiny_config, tiny_digits, tiny_teachers):
+    """The real backend (Inductor's C++ compilation of the student: about 3 minutes on a 2-core CPU with a cold
+    cache), where the tests above use aot_eager."""
     x, y = first_batch(tiny_digits)
     rows_eager = steps(trainer(tiny_config, tiny_digits, tiny_teachers), x, y, 1)
     rows_compiled = steps(trainer(tiny_config, tiny_digits, tiny_teachers, compile=True), x, y, 1)
     assert rows_compiled.tolist() == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in rows_eager.tolist()]
 
 
-# ---- data on the device ----------------------------------------------------------------------------
-
-
-def device_under_test() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else CPU
-
-
-def test_the_loader_yields_the_same_batches_from_a_split_on_the_device(tiny_digits):
-    images = torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8)
-    split = Split(images, torch.randint(0, 10, (50,)))
-    device = device_under_test()
-    on_host = iterate_batches(split, 16, shuffle=True, generator=torch.Generator().manual_seed(5), crop_padding=4,
-                              hflip=True, device=device)
-    on_device = iterate_batches(split.to(device), 16, shuffle=True, generator=torch.Generator().manual_seed(5),
-                                crop_padding=4, hflip=True)
-    pairs = list(zip(on_host, on_device))
-    assert len(pairs) == 4
-    for (x_host, y_host), (x_dev, y_dev) in pairs:
-        assert x_dev.device.type == device.type and x_dev.dtype == torch.float32
-        assert torch.equal(x_host, x_dev) and torch.equal(y_host, y_dev)
-
-
-def test_a_run_with_its_data_on_the_device_is_identical(tiny_config, tiny_digits, tiny_teachers):
-    cfg = tiny_config.with_values({"train.epochs": 1})
-    runs = [fitted(cfg, tiny_digits, tiny_teachers, data_on_device=flag) for flag in (False, True)]
-    assert torch.equal(runs[0].trace, runs[1].trace)
-    assert runs[1].data.train.images.dtype == torch.uint8  # uint8 on the device, floats per batch
+# ---- perf: auto ------------------------------------------------------------------------------------
 
 
 def test_perf_auto_is_off_on_the_cpu_and_explicit_values_win(tiny_config):

@@ -317,13 +317,13 @@ def test_a_second_search_with_the_same_name_without_resume_exits_2(finished_sear
 
 def _searcher(folder: Path, name: str = "unit"):
     from tune_mtard.config import Distribution
+    from tune_mtard.config.search import SamplerConfig
     from tune_mtard.search.searcher import PrunedAwareOptunaSearch, optuna_distributions
 
     space = optuna_distributions({"balance.beta": Distribution(type="float", low=0.5, high=3.0)})
     return PrunedAwareOptunaSearch(space=space, metric="val_w_robust_acc", mode="max", study_name=name,
                                    storage=optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}"),
-                                   sampler=optuna.samplers.RandomSampler(seed=0),
-                                   full_epochs=EPOCHS)
+                                   sampler_config=SamplerConfig(type="random", seed=0), full_epochs=EPOCHS)
 
 
 def _result(epoch: int, value: float) -> dict:

@@ -265,7 +265,8 @@ def check_channels_last_matches_nchw(setup: CheckSetup) -> dict[str, Any]:
 
 def check_data_on_device_is_bit_identical(setup: CheckSetup) -> dict[str, Any]:
     """The loader yields the same bits from a split on the host (pinned copies) and on the device, and an epoch
-    with the data on the device gives the same trace, bit for bit, as one with it on the host."""
+    with the data on the device gives the same trace, bit for bit, as one with it on the host. Also reports where
+    each run's training images lived (on a CPU both on the host: the check then compares a path with itself)."""
     data = setup.data()
     kwargs = {"shuffle": True, "crop_padding": data.crop_padding, "hflip": data.hflip}
     from_host = iterate_batches(data.train, setup.batch_size, generator=torch.Generator().manual_seed(1),
@@ -274,14 +275,16 @@ def check_data_on_device_is_bit_identical(setup: CheckSetup) -> dict[str, Any]:
                                   generator=torch.Generator().manual_seed(1), **kwargs)
     batches_identical = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                             for a, b in zip(from_host, from_device, strict=True))
-    traces = {}
+    traces, images = {}, {}
     with reproducible_fp32():
         for on_device in (False, True):
             trainer = setup.trainer(data_on_device=on_device)
             trainer.train_epoch()
-            traces[on_device] = trainer.trace
+            traces[on_device], images[on_device] = trainer.trace, trainer.data.train.images
     result = {"batches_identical": batches_identical, "traces_identical": torch.equal(traces[True], traces[False]),
-              "trace_max_abs_gap": float((traces[True] - traces[False]).abs().max())}
+              "trace_max_abs_gap": float((traces[True] - traces[False]).abs().max()),
+              "images_of_each_run": {"host": f"{images[False].device.type} {images[False].dtype}",
+                                     "device": f"{images[True].device.type} {images[True].dtype}"}}
     if not (result["batches_identical"] and result["traces_identical"]):
         raise CheckFailed(f"data on the device changes the run: {result}")
     return result

@@ -27,7 +27,7 @@ class SchedulerConfig:
 
 @dataclass
 class SamplerConfig:
-    type: str = "tpe"  # tpe | random | nsga2 (multi-objective searches: tpe or nsga2)
+    type: str = "tpe"  # a name of tune_mtard.search.samplers (tpe, random, nsga2, gp, cmaes)
     seed: int = 0
     n_startup_trials: int = 10
 
@@ -99,8 +99,7 @@ class SearchConfig:
         require(s.type in ("asha", "fifo"), "search.scheduler.type", f"must be asha or fifo, got {s.type!r}")
         require(s.grace_period >= 1, "search.scheduler.grace_period", "must be >= 1")
         require(s.reduction_factor > 1, "search.scheduler.reduction_factor", "must be > 1")
-        require(self.sampler.type in ("tpe", "random", "nsga2"), "search.sampler.type",
-                f"must be tpe, random or nsga2, got {self.sampler.type!r}")
+        self.check_sampler()
         require(self.sampler.n_startup_trials >= 0, "search.sampler.n_startup_trials", "must be >= 0")
         require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
         require(bool(self.storage), "search.storage", "must not be empty")
@@ -113,6 +112,19 @@ class SearchConfig:
         require(self.final_eval.top_k >= 0, "search.final_eval.top_k", "must be >= 0")
         require(self.final_eval.n_examples >= 1, "search.final_eval.n_examples", "must be >= 1")
         check_attack_names(self.final_eval.attacks, "search.final_eval.attacks")
+
+
+    def check_sampler(self) -> None:
+        """``search.sampler.type`` names a registered sampler that can handle the search's objectives."""
+        from tune_mtard.search.samplers import samplers
+
+        registry = samplers()
+        require(self.sampler.type in registry, "search.sampler.type",
+                f"must be one of {', '.join(registry.names())}, got {self.sampler.type!r}")
+        spec = registry.get(self.sampler.type)
+        require(spec.multi_objective or not self.objectives, "search.sampler.type",
+                f"{spec.name} handles one objective only; search.objectives names {len(self.objectives)} "
+                f"(multi-objective samplers: {', '.join(n for n, s in registry.items() if s.multi_objective)})")
 
 
 @dataclass

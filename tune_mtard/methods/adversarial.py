@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tune_mtard.config import Config
-from tune_mtard.methods.base import Autocast, Objective, Teachers, kl_attack, no_autocast
+from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast
 from tune_mtard.methods.registry import register_method
 
 
@@ -46,12 +46,10 @@ class TRADES(Objective):
         self.beta = cfg.baselines.trades_beta
 
     def step(self, x, y):
-        a = self.cfg.attack
         self.student.eval()
         with torch.no_grad():
             p_clean = F.softmax(self.student(x).float(), dim=1)
-        x_adv = kl_attack(self.student, x, p_clean, a.epsilon, a.step_size, a.steps, self.freeze_in_attacks)
-        self.student.train()
+        x_adv = self.kl_adversarial(x, p_clean)
         with self.autocast():
             s_nat, s_adv = self.student(x), self.student(x_adv)
         loss_nat = F.cross_entropy(s_nat.float(), y)

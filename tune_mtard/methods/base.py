@@ -97,6 +97,15 @@ class Objective:
         self.student.train()
         return x_adv
 
+    def kl_adversarial(self, x: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+        """TRADES' and RSLAD's inner attack (:func:`kl_attack` towards ``target_probs``) on the student in eval
+        mode, then back to train mode."""
+        a = self.cfg.attack
+        self.student.eval()
+        x_adv = kl_attack(self.student, x, target_probs, a.epsilon, a.step_size, a.steps, self.freeze_in_attacks)
+        self.student.train()
+        return x_adv
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS
 from tune_mtard.config import Config
-from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, kl_attack, no_autocast, soft_kl
+from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
 
 
@@ -58,14 +58,11 @@ class RSLAD(Objective):
         self.teacher_robust = teachers["robust"]
 
     def step(self, x, y):
-        a = self.cfg.attack
         with torch.no_grad(), self.autocast():
             t_nat = self.teacher_robust(x)
         p_teacher = F.softmax(t_nat.float(), dim=1)
         log_p_teacher = torch.log(p_teacher + LOG_EPS)
-        self.student.eval()
-        x_adv = kl_attack(self.student, x, p_teacher, a.epsilon, a.step_size, a.steps, self.freeze_in_attacks)
-        self.student.train()
+        x_adv = self.kl_adversarial(x, p_teacher)
         with self.autocast():
             s_adv, s_nat = self.student(x_adv), self.student(x)
         loss_adv = soft_kl(p_teacher, log_p_teacher, s_adv)

@@ -334,12 +334,6 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     from tune_mtard.search.study_storage import optuna_storage_url
 
     s = cfg.search
-    if s.sampler.type == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=s.sampler.seed, n_startup_trials=s.sampler.n_startup_trials)
-    elif s.sampler.type == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=s.sampler.seed)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=s.sampler.seed)
     storage = optuna.storages.RDBStorage(optuna_storage_url(cfg, folder))
     point, notes = default_point(cfg)
     for note in notes:
@@ -348,7 +342,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     # searcher is given its space, so Tune's metric and mode below do not overwrite its objectives).
     metric, mode = (list(s.objectives), s.objective_modes()) if s.objectives else (s.metric, s.mode)
     searcher = (searcher_class or PrunedAwareOptunaSearch)(
-        space=optuna_distributions(cfg.space), metric=metric, mode=mode, sampler=sampler,
+        space=optuna_distributions(cfg.space), metric=metric, mode=mode, sampler_config=s.sampler,
         study_name=cfg.name, storage=storage, points_to_evaluate=[point], full_epochs=cfg.train.epochs,
     )
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)

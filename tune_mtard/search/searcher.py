@@ -7,18 +7,24 @@ so TPE does not learn from partial-budget scores as if they were final; failed t
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import pickle
 import warnings
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray.tune.search.optuna import OptunaSearch
 
 from tune_mtard.config import Config, Distribution
+from tune_mtard.config.search import SamplerConfig
 from tune_mtard.metrics import EPOCH
 from tune_mtard.search import compat
+from tune_mtard.search.samplers import build_sampler
 from tune_mtard.search.trials import TrialState, trial_state
 
 log = logging.getLogger(__name__)
@@ -80,24 +86,32 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     never one that a killed driver ran after its last snapshot (which the resumed search replaces).
     After a resume, the pickled state can still be older than the study; trials the study holds as
     finished are then neither reported to nor told again.
+
+    The sampler is built from ``sampler_config`` (the ``search.sampler`` section) and never pickled: Ray Tune
+    pickles the searcher into the tuner state and every snapshot, and Optuna's samplers need not pickle
+    (see :func:`state_without_sampler`).
     """
 
-    def __init__(self, *args: Any, full_epochs: int, **kwargs: Any):
+    def __init__(self, *args: Any, sampler_config: SamplerConfig, full_epochs: int, **kwargs: Any):
+        self.sampler_config = sampler_config
         self.full_epochs = full_epochs
         self._reported_epochs: dict[str, set[int]] = {}
         self._pending_tells: dict[str, tuple[TrialState, float | list[float] | None]] = {}
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, sampler=build_sampler(sampler_config), **kwargs)
         # optuna-dashboard and trials_dataframe show the objectives by these names, not "Objective 0".
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             compat.optuna_study(self).set_metric_names(self.metric if self.multi_objective else [self.metric])
 
+    def __reduce__(self):
+        return _restored_searcher, (type(self), state_without_sampler(self))
+
     def save(self, checkpoint_path: str) -> None:
         self.tell_pending()
-        super().save(checkpoint_path)
+        Path(checkpoint_path).write_bytes(state_without_sampler(self))
 
     def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
+        self.__dict__.update(state_with_sampler(Path(checkpoint_path).read_bytes()))
         storage = compat.study_storage(compat.optuna_study(self))
         for trial_id, ot_trial in compat.optuna_trials(self).items():
             if storage.get_trial(compat.storage_trial_id(ot_trial)).state.is_finished():
@@ -153,6 +167,60 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             except Exception as exc:  # e.g. told already by the driver a resumed search replaces
                 log.warning("optuna tell for %s failed: %s", trial_id, exc)
             del self._pending_tells[trial_id]
+
+
+_SAMPLER_ID = "tune_mtard.search.sampler"
+
+
+class _SamplerLeftOut(pickle.Pickler):
+    """Pickles everything but one object, the sampler, which it writes as a reference to be rebuilt."""
+
+    def __init__(self, file: io.BytesIO, sampler: Any):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.sampler = sampler
+
+    def persistent_id(self, obj: Any) -> str | None:
+        return _SAMPLER_ID if obj is self.sampler else None
+
+
+class _SamplerPutBack(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, sampler: Any):
+        super().__init__(file)
+        self.sampler = sampler
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid != _SAMPLER_ID:
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        return self.sampler
+
+
+def resumed_seed(seed: int, asked: int) -> int:
+    """The seed of a sampler rebuilt after ``asked`` trials: ``seed`` itself for a new search, else one drawn
+    from (seed, asked), so a resumed search neither repeats the draws it already made nor depends on the day."""
+    if asked == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, asked]).generate_state(1)[0])
+
+
+def state_without_sampler(searcher: PrunedAwareOptunaSearch) -> bytes:
+    """The searcher's state with its sampler left out, wherever it is referenced (the study, each trial's
+    study): the ``search.sampler`` section and the number of trials asked, to build it again from."""
+    body = io.BytesIO()
+    _SamplerLeftOut(body, compat.optuna_study(searcher).sampler).dump(searcher.__dict__)
+    return pickle.dumps((searcher.sampler_config, len(compat.optuna_trials(searcher)), body.getvalue()))
+
+
+def state_with_sampler(data: bytes) -> dict[str, Any]:
+    """:func:`state_without_sampler`'s state with a sampler built again from its ``search.sampler`` section."""
+    sampler_config, asked, body = pickle.loads(data)
+    sampler = build_sampler(sampler_config, resumed_seed(sampler_config.seed, asked))
+    return _SamplerPutBack(io.BytesIO(body), sampler).load()
+
+
+def _restored_searcher(cls: type, data: bytes) -> PrunedAwareOptunaSearch:
+    searcher = cls.__new__(cls)
+    searcher.__dict__.update(state_with_sampler(data))
+    return searcher
 
 
 def close_orphaned_optuna_trials(storage_url: str, study_name: str, known_trial_ids: set[str]) -> int:
