@@ -22,7 +22,7 @@ from tune_mtard.config import Distribution
 from tune_mtard.config.search import SamplerConfig, SearchConfig
 from tune_mtard.errors import ConfigError
 from tune_mtard.search.samplers import samplers
-from tune_mtard.search.searcher import PrunedAwareOptunaSearch, optuna_distributions, optuna_storage_url, resumed_seed
+from tune_mtard.search.searcher import PrunedAwareOptunaSearch, optuna_distributions, resumed_seed
 
 SAMPLERS = samplers().names()
 SPACE = {"balance.beta": Distribution(type="float", low=0.5, high=3.0),
@@ -37,7 +37,7 @@ def searcher(folder, sampler_type: str, objectives: int = 1, name: str = "pickle
     metric = ["val_clean_acc", "val_robust_acc"][:objectives] if objectives > 1 else "val_w_robust_acc"
     mode = ["max"] * objectives if objectives > 1 else "max"
     return PrunedAwareOptunaSearch(space=optuna_distributions(SPACE), metric=metric, mode=mode, study_name=name,
-                                   storage=optuna.storages.RDBStorage(optuna_storage_url(folder)),
+                                   storage=optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}"),
                                    sampler_config=SamplerConfig(type=sampler_type, seed=3, n_startup_trials=1),
                                    full_epochs=2)
 
@@ -74,7 +74,7 @@ def test_the_search_algorithm_pickles_as_ray_tune_pickles_it_and_keeps_its_trial
         inner.tell_pending()
         third = again.suggest("t3")
         assert set(third) == set(SPACE) and third != first and third != second
-    told = optuna.load_study(study_name="pickled", storage=optuna_storage_url(tmp_path)).trials
+    told = optuna.load_study(study_name="pickled", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
     assert [t.state.name for t in told][:2] == ["COMPLETE", "COMPLETE"]
 
 

@@ -318,11 +318,11 @@ def test_a_second_search_with_the_same_name_without_resume_exits_2(finished_sear
 def _searcher(folder: Path, name: str = "unit"):
     from tune_mtard.config import Distribution
     from tune_mtard.config.search import SamplerConfig
-    from tune_mtard.search.searcher import PrunedAwareOptunaSearch, optuna_distributions, optuna_storage_url
+    from tune_mtard.search.searcher import PrunedAwareOptunaSearch, optuna_distributions
 
     space = optuna_distributions({"balance.beta": Distribution(type="float", low=0.5, high=3.0)})
     return PrunedAwareOptunaSearch(space=space, metric="val_w_robust_acc", mode="max", study_name=name,
-                                   storage=optuna.storages.RDBStorage(optuna_storage_url(folder)),
+                                   storage=optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}"),
                                    sampler_config=SamplerConfig(type="random", seed=0), full_epochs=EPOCHS)
 
 
@@ -376,7 +376,7 @@ def test_orphaned_running_optuna_trials_are_closed_as_fail_and_known_ones_left(t
     searcher = _searcher(tmp_path)
     searcher.suggest("known")
     searcher.suggest("lost")
-    assert close_orphaned_optuna_trials(tmp_path, "unit", {"known"}) == 1
+    assert close_orphaned_optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "unit", {"known"}) == 1
     states = {t.user_attrs["ray_trial_id"]: t.state for t in optuna_trials(tmp_path, "unit")}
     assert states == {"known": TrialState.RUNNING, "lost": TrialState.FAIL}
 
@@ -592,3 +592,24 @@ def test_search_on_a_two_node_cluster_runs_trials_on_both_nodes(space_file, tmp_
     assert len(children) == 2
     nodes = {r.data.tags["node_id"] for r in children}
     assert len(nodes) >= 2, nodes
+
+
+def test_resume_from_another_working_folder_takes_its_own_relative_data_root(space_file, ray_address, tmp_path,
+                                                                           monkeypatch, capsys):
+    """`data.root: ./data` is made absolute against each driver's working folder: a driver resuming from another
+    folder (a new machine) uses its own, rather than refusing the config as different."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    args = search_args(space_file, tmp_path, "tiny-moved", "--num-samples", "1", "--max-epochs", "1",
+                       "--set", "data.root=./data")
+    monkeypatch.chdir(first)
+    assert search.main(args) == 0
+    saved = yaml.safe_load((tmp_path / "results" / "tiny-moved" / "search_space.yaml").read_text())
+    assert saved["data"]["root"] == str(first / "data")
+    monkeypatch.chdir(second)
+    assert search.main(args + ["--resume"]) == 0, capsys.readouterr().err
+    _, parents, children = mlflow_runs(tmp_path, "tiny-moved")
+    assert len(parents) == 1 and len(children) == 1
+    with pytest.raises(SystemExit) as exit_info:  # what the data is, unlike where it is, must still match
+        run(search.main, args + ["--resume", "--set", "data.val_fraction=0.3"])
+    assert exit_info.value.code == 2 and "'data'" in capsys.readouterr().err

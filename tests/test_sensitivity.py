@@ -14,7 +14,8 @@ import pytest
 
 from tune_mtard import files
 from tune_mtard.config import load_config
-from tune_mtard.search.searcher import RAY_TRIAL_ATTR, optuna_distributions, optuna_storage_url
+from tune_mtard.search.searcher import RAY_TRIAL_ATTR, optuna_distributions
+from tune_mtard.search.study_storage import optuna_storage_url
 from tune_mtard.search.sensitivity import analyze_search, log_sensitivity, min_trials
 from tune_mtard.search.trials import TrialSummary
 
@@ -56,7 +57,7 @@ def make_search(tmp: Path, n_trials: int = 36, metric=planted, tracking_uri: str
     folder = storage / cfg.name
     folder.mkdir(parents=True)
     cfg.dump(folder / files.SPACE, with_search=True)
-    study = optuna.create_study(study_name=cfg.name, storage=optuna_storage_url(folder), direction="maximize",
+    study = optuna.create_study(study_name=cfg.name, storage=optuna_storage_url(cfg, folder), direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     rng = np.random.default_rng(0)
     trials = [study.ask(optuna_distributions(cfg.space)) for _ in range(n_trials)]

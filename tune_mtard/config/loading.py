@@ -106,6 +106,8 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
     if cfg.search is not None and "://" not in cfg.search.storage:
         cfg.search.storage = _absolute(cfg.search.storage)
+    if cfg.search is not None and cfg.search.optuna_storage.startswith("sqlite:///"):
+        cfg.search.optuna_storage = absolute_tracking_uri(cfg.search.optuna_storage)
     return cfg
 
 

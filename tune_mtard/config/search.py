@@ -4,6 +4,7 @@ the run config (its keys, its corners) are in space.py."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,7 @@ class SearchConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     storage: str = "./tune_results"
+    optuna_storage: str = ""  # an SQLAlchemy URL of the Optuna study's database; "": optuna.db in the search folder
     max_failures: int = 1
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
@@ -101,6 +103,12 @@ class SearchConfig:
         require(self.sampler.n_startup_trials >= 0, "search.sampler.n_startup_trials", "must be >= 0")
         require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
         require(bool(self.storage), "search.storage", "must not be empty")
+        url = self.optuna_storage
+        require(not url or re.match(r"^[a-z][a-z0-9+_]*://", url) is not None, "search.optuna_storage",
+                f"{url!r} is not an SQLAlchemy URL (dialect[+driver]://...)")
+        require(re.search(r"://[^/@]*:[^/@]*@", url) is None, "search.optuna_storage",
+                "holds a password, which search_space.yaml and the MLflow parent run would keep: give it in "
+                "PGPASSWORD or ~/.pgpass instead")
         require(self.final_eval.top_k >= 0, "search.final_eval.top_k", "must be >= 0")
         require(self.final_eval.n_examples >= 1, "search.final_eval.n_examples", "must be >= 1")
         check_attack_names(self.final_eval.attacks, "search.final_eval.attacks")

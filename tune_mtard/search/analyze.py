@@ -37,13 +37,14 @@ def analyze_experiment(request: AnalyzeRequest) -> Analyzed:
     cfg = load_config(folder / files.SPACE, check_files=False)
     if cfg.search is None or not cfg.space:
         raise ConfigError("--experiment", f"{folder / files.SPACE} has no space section: not a search's")
-    import optuna
+    from tune_mtard.search.study_storage import check_reachable, optuna_storage_url, study_exists
 
-    from tune_mtard.search.searcher import optuna_storage_url
-
-    if not (folder / files.OPTUNA_DB).is_file() or cfg.name not in optuna.get_all_study_names(
-            optuna_storage_url(folder)):
-        raise ConfigError("--experiment", f"{folder} holds no Optuna study {cfg.name!r} in {files.OPTUNA_DB}: "
+    url = optuna_storage_url(cfg, folder)
+    if cfg.search.optuna_storage:
+        check_reachable(url)
+    if not study_exists(url, cfg.name):
+        where = cfg.search.optuna_storage or files.OPTUNA_DB
+        raise ConfigError("--experiment", f"{folder} holds no Optuna study {cfg.name!r} in {where}: "
                                           "the search has not started a trial")
     report = analyze_search(folder, cfg)
     uri = absolute_tracking_uri(request.tracking_uri) if request.tracking_uri else cfg.mlflow.tracking_uri

@@ -169,6 +169,21 @@ def largest_node() -> tuple[float, float]:
     return cpu, gpu
 
 
+def trial_nodes(cpu: float, gpu: float) -> list[tuple[str, str]]:
+    """``(node id, "ip (id ..., the head)")`` of each alive node with ``cpu`` CPUs and ``gpu`` GPUs, those Ray
+    Tune can place a trial on (``ray.nodes()``, a developer API; the head by its private resource
+    ``node:__internal_head__``)."""
+    import ray
+
+    found = []
+    for node in ray.nodes():
+        resources = node.get("Resources", {})
+        if node.get("Alive") and resources.get("CPU", 0) >= cpu and resources.get("GPU", 0) >= gpu:
+            head = ", the head" if "node:__internal_head__" in resources else ""
+            found.append((node["NodeID"], f"{node['NodeManagerAddress']} (id {node['NodeID'][:12]}{head})"))
+    return found
+
+
 def trial_ids(grid: Any) -> list[str]:
     """The Ray trial id of each result of a ``ResultGrid``, in its order (private: ``_experiment_analysis``).
 

@@ -106,13 +106,24 @@ def searched_methods(cfg: Config) -> set[str]:
     return {cfg.method} | set(dist.choices if dist is not None and dist.choices else [])
 
 
+# Where the driver's machine keeps the data and the teacher cache: a driver resuming from another working
+# folder (or machine) takes its own, relative ones resolved against its working folder.
+DRIVER_PATHS = ("data.root", "teachers.cache_dir")
+
+
+def saved_config(cfg: Config) -> Config:
+    """The interrupted search's config, with this driver's ``DRIVER_PATHS``."""
+    saved = load_config(experiment_dir(cfg) / files.SPACE, check_files=False)
+    return saved.with_values({key: cfg.get(key) for key in DRIVER_PATHS})
+
+
 def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None) -> None:
     """A new search needs an unused name; a resumed one, a search of that name that ran, with the same config."""
     folder = experiment_dir(cfg)
     if resume and not started(folder):
         raise ConfigError("--resume", f"no interrupted search named {cfg.name!r} in {folder.parent}")
     if resume:
-        saved = load_config(folder / files.SPACE, check_files=False)
+        saved = saved_config(cfg)
         for key, value in cfg.to_dict(with_search=False).items():
             if key == "mlflow":
                 continue
@@ -140,16 +151,22 @@ def check_address(address: str | None) -> None:
 def search(request: SearchRequest) -> int:
     """The ``search`` command: validate, then run (or resume) the search; returns the exit code."""
     from tune_mtard.search.lock import refuse_if_running
+    from tune_mtard.search.study_storage import check_database
 
     cfg = search_config(request)
     check_address(request.address)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
     check_experiment(cfg, request.resume, request.tracking_uri)
     if request.resume:
-        # The interrupted search's own config rules (its MLflow store too), except where it is stored.
-        saved = load_config(experiment_dir(cfg) / files.SPACE, check_files=False)
+        # The interrupted search's own config rules (its MLflow store and study too), except where it is stored.
+        saved = saved_config(cfg)
+        if cfg.search.optuna_storage and cfg.search.optuna_storage != saved.search.optuna_storage:
+            raise ConfigError("search.optuna_storage", "the interrupted search's study is in "
+                                                       f"{saved.search.optuna_storage or files.OPTUNA_DB}; "
+                                                       "resume it with the same database")
         saved.search.storage = cfg.search.storage
         cfg = saved
+    check_database(cfg, request.resume)
     return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet)
 
 
@@ -161,6 +178,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     from tune_mtard.data import load_data
     from tune_mtard.perf import resolve_device
     from tune_mtard.search.lock import SearchLock
+    from tune_mtard.search.nodes import check_nodes_see_storage
     from tune_mtard.teachers import check_teacher_files, roles_for
 
     assert cfg.search is not None and cfg.space is not None
@@ -179,13 +197,15 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
                  log_to_driver=not quiet, configure_logging=True)
     try:
         check_resources(cfg)
+        if not (ray_started_here and address is None):  # a cluster: its other nodes may not see the storage
+            check_nodes_see_storage(cfg.search.storage, cfg.search.resources.cpu, cfg.search.resources.gpu)
         with SearchLock(folder, "--resume" if resume else "name") as lock:
             check_experiment(cfg, resume)  # again, under the lock: another driver may have started it
             try:
                 return _run_locked(cfg, data, roles, folder, resume, quiet, start).exit_code
             except BaseException:
                 if not resume and not started(folder):  # failed in its own setup: the name stays usable
-                    _remove_setup(folder, lock.created_folder)
+                    _remove_setup(cfg, folder, lock.created_folder)
                 raise
     finally:
         if ray_started_here:
@@ -213,8 +233,11 @@ def check_local_resources(cfg: Config) -> None:
                                               f"has {cpu} CPU and {gpu} GPU (pass --address to use a Ray cluster)")
 
 
-def _remove_setup(folder: Path, created_folder: bool) -> None:
+def _remove_setup(cfg: Config, folder: Path, created_folder: bool) -> None:
     """What a driver that failed before its search started wrote, so a rerun of the same name starts clean."""
+    from tune_mtard.search.study_storage import delete_study
+
+    delete_study(cfg)
     if created_folder:
         shutil.rmtree(folder, ignore_errors=True)
         return
@@ -232,6 +255,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     from tune_mtard.search.outcome import conclude, interrupted
     from tune_mtard.search.recorder import log_teachers, start_parent
     from tune_mtard.search.searcher import finished_optuna_trials
+    from tune_mtard.search.study_storage import optuna_storage_url
     from tune_mtard.teachers import prepare_teachers
     from tune_mtard.trainables.bmtard import train_bmtard
 
@@ -257,7 +281,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                 start_parent(parent, cfg, folder)
             log_teachers(parent, teachers)
             # A resumed trial that the killed driver had already finished only reports its last epoch again.
-            finished = finished_optuna_trials(folder, cfg.name) if resume else set()
+            finished = finished_optuna_trials(optuna_storage_url(cfg, folder), cfg.name) if resume else set()
             trainable = tune.with_resources(
                 tune.with_parameters(train_bmtard, base=cfg.run_config(), data=data, teachers=teacher_weights,
                                      finished=finished),
@@ -305,11 +329,12 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
 
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
-        PrunedAwareOptunaSearch, default_point, optuna_distributions, optuna_storage_url,
+        PrunedAwareOptunaSearch, default_point, optuna_distributions,
     )
+    from tune_mtard.search.study_storage import optuna_storage_url
 
     s = cfg.search
-    storage = optuna.storages.RDBStorage(optuna_storage_url(folder))
+    storage = optuna.storages.RDBStorage(optuna_storage_url(cfg, folder))
     point, notes = default_point(cfg)
     for note in notes:
         print(note, flush=True)

@@ -58,6 +58,7 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     student, the parent run's records, the summary."""
     from tune_mtard.search.recorder import delete_orphaned_child_runs, record_front, record_search
     from tune_mtard.search.searcher import close_orphaned_optuna_trials
+    from tune_mtard.search.study_storage import optuna_storage_url
     from tune_mtard.search.trials import best_trial, summarize_results
 
     s = cfg.search
@@ -65,7 +66,7 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     best_path.unlink(missing_ok=True)  # only a finished search has one
     trials = summarize_results(grid)
     trial_ids = {t.trial_id for t in trials}
-    close_orphaned_optuna_trials(folder, cfg.name, trial_ids)
+    close_orphaned_optuna_trials(optuna_storage_url(cfg, folder), cfg.name, trial_ids)
     delete_orphaned_child_runs(parent.client, parent.run_id, trial_ids)
     best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
     confirmation = None

@@ -11,6 +11,7 @@ import io
 import logging
 import math
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune_mtard.config import Config, Distribution
 from tune_mtard.config.search import SamplerConfig
-from tune_mtard.files import OPTUNA_DB
 from tune_mtard.metrics import EPOCH
 from tune_mtard.search import compat
 from tune_mtard.search.samplers import build_sampler
@@ -74,10 +74,6 @@ def default_point(cfg: Config) -> tuple[dict[str, Any], list[str]]:
     return point, notes
 
 
-def optuna_storage_url(experiment_dir: Path) -> str:
-    return f"sqlite:///{experiment_dir / OPTUNA_DB}"
-
-
 class PrunedAwareOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that reports per epoch and tells each trial's end as :func:`trial_state` names it.
 
@@ -102,6 +98,10 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._reported_epochs: dict[str, set[int]] = {}
         self._pending_tells: dict[str, tuple[TrialState, float | list[float] | None]] = {}
         super().__init__(*args, sampler=build_sampler(sampler_config), **kwargs)
+        # optuna-dashboard and trials_dataframe show the objectives by these names, not "Objective 0".
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            compat.optuna_study(self).set_metric_names(self.metric if self.multi_objective else [self.metric])
 
     def __reduce__(self):
         return _restored_searcher, (type(self), state_without_sampler(self))
@@ -223,13 +223,13 @@ def _restored_searcher(cls: type, data: bytes) -> PrunedAwareOptunaSearch:
     return searcher
 
 
-def close_orphaned_optuna_trials(experiment_dir: Path, study_name: str, known_trial_ids: set[str]) -> int:
+def close_orphaned_optuna_trials(storage_url: str, study_name: str, known_trial_ids: set[str]) -> int:
     """Optuna trials left RUNNING by a killed driver whose Ray trial no longer exists are marked FAIL.
 
     A driver killed between asking Optuna for a trial and its next snapshot of the Tune experiment leaves
     such a trial: the resumed search never hears of it and asks Optuna for a new one in its place.
     """
-    study = optuna.load_study(study_name=study_name, storage=optuna_storage_url(experiment_dir))
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
     closed = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if t.user_attrs.get(RAY_TRIAL_ATTR) not in known_trial_ids:
@@ -238,10 +238,12 @@ def close_orphaned_optuna_trials(experiment_dir: Path, study_name: str, known_tr
     return closed
 
 
-def finished_optuna_trials(experiment_dir: Path, study_name: str) -> set[str]:
+def finished_optuna_trials(storage_url: str, study_name: str) -> set[str]:
     """Ray trial ids whose Optuna trial is told (COMPLETE, PRUNED or FAIL): a resumed search must not rerun them."""
-    if not (experiment_dir / OPTUNA_DB).is_file():
+    from tune_mtard.search.study_storage import study_exists
+
+    if not study_exists(storage_url, study_name):
         return set()
-    study = optuna.load_study(study_name=study_name, storage=optuna_storage_url(experiment_dir))
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
     return {t.user_attrs[RAY_TRIAL_ATTR] for t in study.get_trials(deepcopy=False)
             if t.state.is_finished() and RAY_TRIAL_ATTR in t.user_attrs}

@@ -98,12 +98,13 @@ def load_points(folder: Path, cfg: Config, trials: list[TrialSummary] | None = N
     view) also leaves out the trials Ray saw fail and gives the epochs each trial ran."""
     import optuna
 
-    from tune_mtard.search.searcher import RAY_TRIAL_ATTR, optuna_storage_url
+    from tune_mtard.search.searcher import RAY_TRIAL_ATTR
+    from tune_mtard.search.study_storage import optuna_storage_url
 
     failed = {t.trial_id for t in trials or [] if t.failed}
     epochs_run = {t.trial_id: t.epochs for t in trials or []}
     with _quiet_optuna():
-        study = optuna.load_study(study_name=cfg.name, storage=optuna_storage_url(folder))
+        study = optuna.load_study(study_name=cfg.name, storage=optuna_storage_url(cfg, folder))
     single = len(study.directions) == 1
     points = []
     for t in study.get_trials(deepcopy=False):

@@ -1,0 +1,72 @@
+"""Every node of the Ray cluster sees the search's storage, checked before the first trial (docs/cluster.md,
+"Every node is checked first").
+
+Ray Tune's trials write their checkpoints and records to ``search.storage`` from whatever node runs them. A
+node that does not mount the storage folder fails each trial placed on it, Ray retries the trial elsewhere,
+and the search ends looking healthy on half a cluster. So the driver writes a marker file to the storage and
+runs one small task on each node a trial could be placed on, which must read the marker back; a node that
+cannot is named in one line (exit 2) and nothing is started.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from pathlib import Path
+
+from tune_mtard.errors import ConfigError
+
+MARKER = ".tune_mtard-node-check-{}"
+TASK_TIMEOUT_S = 120.0
+
+
+def _read_marker(path: str, token: str) -> str:
+    """Run on one node: '' when the marker holds ``token``, else why not."""
+    try:
+        found = Path(path).read_text()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return "" if found == token else "it holds another file at that path"
+
+
+def _answer(ref) -> str:
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:  # the node could not even run the task
+        return f"the check task failed ({type(exc).__name__})"
+
+
+def check_nodes_see_storage(storage: str, cpu: float, gpu: float) -> None:
+    """ConfigError naming ``search.storage`` and each node of the cluster that cannot read a marker the driver
+    wrote to ``storage``; the marker (and the storage folder, if this made it) is removed either way."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tune_mtard.search.compat import trial_nodes
+
+    folder = Path(storage)
+    created = not folder.exists()
+    token = secrets.token_hex(16)
+    marker = folder / MARKER.format(token[:8])
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(token)
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
+        pending = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+                   .remote(str(marker), token): described for node_id, described in trial_nodes(cpu, gpu)}
+        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=TASK_TIMEOUT_S)
+        problems = {pending[ref]: _answer(ref) for ref in done}
+        for ref in late:
+            ray.cancel(ref, force=True)
+            problems[pending[ref]] = f"no answer in {TASK_TIMEOUT_S:.0f} s"
+    finally:
+        marker.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+    failing = {node: why for node, why in problems.items() if why}
+    if failing:
+        named = "; ".join(f"node {node}: {why}" for node, why in sorted(failing.items()))
+        raise ConfigError("search.storage", f"{len(failing)} of {len(problems)} Ray nodes cannot read {storage} "
+                                            f"({named}); every node must mount it at the same path")
