@@ -158,6 +158,22 @@ def test_auto_teachers_of_different_folders_are_cached_apart(tmp_path):
     assert len(keys) == 3 and recipe_key(first, "clean") == recipe_key(load_config(path, check_files=False), "clean")
 
 
+def test_bench_memory_sizes_an_image_folder_trial_by_image_size_with_no_data_on_the_device(folder, tmp_path):
+    from tune_mtard.benchmarks.memory import bench_memory
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{dataset: imagefolder, root: {folder}, image_size: 16, batch_size: 4}}\n"
+                    "student: {arch: digits_cnn}\n"
+                    "teachers: {clean: {arch: digits_cnn}, robust: {arch: digits_cnn}}\n")
+    small = bench_memory(load_config(path, check_files=False), None, 80.0)
+    large = bench_memory(load_config(path, ["data.image_size=32"], check_files=False), None, 80.0)
+    assert small["dataset_on_device_gib"] == 0
+    assert large["student_saved_activations_gib"]["fp32"] > 2 * small["student_saved_activations_gib"]["fp32"]
+    with pytest.raises(ConfigError) as error:
+        bench_memory(load_config(path, [f"data.root={tmp_path}"], check_files=False), None, 80.0)
+    assert error.value.key == "data.root"
+
+
 @pytest.mark.slow
 def test_train_runs_an_epoch_on_a_folder_of_two_thousand_pngs(tmp_path):
     folder = write_image_folder(tmp_path / "images", 200, side=20, val_per_class=5)
