@@ -194,7 +194,8 @@ def test_autoattack_says_what_is_missing_when_pyautoattack_is_not_installed():
 
 @pytest.mark.parametrize("registry, names", [
     ("tune_mtard.methods:METHODS", {"natural", "pgd-at", "trades", "ard", "rslad", "mtard", "b-mtard"}),
-    ("tune_mtard.data:DATASETS", {"digits", "synthetic", "cifar10", "cifar100", "svhn", "tiny-imagenet"}),
+    ("tune_mtard.data:DATASETS", {"digits", "synthetic", "cifar10", "cifar100", "svhn", "tiny-imagenet",
+                                  "imagefolder"}),
     ("tune_mtard.attacks:ATTACKS", {"clean", "fgsm", "pgd20", "cw", "aa", "square"}),
     ("tune_mtard.models:MODELS", {"resnet18", "preact_resnet18", "preact_resnet18_wong", "preact_resnet18_kuangliu",
                                   "mobilenet_v2", "wrn34_10", "wrn28_10", "resnet56",

@@ -314,7 +314,7 @@ def compare(request: CompareRequest) -> int:
     """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records; with
     ``--tune``, each method's search first (:mod:`tune_mtard.tuning`)."""
     from tune_mtard import tracking
-    from tune_mtard.data import load_data
+    from tune_mtard.data import load_data_for
     from tune_mtard.perf import resolve_device
     from tune_mtard.teachers import prepare_teachers, roles_for
 
@@ -324,7 +324,7 @@ def compare(request: CompareRequest) -> int:
         return compare_tuned(request)
     base, methods, seeds, configs, out = plan(request)
     attacks = final_attacks(base)
-    data = load_data(base.data.dataset, base.data.root, base.data.download, base.data.val_fraction, base.seed)
+    data = load_data_for(base)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / files.RUN_CONFIG).write_text(to_yaml(base))

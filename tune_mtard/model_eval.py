@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from tune_mtard.attacks import ATTACKS, Attack, AutoAttackSettingsError, build_attack
 from tune_mtard.config import Config, load_config
 from tune_mtard.config.schema import NormalizationConfig
-from tune_mtard.data import DataBundle, load_data
+from tune_mtard.data import DataBundle, load_data_for
 from tune_mtard.errors import ConfigError
 from tune_mtard.evaluation import TRANSFER_ATTACKS, robust_accuracy
 from tune_mtard.files import STUDENT
@@ -291,7 +291,7 @@ def evaluate(args: EvaluateRequest) -> int:
     """The ``evaluate`` command: every attack on the first N examples of the split; prints a table, writes JSON."""
     request = build_request(args)
     cfg = request.cfg
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data_for(cfg)
     device = resolve_device(cfg.device)
     model, mapping = load_model(cfg, request.arch, request.checkpoint, data, "--arch")
     model = model.to(device)

@@ -33,9 +33,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def data_bytes(data: DataBundle) -> int:
-    """Bytes of a bundle's images and labels, all splits."""
-    return sum(t.numel() * t.element_size()
-               for split in (data.train, data.val, data.test) for t in (split.images, split.labels))
+    """Bytes of a bundle's images and labels held in memory, all splits (an image folder's pixels stay on disk)."""
+    return sum(split.nbytes() for split in (data.train, data.val, data.test))
 
 
 @dataclass

@@ -79,14 +79,14 @@ def train(request: TrainRequest) -> dict[str, Any]:
     p = plan(request)
     cfg, out = p.cfg, p.out
     from tune_mtard import tracking
-    from tune_mtard.data import load_data
+    from tune_mtard.data import load_data_for
     from tune_mtard.perf import resolve_device
     from tune_mtard.pipeline import new_trainer, run_pipeline
     from tune_mtard.teachers import prepare_teachers
 
     if cfg.perf.threads:
         torch.set_num_threads(cfg.perf.threads)
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data_for(cfg)
     device = resolve_device(cfg.device)
     teachers = prepare_teachers(cfg, data, device, progress=p.progress)
     for line in teachers.describe() + teachers.warnings():

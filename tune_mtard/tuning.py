@@ -217,7 +217,7 @@ def compare_tuned(request: CompareRequest) -> int:
 
 def _run(plan: TunedPlan) -> int:
     from tune_mtard import tracking
-    from tune_mtard.data import load_data
+    from tune_mtard.data import load_data_for
     from tune_mtard.perf import resolve_device
     from tune_mtard.search.lock import SearchLock
     from tune_mtard.teachers import prepare_teachers, roles_for
@@ -225,7 +225,7 @@ def _run(plan: TunedPlan) -> int:
     base, out = plan.base, plan.out
     for note in plan.notes:
         print(note, flush=True)
-    data = load_data(base.data.dataset, base.data.root, base.data.download, base.data.val_fraction, base.seed)
+    data = load_data_for(base)
     state_file = out / files.TUNED_STATE
     with SearchLock(out, "--resume" if plan.resume else "--out"):
         if plan.resume:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn as nn
 from tune_mtard.benchmarks.machine import machine_info
 from tune_mtard.config import Config
 from tune_mtard.data import DATASETS
+from tune_mtard.errors import ConfigError
 from tune_mtard.models import create_model
 
 
@@ -71,6 +73,11 @@ def bench_memory(cfg: Config, batch_size: int | None, gpu_gib: float) -> dict[st
     """
     info = DATASETS.get(cfg.data.dataset)  # its shape is known without loading it
     channels, side, classes, n_images = info.channels, info.image_size, info.num_classes, info.num_images
+    if cfg.data.dataset == "imagefolder":  # streamed from disk: nothing of it on the device; classes from its folder
+        train = Path(cfg.data.root) / "train"
+        if not train.is_dir():
+            raise ConfigError("data.root", f"imagefolder needs {train} (one sub-folder per class)")
+        side, classes, n_images = cfg.data.image_size, sum(path.is_dir() for path in train.iterdir()), 0
     batch = batch_size or cfg.data.batch_size
 
     def build(arch: str, device: str) -> nn.Module:

@@ -20,7 +20,7 @@ import torch
 from tune_mtard.benchmarks.machine import machine_info, machine_line
 from tune_mtard.benchmarks.step import random_teachers
 from tune_mtard.config import Config
-from tune_mtard.data import DataBundle, load_data
+from tune_mtard.data import DataBundle, load_data_for
 from tune_mtard.engine import Trainer
 from tune_mtard.errors import ConfigError
 from tune_mtard.perf import resolve_device
@@ -132,7 +132,7 @@ def bench_platform(cfg: Config, epochs: int, repeats: int) -> dict[str, Any]:
     cfg = cfg.with_values({"train.epochs": epochs, "search.num_samples": 1, "search.scheduler.type": "fifo",
                            "search.sampler.n_startup_trials": 1})
     device = resolve_device(cfg.device)
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data_for(cfg)
     teachers = {role: (getattr(cfg.teachers, role).arch, model.state_dict())
                 for role, model in random_teachers(cfg, data).items()}
     threads = max(1, int(cfg.search.resources.cpu))

@@ -32,7 +32,7 @@ def bench_search(space: str, overrides: list[str], num_samples: int | None, max_
                  storage: str | None, fifo_from: str | None) -> dict[str, Any]:
     import ray
 
-    from tune_mtard.data import load_data
+    from tune_mtard.data import load_data_for
     from tune_mtard.search.driver import SearchRequest, experiment_dir, run_search, search_config
     from tune_mtard.teachers import prepare_teachers
 
@@ -58,7 +58,7 @@ def bench_search(space: str, overrides: list[str], num_samples: int | None, max_
         # The teachers are trained (or found) once, before any search is timed.
         cfg = configs["asha"].run_config()
         start = time.perf_counter()
-        data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+        data = load_data_for(cfg)
         prepare_teachers(cfg, data, resolve_device(cfg.device), progress=False)
         teachers_s = time.perf_counter() - start
         start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""``bench step|epoch|gpu|platform|search|memory``: performance figures (docs/performance.md, docs/gpu.md)."""
+"""``bench step|epoch|gpu|platform|search|memory|folder``: performance figures (docs/performance.md, docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def build_parser() -> ArgumentParser:
     """The ``bench`` command's flags (docs/cli.md, "bench")."""
     parser = parser_for("bench", "Performance figures: a table on stdout and, with --out, JSON with the machine "
                                  "they were measured on.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{step,epoch,gpu,platform,search,memory}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{step,epoch,gpu,platform,search,memory,folder}")
 
     def command(name: str, help_text: str, space: str = DEFAULT_SPACE, out: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -73,6 +73,11 @@ def build_parser() -> ArgumentParser:
     search.add_argument("--fifo-from", default=None, metavar="JSON",
                         help="reuse the FIFO search of an earlier `bench search --out JSON` with the same config, "
                              "samples and epochs (to compare ASHA settings against one full-budget search)")
+    folder = command("folder", "peak resident memory of a one-epoch train on generated image folders of growing size")
+    folder.add_argument("--per-class", default="100,400,1600",
+                        help="comma-separated training images per class (10 classes), one folder each")
+    folder.add_argument("--image-size", type=int, default=64, help="data.image_size of the runs (default: 64)")
+    folder.add_argument("--workdir", default=None, help="where the folders are generated (default: the temp folder)")
     return parser
 
 
@@ -80,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     for flag in ("batch_size", "repeats", "epochs", "num_samples", "max_epochs", "warmup", "threads",
-                 "train_examples"):
+                 "train_examples", "image_size"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}", "must be >= 1")
@@ -106,14 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_step(result)
     elif args.command == "epoch":
         from tune_mtard.benchmarks.epoch import bench_epoch, print_epoch
-        from tune_mtard.data import load_data
+        from tune_mtard.data import load_data_for
 
         cfg = load_config(args.config, args.overrides, check_files=False)
         if args.batch_size is not None:
             cfg = cfg.with_values({"data.batch_size": args.batch_size})
         _set_threads(args.threads, cfg)
-        d = cfg.data
-        data = load_data(d.dataset, d.root, d.download, d.val_fraction, cfg.seed)
+        data = load_data_for(cfg)
         if args.train_examples is not None:
             data = dataclasses.replace(data, train=data.train.head(args.train_examples))
         result = bench_epoch(cfg, data, args.epochs, args.warmup_epochs)
@@ -147,6 +151,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = bench_memory(load_config(args.config, args.overrides, check_files=False), args.batch_size,
                               args.gpu_gib)
         print_memory(result)
+    elif args.command == "folder":
+        from tune_mtard.benchmarks.folder import bench_folder, print_folder
+
+        try:
+            sizes = [int(value) for value in args.per_class.split(",")]
+        except ValueError:
+            raise ConfigError("--per-class", f"expected comma-separated integers, got {args.per_class!r}") from None
+        if not sizes or min(sizes) < 1:
+            raise ConfigError("--per-class", "every size must be >= 1")
+        if args.workdir is not None and not Path(args.workdir).is_dir():
+            raise ConfigError("--workdir", f"folder {args.workdir} does not exist")
+        result = bench_folder(Path(args.config), args.overrides, sizes, args.image_size,
+                              Path(args.workdir) if args.workdir else None)
+        print_folder(result)
     else:
         from tune_mtard.benchmarks.search import bench_search, print_search
 

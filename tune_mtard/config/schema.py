@@ -37,13 +37,20 @@ class DataConfig:
     download: bool = False
     val_fraction: float = 0.1
     batch_size: int = 128
+    image_size: int = 224  # imagefolder: the side images are cropped to (docs/configuration.md, "Image folders")
+    crop: str = "resized"  # imagefolder: resized (ImageNet's random resized crop) or padded (a 4-pixel crop)
+    loader_workers: int = 2  # imagefolder: processes that decode and augment (0: the training process)
 
     def check(self) -> None:
         from tune_mtard.data import DATASETS
+        from tune_mtard.data.folders import CROPS
 
         require_name(self.dataset, DATASETS.names(), "data.dataset", "dataset")
         require(0 < self.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction:g}")
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        require(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
+        require_name(self.crop, list(CROPS), "data.crop", "crop")
+        require(self.loader_workers >= 0, "data.loader_workers", "must be >= 0 (0: decode in the training process)")
 
 
 @dataclass

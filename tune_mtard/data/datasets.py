@@ -17,6 +17,10 @@ to download (and verify) missing files when ``download`` is true. ``tiny-imagene
 the standard ``tiny-imagenet-200`` folder (its labelled ``val`` split is the test split) and the
 decoded tensors are cached in ``tiny-imagenet-200/tensors.pt``.
 
+``imagefolder`` indexes ``root/train/<class>/`` and ``root/val/<class>/`` and streams them from disk
+(``data/folders.py``): its classes are read from the folder (registered as 0) and its images are cropped to
+``data.image_size``; Tiny-ImageNet's folder reads through it too.
+
 Adding a dataset: a loader ``(root, download, seed) -> (train, test)`` decorated with
 ``@register_dataset(...)`` stating its shape and augmentation.
 """
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tune_mtard.data.folders import CROPS, PADDED_CROP_PADDING, FolderSplit, ImageView, scan_image_folder
 from tune_mtard.data.splits import DataBundle, Split, carve_validation, generator_for, stratified_holdout, subset
 from tune_mtard.errors import ConfigError
 from tune_mtard.registry import Registry
@@ -48,6 +53,8 @@ class DatasetInfo:
         num_classes: labels lie in ``[0, num_classes)``.
         channels, image_size: images are ``channels x image_size x image_size``.
         num_images: images in all splits together (memory estimates use it: ``bench memory``).
+        (``num_classes``, ``image_size`` and ``num_images`` are 0 for an image folder: they are the folder's and
+        ``data.image_size``.)
         crop_padding: zero padding of the random-crop augmentation; 0 means no crop.
         hflip: whether random horizontal flips are a valid augmentation.
         load: ``(root, download, seed) -> (train, test)``, the whole training split and the test split.
@@ -82,9 +89,17 @@ TINY_IMAGENET_CACHE = "tensors.pt"
 TINY_IMAGENET_SIZE = 64
 
 
+def load_data_for(cfg) -> DataBundle:
+    """``load_data`` with the ``data.*`` keys and ``seed`` of a :class:`~tune_mtard.config.Config`."""
+    d = cfg.data
+    return load_data(d.dataset, d.root, d.download, d.val_fraction, cfg.seed,
+                     view=ImageView(d.image_size, d.crop, d.loader_workers))
+
+
 def load_data(dataset: str, root: str | Path = "./data", download: bool = False, val_fraction: float = 0.1,
-              seed: int = 0) -> DataBundle:
-    """Load a dataset into memory (on the CPU) and split it into train, validation and test.
+              seed: int = 0, view: ImageView = ImageView()) -> DataBundle:
+    """Load a dataset into memory (on the CPU), or index an image folder, and split it into train, validation
+    and test.
 
     Args:
         dataset: its registry name (``data.dataset``), e.g. ``"cifar10"``.
@@ -93,6 +108,7 @@ def load_data(dataset: str, root: str | Path = "./data", download: bool = False,
         val_fraction: fraction of the training split held out as validation, in [0, 1); any
             positive fraction holds out at least one example.
         seed: decides the validation carve-out, the digits test split and the synthetic data.
+        view: how an image folder's images are cropped and decoded (``imagefolder`` only).
 
     Raises:
         ConfigError: unknown dataset (key ``data.dataset``), bad ``val_fraction``
@@ -104,10 +120,17 @@ def load_data(dataset: str, root: str | Path = "./data", download: bool = False,
         raise ConfigError("data.val_fraction", f"must be in [0, 1), got {val_fraction}")
     info = DATASETS.get(dataset)
     full_train, test = info.load(Path(root).expanduser().absolute(), download, seed)
+    num_classes, crop_padding = info.num_classes, info.crop_padding
+    if isinstance(full_train, FolderSplit):
+        if view.crop not in CROPS:
+            raise ConfigError("data.crop", f"must be one of {', '.join(CROPS)}, got {view.crop!r}")
+        full_train, test = full_train.with_view(view), test.with_view(view)
+        num_classes = len(full_train.classes)
+        crop_padding = PADDED_CROP_PADDING if view.crop == "padded" else 0
     train, val = carve_validation(full_train, val_fraction, generator_for(seed, "validation"))
-    return DataBundle(name=dataset, train=train, val=val, test=test, num_classes=info.num_classes,
-                      in_channels=test.images.shape[1], image_size=test.images.shape[2],
-                      crop_padding=info.crop_padding, hflip=info.hflip)
+    return DataBundle(name=dataset, train=train, val=val, test=test, num_classes=num_classes,
+                      in_channels=test.channels, image_size=test.image_size,
+                      crop_padding=crop_padding, hflip=info.hflip)
 
 
 @register_dataset("digits", num_classes=10, channels=1, image_size=8, num_images=1797, crop_padding=0, hflip=False)
@@ -305,3 +328,11 @@ def _decode_images(items: list[tuple[Path, int]]) -> Split:
             raise ConfigError("data.root", f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, expected {size}x{size}")
         images[index] = torch.from_numpy(pixels).permute(2, 0, 1)
     return Split(images, torch.tensor([label for _, label in items], dtype=torch.int64))
+
+
+@register_dataset("imagefolder", num_classes=0, channels=3, image_size=0, num_images=0, crop_padding=0, hflip=True)
+def _index_image_folder(root: Path, download: bool, seed: int) -> tuple[FolderSplit, FolderSplit]:
+    """``root/train/<class>/`` and ``root/val/<class>/``, indexed, never decoded whole (data/folders.py)."""
+    if download:
+        raise ConfigError("data.download", "an image folder cannot be downloaded; point data.root at it")
+    return scan_image_folder(root)

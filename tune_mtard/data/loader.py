@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tune_mtard.data.folders import FolderSplit, stream_batches
 from tune_mtard.data.splits import Split
 
 
@@ -59,6 +60,11 @@ def iterate_batches(
         raise ValueError("iterate_batches needs a generator to shuffle or augment")
     if crop_padding < 0:
         raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+    if isinstance(split, FolderSplit):  # decoded and augmented by loader workers; the view says how it crops
+        yield from stream_batches(split, batch_size, shuffle=shuffle, generator=generator, hflip=hflip,
+                                  augment=augmenting, drop_last=drop_last,
+                                  device=None if device is None else torch.device(device))
+        return
     source = split.images.device
     target = source if device is None else torch.device(device)
     plan = EpochPlan.draw(len(split), batch_size, drop_last, shuffle, crop_padding if augmenting else None, hflip,

@@ -52,6 +52,20 @@ class Split:
         """Return the images as float32 in [0, 1], on the split's device."""
         return self.images.float() / 255
 
+    def select(self, indices: torch.Tensor) -> Split:
+        return Split(self.images[indices], self.labels[indices])
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.images, self.labels))
+
 
 @dataclass
 class DataBundle:
@@ -70,7 +84,7 @@ class DataBundle:
     """
 
     name: str
-    train: Split
+    train: Split  # or, for an image folder, a FolderSplit (tune_mtard/data/folders.py)
     val: Split
     test: Split
     num_classes: int
@@ -104,7 +118,8 @@ def carve_validation(full: Split, val_fraction: float, generator: torch.Generato
 
 
 def subset(split: Split, indices: torch.Tensor) -> Split:
-    return Split(split.images[indices], split.labels[indices])
+    """The examples at ``indices``; an image folder's split (data/folders.py) selects its files the same way."""
+    return split.select(indices)
 
 
 def stratified_holdout(

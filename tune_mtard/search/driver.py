@@ -175,7 +175,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     :class:`~tune_mtard.errors.Interrupted` when a signal stopped it)."""
     import ray
 
-    from tune_mtard.data import load_data
+    from tune_mtard.data import load_data_for
     from tune_mtard.perf import resolve_device
     from tune_mtard.search.lock import SearchLock
     from tune_mtard.search.nodes import check_nodes_see_storage
@@ -184,7 +184,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     assert cfg.search is not None and cfg.space is not None
     folder = experiment_dir(cfg)
     start = time.perf_counter()
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data_for(cfg)
     roles = roles_for(searched_methods(cfg))
     check_teacher_files(cfg.run_config(), roles)
     resolve_device(cfg.device)  # the driver prepares the teachers there

@@ -257,14 +257,14 @@ class TeacherReport:
 def train_missing(request: TeachersRequest) -> list[TeacherReport]:
     """The ``teachers`` command: train the named teachers that do not exist yet, and measure each on the test split."""
     from tune_mtard.config import load_config
-    from tune_mtard.data import load_data
+    from tune_mtard.data import load_data_for
 
     roles = [r.strip() for r in request.roles.split(",") if r.strip()]
     for role in roles:
         if role not in ROLES:
             raise ConfigError("--roles", f"unknown role {role!r} (valid: {', '.join(ROLES)})")
     cfg = load_config(request.config, request.overrides, check_files=False).run_config()
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data_for(cfg)
     device = resolve_device(cfg.device)
     teachers = prepare_teachers(cfg, data, device, progress=request.progress, roles=roles, train_missing=True)
     reports = []

@@ -1,7 +1,8 @@
 """How an ``auto`` teacher is trained, and where it is cached (docs/methods.md, "Teachers").
 
 A teacher's recipe depends only on the teacher's own settings (``teachers.<role>.*``), the data it is
-trained on (``data.dataset``, ``data.val_fraction``, ``seed``) and, for an adversarial recipe, the threat
+trained on (``data.dataset``, ``data.val_fraction``, ``seed``; for an image folder, which a name does not
+identify, also its ``data.root``, ``data.image_size`` and ``data.crop``) and, for an adversarial recipe, the threat
 model (``attack.*``): never on the student's ``train.*`` keys, which a search samples. So a search and the
 ``train`` run of its best config find the same cached teacher.
 """
@@ -53,6 +54,8 @@ def recipe_key(cfg: Config, role: str) -> str:
     }
     if teacher.normalization.mean:  # only when set, so the keys of teachers cached before it existed stay valid
         recipe["normalization"] = dataclasses.asdict(teacher.normalization)
+    if cfg.data.dataset == "imagefolder":
+        recipe["folder"] = [str(Path(cfg.data.root).expanduser().absolute()), cfg.data.image_size, cfg.data.crop]
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.data.dataset}-{teacher.arch}-{teacher.recipe}-{digest}"
 
