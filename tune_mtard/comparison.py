@@ -27,6 +27,7 @@ from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yam
 from tune_mtard.data import DataBundle
 from tune_mtard.errors import ConfigError, RunFailed
 from tune_mtard.methods import variants
+from tune_mtard.services import check_tracking_uri
 from tune_mtard.metrics import TEST_ACC, TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, VAL_CLEAN_ACC, VAL_ROBUST_ACC, \
     VAL_W_ROBUST_ACC
 
@@ -307,6 +308,7 @@ def base_config(request: CompareRequest) -> Config:
         base = base.with_values({"eval.final_attacks": parse_attacks(request.attacks)})
     if request.tracking_uri:
         base.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
+    check_tracking_uri(base.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
     return base
 
 

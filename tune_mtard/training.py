@@ -21,6 +21,7 @@ from tune_mtard.config.rules import check_model_name
 from tune_mtard.engine import EpochResult
 from tune_mtard.errors import ConfigError
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VAL_W_ROBUST_ACC
+from tune_mtard.services import check_tracking_uri, unwritable_folder
 
 # Keys a resumed run may change: where things are stored and logged, and how long it trains.
 RESUMABLE_CHANGES = ("train.epochs", "data.root", "teachers.cache_dir")
@@ -58,6 +59,10 @@ def plan(request: TrainRequest) -> TrainPlan:
     if request.tracking_uri:
         cfg.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
     out = Path(request.out or Path("runs") / cfg.name).resolve()
+    check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
+    problem = unwritable_folder(out)
+    if problem is not None:
+        raise ConfigError("--out", problem)
     if request.resume:
         if not (out / files.CHECKPOINT).is_file():
             raise ConfigError("--out", f"nothing to resume: no {files.CHECKPOINT} in {out}")

@@ -27,6 +27,7 @@ from tune_mtard import files
 from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, load_config
 from tune_mtard.errors import ConfigError, Interrupted
 from tune_mtard.search.outcome import Outcome
+from tune_mtard.services import check_search_folder, check_tracking_uri
 
 
 @dataclass
@@ -150,6 +151,8 @@ def search(request: SearchRequest) -> int:
         saved = load_config(experiment_dir(cfg) / files.SPACE, check_files=False)
         saved.search.storage = cfg.search.storage
         cfg = saved
+    check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
+    check_search_folder(experiment_dir(cfg), "--storage" if request.storage else "search.storage")
     return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet)
 
 
