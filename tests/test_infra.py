@@ -149,3 +149,172 @@ def test_a_password_in_a_tracking_uri_is_masked():
     assert masked_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     problem = tracking_server_problem("http://bob:s3cret@127.0.0.1:9")
     assert problem is not None and "s3cret" not in problem and "bob:***@127.0.0.1:9" in problem
+
+
+# ---- files written whole, configs read only when whole -------------------------------------------------
+
+
+def test_an_atomic_write_that_fails_midway_leaves_the_old_file_and_no_partial_one(tmp_path):
+    from tune_mtard import atomic
+
+    target = tmp_path / "summary.json"
+    atomic.write_text(target, '{"status": "finished"}')
+    with pytest.raises(RuntimeError), atomic.open_atomic(target) as f:
+        f.write('{"status": "interr')
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == '{"status": "finished"}'
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK
+
+
+CUT_AFTER_TEACHERS = """\
+name: cut
+data: {dataset: digits}
+student: {arch: digits_cnn}
+teachers:
+"""
+
+
+@pytest.mark.parametrize("text, named", [
+    ("", "the file is empty"),
+    ("# a comment, and nothing else\n", "the file is empty"),
+    (CUT_AFTER_TEACHERS, "'teachers' has nothing under it"),
+    (CUT_AFTER_TEACHERS + "  clean:\n", "'teachers.clean' has nothing under it"),
+    ("name: x\ntrain: {epochs: [\n", "invalid YAML"),
+])
+def test_an_empty_or_cut_config_is_refused_naming_the_file(tmp_path, text, named):
+    from tune_mtard.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_files=False)
+    assert info.value.key == str(path) and named in info.value.message
+
+
+def test_a_section_written_as_an_empty_mapping_takes_its_defaults(tmp_path):
+    from tune_mtard.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("name: x\ndata: {dataset: digits}\nbalance: {}\n")
+    assert load_config(path, check_files=False).balance.beta == 1.0
+
+
+def test_train_on_an_empty_config_is_exit_2_and_writes_nothing(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    result = command("train", "--config", "empty.yaml", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "empty.yaml: the file is empty" in one_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]
+
+
+def test_export_refuses_a_torn_summary_or_teacher_pins_file(tmp_path):
+    from tune_mtard.search.export import _confirmed_trial, teacher_pins
+
+    (tmp_path / "teachers.json").write_text('{"pins": {"teachers.clean.checkpoint": "/t/clean.pt", "teach')
+    (tmp_path / "summary.json").write_text('{"status": "finished", "confirm": {"winn')
+    for read, name in ((teacher_pins, "teachers.json"), (_confirmed_trial, "summary.json")):
+        with pytest.raises(ConfigError) as info:
+            read(tmp_path)
+        assert info.value.key == str(tmp_path / name) and "torn" in info.value.message
+    (tmp_path / "teachers.json").write_text('{"pins": {"teachers.clean.sha256": "ab"}, "quality": {}}')
+    (tmp_path / "summary.json").write_text('{"status": "finished", "confirm": {"winner": "t1"}}')
+    assert teacher_pins(tmp_path) == {"teachers.clean.sha256": "ab"} and _confirmed_trial(tmp_path) == "t1"
+    (tmp_path / "summary.json").unlink()
+    assert _confirmed_trial(tmp_path) is None  # a search that has not ended yet
+    (tmp_path / "teachers.json").unlink()
+    with pytest.raises(ConfigError, match="teachers.json"):
+        teacher_pins(tmp_path)
+
+
+# ---- paths and secrets ---------------------------------------------------------------------------------
+
+
+def test_a_search_whose_experiment_name_is_an_absolute_path_is_exit_2_and_writes_nothing(tmp_path):
+    result = command("search", "--space", "digits.yaml", "--storage", str(tmp_path / "results"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", "mlflow.experiment=/tmp/x",
+                     *digits_flags(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "mlflow.experiment" in one_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("experiment", ["/Shared/x", "../../../tmp/x", "a/../../b", "a\\..\\b"])
+def test_an_experiment_name_that_leaves_the_artifact_store_is_refused(experiment):
+    from tune_mtard.config import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config("digits.yaml", [f"mlflow.experiment={experiment}"], check_files=False)
+    assert info.value.key == "mlflow.experiment"
+    assert load_config("digits.yaml", ["mlflow.experiment=Shared/x"], check_files=False).mlflow.experiment == "Shared/x"
+
+
+def test_a_password_in_a_tracking_uri_never_reaches_mlflow_params_tags_or_artifacts(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tune_mtard import tracking
+
+    secret_uri = "https://bob:s3cret@mlflow.example.org"
+    client = tracking.client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracking.experiment_id(client, "secrets")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"mlflow: {{tracking_uri: '{secret_uri}', experiment: secrets}}\n")
+    with tracking.open_run(client, experiment, "run", tags={"uri": secret_uri}) as run:
+        run.log_params({"mlflow.tracking_uri": secret_uri})
+        run.log_artifacts([config])
+    stored = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run.run_id)
+    assert stored.data.params["mlflow.tracking_uri"] == "https://bob:***@mlflow.example.org"
+    assert stored.data.tags["uri"] == "https://bob:***@mlflow.example.org"
+    uploaded = Path(client.download_artifacts(run.run_id, "config.yaml", str(tmp_path / "down"))).read_text()
+    assert "s3cret" not in uploaded and "bob:***@mlflow.example.org" in uploaded
+    assert "s3cret" in config.read_text()  # the local file keeps it, for --resume
+    assert "s3cret" not in tracking.ui_link(secret_uri, "1")
+
+
+def test_cifar_batches_are_read_with_an_unpickler_that_builds_nothing_else(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from tune_mtard.data.datasets import _read_cifar_pickles
+
+    batch = tmp_path / "data_batch_1"
+    images = np.arange(2 * 3 * 32 * 32, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    batch.write_bytes(pickle.dumps({b"batch_label": b"training batch 1 of 5", b"labels": [3, 7], b"data": images,
+                                    b"filenames": [b"a.png", b"b.png"]}, protocol=2))
+    split = _read_cifar_pickles([batch])
+    assert split.labels.tolist() == [3, 7] and split.images.shape == (2, 3, 32, 32)
+    assert split.images.flatten().tolist() == images.flatten().tolist()
+
+    class Planted:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    evil = tmp_path / "data_batch_2"
+    evil.write_bytes(pickle.dumps({"labels": [1], "data": Planted()}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refused to build"):
+        _read_cifar_pickles([evil])
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_search_folder_is_private_and_resume_refuses_one_others_can_write(tmp_path):
+    from tune_mtard.search.lock import SearchLock
+
+    folder = tmp_path / "results" / "shared-search"
+    with SearchLock(folder):
+        pass
+    assert folder.stat().st_mode & 0o777 == 0o700
+    (folder / "tuner.pkl").write_bytes(b"a planted pickle")
+    (folder / "search_space.yaml").write_text("name: shared-search\n")
+    folder.chmod(0o777)
+    result = command("search", "--space", "digits.yaml", "--storage", str(tmp_path / "results"), "--resume",
+                     "--set", "name=shared-search", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     *digits_flags(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "--resume" in line and "written by other users" in line and str(folder) in line
+    folder.chmod(0o700)
+    (folder / "tuner.pkl").chmod(0o666)
+    result = command("search", "--space", "digits.yaml", "--storage", str(tmp_path / "results"), "--resume",
+                     "--set", "name=shared-search", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     *digits_flags(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "tuner.pkl can be written by other users" in one_line(result)

@@ -19,7 +19,7 @@ import ray
 import torch
 from ray import tune
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
 from tune_mtard.diagnostics import diagnose
@@ -123,7 +123,7 @@ def _record_divergence(trainer: Trainer, error: Diverged) -> None:
     record = _divergence_record()
     record.parent.mkdir(parents=True, exist_ok=True)
     trainer.write_trace(record.parent / files.TRACE_CSV)
-    record.write_text(json.dumps({"step": error.step, "epoch": error.epoch}))
+    atomic.write_text(record, json.dumps({"step": error.step, "epoch": error.epoch}))
 
 
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,

@@ -22,7 +22,7 @@ from typing import Any, Collection, Sequence
 
 import torch.nn as nn
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
 from tune_mtard.data import DataBundle
 from tune_mtard.errors import ConfigError, RunFailed
@@ -212,7 +212,7 @@ def write_results(out: Path, results: Sequence[RunResult], summary: Sequence[dic
     summary_path = out / files.COMPARISON_SUMMARY_CSV
     _write_csv(summary_path, list(dict.fromkeys(k for row in summary for k in row)), summary)
     markdown = out / files.COMPARISON_MD
-    markdown.write_text(table)
+    atomic.write_text(markdown, table)
     return [per_run, summary_path, markdown]
 
 
@@ -229,7 +229,7 @@ def read_results(path: Path) -> list[RunResult]:
 
 
 def _write_csv(path: Path, header: list[str], rows: Sequence[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, restval="")
         writer.writeheader()
         writer.writerows(rows)
@@ -329,7 +329,7 @@ def compare(request: CompareRequest) -> int:
     data = load_data(base.data.dataset, base.data.root, base.data.download, base.data.val_fraction, base.seed)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / files.RUN_CONFIG).write_text(to_yaml(base))
+    atomic.write_text(out / files.RUN_CONFIG, to_yaml(base))
     client = tracking.client_for(base.mlflow.tracking_uri)
     experiment = tracking.experiment_id(client, base.mlflow.experiment)
     with tracking.open_run(client, experiment, f"{base.name}-compare",

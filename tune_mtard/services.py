@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import sqlite3
 import ssl
 import tempfile
@@ -26,15 +27,18 @@ TIMEOUT_S = 5.0  # per request; a server that answers nothing in this long is no
 _PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 
+# scheme://user:password@ -- the password part, wherever such a URI appears in a text
+_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@")
+
+
 def masked_uri(uri: str) -> str:
     """``uri`` with any password (or token) in it replaced by ``***``: what is printed, logged or stored."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return mask_secrets(uri)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it replaced by ``***``."""
+    return _CREDENTIALS.sub(r"\1***@", text)
 
 
 def _request(uri: str) -> urllib.request.Request:
@@ -144,3 +148,17 @@ def check_search_folder(folder: Path, key: str = "search.storage") -> None:
     problem = _unusable_sqlite(folder / files.OPTUNA_DB)
     if problem is not None:
         raise ConfigError(str(folder / files.OPTUNA_DB), problem)
+
+
+def check_private(folder: Path, key: str = "--resume") -> None:
+    """A search folder ``--resume`` unpickles from (Ray's ``tuner.pkl`` and its state) must be this user's
+    alone: one that another user can write could hold a planted pickle (docs/search.md, "Trust boundary")."""
+    for path in (folder, folder / files.TUNER_STATE):
+        if not path.exists():
+            continue
+        info = path.stat()
+        if info.st_uid != os.getuid():
+            raise ConfigError(key, f"{path} belongs to another user (uid {info.st_uid}); resume only your own search")
+        if info.st_mode & 0o022:
+            raise ConfigError(key, f"{path} can be written by other users (mode {info.st_mode & 0o777:o}); "
+                                   f"make it private (chmod go-w) before resuming, since resuming unpickles it")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config, absolute_tracking_uri, load_config
 from tune_mtard.config.rules import check_model_name
 from tune_mtard.engine import EpochResult
@@ -107,7 +107,7 @@ def train(request: TrainRequest) -> dict[str, Any]:
         if reopen is None:
             run.log_params(cfg.flat())
             run.log_metrics(teachers.quality_metrics(), step=0)
-            id_file.write_text(run.run_id)
+            atomic.write_text(id_file, run.run_id)
         print(f"run {cfg.name}: {cfg.method} on {cfg.data.dataset}, {cfg.train.epochs} epochs on {device}; "
               f"output in {out}; MLflow run {run.run_id}", flush=True)
         result = run_pipeline(trainer, data, out, run=run, progress=p.progress, on_epoch=_print_epoch)

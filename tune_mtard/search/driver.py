@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, load_config
 from tune_mtard.errors import ConfigError, Interrupted
 from tune_mtard.search.outcome import Outcome
-from tune_mtard.services import check_search_folder, check_tracking_uri
+from tune_mtard.services import check_private, check_search_folder, check_tracking_uri, masked_uri
 
 
 @dataclass
@@ -113,6 +113,7 @@ def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None)
     if resume and not started(folder):
         raise ConfigError("--resume", f"no interrupted search named {cfg.name!r} in {folder.parent}")
     if resume:
+        check_private(folder)
         saved = load_config(folder / files.SPACE, check_files=False)
         for key, value in cfg.to_dict(with_search=False).items():
             if key == "mlflow":
@@ -120,7 +121,7 @@ def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None)
             if saved.to_dict().get(key) != value:
                 raise ConfigError("--resume", f"the config differs from the interrupted search's in {key!r}")
         if tracking_uri is not None and absolute_tracking_uri(tracking_uri) != saved.mlflow.tracking_uri:
-            raise ConfigError("--tracking-uri", f"the interrupted search records to {saved.mlflow.tracking_uri}; "
+            raise ConfigError("--tracking-uri", f"the interrupted search records to {masked_uri(saved.mlflow.tracking_uri)}; "
                                                 "resume it with the same MLflow store")
     elif started(folder):
         raise ConfigError("name", f"a search named {cfg.name!r} already exists in {folder.parent}; "
@@ -244,7 +245,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                                     progress=not quiet and sys.stderr.isatty(), roles=roles)
         for line in teachers.describe() + teachers.warnings():
             print(line, flush=True)
-        (folder / files.TEACHERS_JSON).write_text(json.dumps(
+        atomic.write_text(folder / files.TEACHERS_JSON, json.dumps(
             {"pins": teachers.pins(), "quality": teachers.quality_metrics()}, indent=2))
         teacher_weights = {role: (t.arch, t.model.state_dict()) for role, t in teachers.teachers.items()}
         # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.

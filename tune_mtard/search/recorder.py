@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from ray.tune import Callback
 
-from tune_mtard import files, tracking
+from tune_mtard import atomic, files, tracking
 from tune_mtard.config import Config, flatten
 from tune_mtard.diagnostics import csv_values, flag_counts, flag_tags
 from tune_mtard.metrics import DIAGNOSTICS, EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
@@ -205,7 +205,7 @@ def child_run_id(client, experiment_id: str, parent_run_id: str, trial_id: str) 
 
 def start_parent(parent: tracking.RunHandle, cfg: Config, folder: Path) -> None:
     """A new search's parent run: the space (file and ``search.*`` params) and the search's settings."""
-    (folder / files.PARENT_RUN_ID).write_text(parent.run_id)
+    atomic.write_text(folder / files.PARENT_RUN_ID, parent.run_id)
     cfg.dump(folder / files.SPACE, with_search=True)
     parent.log_params(flatten(cfg.to_dict(with_search=True)["search"], "search."))
     parent.log_params({"name": cfg.name, "data.dataset": cfg.data.dataset, "train.epochs": cfg.train.epochs,
@@ -221,7 +221,7 @@ def log_teachers(parent: tracking.RunHandle, teachers) -> None:
 
 def write_trials_csv(trials: list[TrialSummary], path: Path, space_keys: list[str], full_epochs: int) -> None:
     columns = ["trial_id", "state", "epochs", *VALIDATION, *DIAGNOSTICS, "failure", *space_keys]
-    with path.open("w", newline="") as f:
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for t in trials:
@@ -268,7 +268,7 @@ def record_search(parent: tracking.RunHandle, cfg: Config, folder: Path, trials:
     summary.update(status=status, best_trial_id=best.trial_id if best else None,
                    failed_trials=[{"trial_id": t.trial_id, "reason": t.failure, **(t.diverged or {})} for t in failed],
                    **(extra or {}))
-    (folder / files.SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+    atomic.write_text(folder / files.SUMMARY_JSON, json.dumps(summary, indent=2))
     artifacts.append(folder / files.SUMMARY_JSON)
     parent.log_artifacts(artifacts)
     return summary
