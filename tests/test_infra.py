@@ -318,3 +318,52 @@ def test_a_search_folder_is_private_and_resume_refuses_one_others_can_write(tmp_
                      "--set", "name=shared-search", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                      *digits_flags(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "tuner.pkl can be written by other users" in one_line(result)
+
+
+# ---- --resume with a changed search --------------------------------------------------------------------
+
+
+def started_search(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A search folder as a started search leaves it (its saved space, Ray's tuner.pkl), and the flags that
+    name it."""
+    from tune_mtard.config import load_config
+
+    flags = ["--storage", str(tmp_path / "results"), "--set", "name=resumable", "--set", f"data.root={tmp_path}",
+             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *digits_flags(tmp_path)]
+    cfg = load_config("digits.yaml", ["name=resumable", f"search.storage={tmp_path / 'results'}", f"data.root={tmp_path}",
+                                      f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                      f"teachers.cache_dir={tmp_path / 'teachers'}", "device=cpu"], check_files=False)
+    folder = tmp_path / "results" / "resumable"
+    folder.mkdir(parents=True, mode=0o700)
+    cfg.dump(folder / "search_space.yaml", with_search=True)
+    (folder / "tuner.pkl").write_bytes(b"Ray's state")
+    return folder, flags
+
+
+@pytest.mark.parametrize("changed, named", [
+    (["--set", "space.balance.beta.high=5"], "space.balance.beta.high"),
+    (["--set", "search.max_concurrent=1"], "search.max_concurrent"),
+    (["--num-samples", "20"], "--num-samples"),
+    (["--set", "search.max_failures=5"], "search.max_failures"),
+])
+def test_resume_with_a_changed_search_is_exit_2_naming_the_key(tmp_path, changed, named):
+    folder, flags = started_search(tmp_path)
+    before = sorted(p.name for p in folder.iterdir())
+    result = command("search", "--space", "digits.yaml", "--resume", *flags, *changed, cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_line(result)
+    assert line.startswith(f"error: {named}: differs from the search being resumed")
+    assert sorted(p.name for p in folder.iterdir()) == before and not (tmp_path / "teachers").exists()
+
+
+def test_resume_with_the_same_search_passes_the_check(tmp_path):
+    from tune_mtard.search.driver import SearchRequest, check_experiment, search_config
+
+    folder, flags = started_search(tmp_path)
+    cfg = search_config(SearchRequest(space="digits.yaml", storage=str(tmp_path / "results"), resume=True,
+                                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                      overrides=["name=resumable", f"data.root={tmp_path}", *flags[-3::2]]))
+    check_experiment(cfg, resume=True)
+    changed = cfg.with_values({"space.train.lr.low": 0.03})
+    with pytest.raises(ConfigError, match="space.train.lr.low"):
+        check_experiment(changed, resume=True)

@@ -27,6 +27,7 @@ from tune_mtard import atomic, files
 from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, load_config
 from tune_mtard.errors import ConfigError, Interrupted
 from tune_mtard.search.outcome import Outcome
+from tune_mtard.search.resume import check_same_search
 from tune_mtard.services import check_private, check_search_folder, check_tracking_uri, masked_uri
 
 
@@ -107,8 +108,10 @@ def searched_methods(cfg: Config) -> set[str]:
     return {cfg.method} | set(dist.choices if dist is not None and dist.choices else [])
 
 
-def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None) -> None:
-    """A new search needs an unused name; a resumed one, a search of that name that ran, with the same config."""
+def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None,
+                     num_samples: int | None = None) -> None:
+    """A new search needs an unused name; a resumed one, a search of that name that ran, with the same config
+    and search (``num_samples``: what ``--num-samples`` asked, if given)."""
     folder = experiment_dir(cfg)
     if resume and not started(folder):
         raise ConfigError("--resume", f"no interrupted search named {cfg.name!r} in {folder.parent}")
@@ -120,6 +123,7 @@ def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None)
                 continue
             if saved.to_dict().get(key) != value:
                 raise ConfigError("--resume", f"the config differs from the interrupted search's in {key!r}")
+        check_same_search(cfg, saved, num_samples)
         if tracking_uri is not None and absolute_tracking_uri(tracking_uri) != saved.mlflow.tracking_uri:
             raise ConfigError("--tracking-uri", f"the interrupted search records to {masked_uri(saved.mlflow.tracking_uri)}; "
                                                 "resume it with the same MLflow store")
@@ -146,7 +150,7 @@ def search(request: SearchRequest) -> int:
     cfg = search_config(request)
     check_address(request.address)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
-    check_experiment(cfg, request.resume, request.tracking_uri)
+    check_experiment(cfg, request.resume, request.tracking_uri, request.num_samples)
     if request.resume:
         # The interrupted search's own config rules (its MLflow store too), except where it is stored.
         saved = load_config(experiment_dir(cfg) / files.SPACE, check_files=False)
