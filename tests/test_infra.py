@@ -367,3 +367,65 @@ def test_resume_with_the_same_search_passes_the_check(tmp_path):
     changed = cfg.with_values({"space.train.lr.low": 0.03})
     with pytest.raises(ConfigError, match="space.train.lr.low"):
         check_experiment(changed, resume=True)
+
+
+# ---- GPU accounting (a faked device count, as the device checks do) -------------------------------------
+
+
+def fake_cards(monkeypatch, count: int) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_a_trial_given_no_gpu_runs_on_the_cpu_whatever_auto_would_pick(monkeypatch):
+    import torch
+
+    from tune_mtard.perf import resolve_device, trial_device
+
+    fake_cards(monkeypatch, 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert trial_device("auto", 0) == torch.device("cpu")
+    assert trial_device("cpu", 0) == torch.device("cpu")
+    assert trial_device("auto", 0.5) == torch.device("cuda")
+    assert trial_device("cuda", 1) == torch.device("cuda")
+
+
+@pytest.mark.parametrize("device, gpus, named", [
+    ("cuda", 0, "device"), ("cuda:0", 0, "device"), ("cuda:1", 1, "device"), ("cpu", 0.5, "search.resources.gpu"),
+])
+def test_device_is_checked_against_the_gpus_a_trial_reserves(monkeypatch, device, gpus, named):
+    from tune_mtard.perf import check_trial_device
+
+    fake_cards(monkeypatch, 2)
+    with pytest.raises(ConfigError) as info:
+        check_trial_device(device, gpus)
+    assert info.value.key == named
+    for fine in (("auto", 0), ("auto", 0.5), ("cpu", 0), ("cuda", 0.5), ("cuda:0", 1)):
+        check_trial_device(*fine)
+
+
+def test_a_search_asking_for_cuda_without_reserving_a_gpu_is_exit_2_before_anything_starts(tmp_path):
+    result = command("search", "--space", "digits.yaml", "--storage", str(tmp_path / "results"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     "--set", f"teachers.cache_dir={tmp_path / 'teachers'}", "--set", "device=cuda", cwd=tmp_path)
+    assert result.returncode == 2
+    assert one_line(result).startswith("error: device: 'cuda', but search.resources.gpu is 0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_driver_gives_its_cached_cuda_memory_back(monkeypatch):
+    import torch
+
+    from tune_mtard.perf import release_cuda_memory
+
+    emptied = []
+    fake_cards(monkeypatch, 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    release_cuda_memory()
+    assert emptied == [True]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    release_cuda_memory()  # a driver that never touched CUDA does not start it now
+    assert emptied == [True]

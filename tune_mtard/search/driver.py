@@ -26,6 +26,7 @@ from typing import Any
 from tune_mtard import atomic, files
 from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, load_config
 from tune_mtard.errors import ConfigError, Interrupted
+from tune_mtard.perf import check_trial_device
 from tune_mtard.search.outcome import Outcome
 from tune_mtard.search.resume import check_same_search
 from tune_mtard.services import check_private, check_search_folder, check_tracking_uri, masked_uri
@@ -89,6 +90,7 @@ def search_config(request: SearchRequest) -> Config:
         raise ConfigError("search.storage", f"{cfg.search.storage}: cloud URIs are not supported; use a folder "
                                             "every node mounts at the same path")
     cfg.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
+    check_trial_device(cfg.device, cfg.search.resources.gpu)
     return cfg
 
 
@@ -235,7 +237,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     from ray import tune
 
     from tune_mtard import tracking
-    from tune_mtard.perf import resolve_device
+    from tune_mtard.perf import release_cuda_memory, resolve_device
     from tune_mtard.search import compat, interrupts
     from tune_mtard.search.outcome import conclude, interrupted
     from tune_mtard.search.recorder import log_teachers, start_parent
@@ -251,7 +253,10 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
             print(line, flush=True)
         atomic.write_text(folder / files.TEACHERS_JSON, json.dumps(
             {"pins": teachers.pins(), "quality": teachers.quality_metrics()}, indent=2))
-        teacher_weights = {role: (t.arch, t.model.state_dict()) for role, t in teachers.teachers.items()}
+        # The trials get CPU copies, and the driver's card memory goes back before they start.
+        teacher_weights = {role: (t.arch, {k: v.detach().cpu() for k, v in t.model.cpu().state_dict().items()})
+                           for role, t in teachers.teachers.items()}
+        release_cuda_memory()
         # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         compat.tolerate_deleted_checkpoints()
