@@ -429,3 +429,26 @@ def test_the_driver_gives_its_cached_cuda_memory_back(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     release_cuda_memory()  # a driver that never touched CUDA does not start it now
     assert emptied == [True]
+
+
+# ---- failure kinds -------------------------------------------------------------------------------------
+
+
+def test_a_failed_trial_is_told_apart_as_infra_trial_or_diverged():
+    import errno
+
+    import ray.exceptions
+    import torch
+
+    from tune_mtard.search.trials import failure_kind, failure_text
+
+    infra = [ray.exceptions.ActorDiedError(), ray.exceptions.WorkerCrashedError(),
+             torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+             OSError(errno.ENOSPC, "No space left on device")]
+    for error in infra:
+        assert failure_kind(failure_text(error, None)) == "infra", failure_text(error, None)
+    for error in (ValueError("bad shape"), KeyError("balance.beta"), RuntimeError("mat1 and mat2 shapes")):
+        assert failure_kind(failure_text(error, None)) == "trial"
+    assert failure_kind("ActorDiedError: ...", {"diverged_step": 3, "diverged_epoch": 1}) == "diverged"
+    assert failure_kind("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.") \
+        == "infra"  # the last line of Ray's error.txt

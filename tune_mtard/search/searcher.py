@@ -20,7 +20,7 @@ from tune_mtard.config import Config, Distribution
 from tune_mtard.files import OPTUNA_DB
 from tune_mtard.metrics import EPOCH
 from tune_mtard.search import compat
-from tune_mtard.search.trials import TrialState, trial_state
+from tune_mtard.search.trials import FAILURE_KIND, FAILURE_KINDS, TrialState, trial_state
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         study = compat.optuna_study(self)
         for trial_id, (state, value) in list(self._pending_tells.items()):
             try:
+                if trial_id in FAILURE_KINDS:  # noted by the recorder when the trial failed
+                    compat.optuna_trials(self)[trial_id].set_user_attr(FAILURE_KIND, FAILURE_KINDS[trial_id])
                 study.tell(compat.optuna_trials(self)[trial_id], value, state=_OPTUNA_STATES[state])
             except Exception as exc:  # e.g. told already by the driver a resumed search replaces
                 log.warning("optuna tell for %s failed: %s", trial_id, exc)
