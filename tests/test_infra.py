@@ -452,3 +452,41 @@ def test_a_failed_trial_is_told_apart_as_infra_trial_or_diverged():
     assert failure_kind("ActorDiedError: ...", {"diverged_step": 3, "diverged_epoch": 1}) == "diverged"
     assert failure_kind("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.") \
         == "infra"  # the last line of Ray's error.txt
+
+
+# ---- Optuna writes that fail ---------------------------------------------------------------------------
+
+
+def test_a_tell_that_fails_on_a_locked_study_stays_pending_and_is_told_once_the_database_is_free(tmp_path):
+    import sqlite3
+
+    import optuna
+
+    from tune_mtard.config import Distribution
+    from tune_mtard.search import searcher as searching
+
+    storage = optuna.storages.RDBStorage(searching.optuna_storage_url(tmp_path),
+                                         engine_kwargs={"connect_args": {"timeout": 1}})
+    search = searching.PrunedAwareOptunaSearch(
+        space=searching.optuna_distributions({"balance.beta": Distribution(type="float", low=0.5, high=3.0)}),
+        metric="val_w_robust_acc", mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="locked",
+        storage=storage, full_epochs=2)
+    assert search.suggest("t1") is not None
+    search.on_trial_complete("t1", {"epoch": 2, "val_w_robust_acc": 0.7})
+
+    def states() -> list:
+        return [t.state for t in optuna.load_study(study_name="locked", storage=storage).get_trials()]
+
+    lock = sqlite3.connect(tmp_path / "optuna.db", timeout=1, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        search.tell_pending()  # three attempts, each waiting out the lock
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert "t1" in search._pending_tells and states() == [optuna.trial.TrialState.RUNNING]
+    search.tell_pending()
+    assert not search._pending_tells and states() == [optuna.trial.TrialState.COMPLETE]
+    assert optuna.load_study(study_name="locked", storage=storage).trials[0].value == 0.7
+    search.tell_pending()  # nothing left: told once
+    assert states() == [optuna.trial.TrialState.COMPLETE]
