@@ -9,6 +9,7 @@ trial cannot vary, a stale Ray address file, and the exported config reproducing
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import shutil
@@ -87,21 +88,27 @@ def test_diverged_trials_fail_in_tune_optuna_and_mlflow_and_are_never_the_best(s
     assert diverging and diverging != set(lr)
     states = tune_states(folder)
     optuna_states = {t.user_attrs["ray_trial_id"]: t.state for t in optuna_trials(folder, name)}
+    kinds = {t.user_attrs["ray_trial_id"]: t.user_attrs.get("failure_kind") for t in optuna_trials(folder, name)}
+    csv_kinds = {row["trial_id"]: row["failure_kind"] for row in csv.DictReader((folder / "trials.csv").open())}
     for record in children:
         tid = record.data.tags["trial_id"]
         if tid in diverging:
             assert states[tid] == "ERROR" and optuna_states[tid] == optuna.trial.TrialState.FAIL
             assert record.info.status == "FAILED" and record.data.tags["failure"] == "diverged"
+            assert record.data.tags["failure_kind"] == "diverged" and kinds[tid] == "diverged"
+            assert csv_kinds[tid] == "diverged"
             step, epoch = int(record.data.tags["diverged_step"]), int(record.data.tags["diverged_epoch"])
             assert step >= 1 and epoch == 1
             trace = Path(client.download_artifacts(record.info.run_id, "balance_trace.csv", str(tmp_path / tid)))
             assert len(trace.read_text().splitlines()) == 1 + step  # the trace up to the step that diverged
         else:
             assert states[tid] == "TERMINATED" and optuna_states[tid] == optuna.trial.TrialState.COMPLETE
-            assert record.info.status == "FINISHED"
+            assert record.info.status == "FINISHED" and "failure_kind" not in record.data.tags
+            assert csv_kinds[tid] == "" and kinds[tid] is None
     s = summary(folder)
     assert s["status"] == "finished" and s["n_diverged"] == len(diverging) and s["n_failed"] == len(diverging)
     assert {f["trial_id"] for f in s["failed_trials"]} == diverging
+    assert {f["failure_kind"] for f in s["failed_trials"]} == {"diverged"}
     assert parents[0].data.tags["best_trial_id"] not in diverging and parents[0].info.status == "FINISHED"
     best = yaml.safe_load((folder / "best_config.yaml").read_text())
     assert best["train"]["lr"] == 0.05

@@ -19,13 +19,14 @@ import ray
 import torch
 from ray import tune
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
 from tune_mtard.diagnostics import diagnose
 from tune_mtard.engine import Trainer
 from tune_mtard.errors import Diverged
 from tune_mtard.models import create_model, load_state, save_checkpoint
+from tune_mtard.perf import trial_device
 from tune_mtard.search import compat
 from tune_mtard.search.trials import read_divergence
 
@@ -123,7 +124,7 @@ def _record_divergence(trainer: Trainer, error: Diverged) -> None:
     record = _divergence_record()
     record.parent.mkdir(parents=True, exist_ok=True)
     trainer.write_trace(record.parent / files.TRACE_CSV)
-    record.write_text(json.dumps({"step": error.step, "epoch": error.epoch}))
+    atomic.write_text(record, json.dumps({"step": error.step, "epoch": error.epoch}))
 
 
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
@@ -138,10 +139,11 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
     if diverged is not None:
         raise Diverged(diverged["diverged_step"], diverged["diverged_epoch"])
     cfg = trial_config(base, sampled)
-    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    torch.set_num_threads(cfg.perf.threads or cpus)
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    torch.set_num_threads(cfg.perf.threads or max(1, int(assigned.get("CPU", 1))))
     trainer = Trainer(cfg, data, {role: teacher_from_weights(arch, weights, data)
-                                  for role, (arch, weights) in teachers.items()})
+                                  for role, (arch, weights) in teachers.items()},
+                      device=trial_device(cfg.device, assigned.get("GPU", 0)))
     node_id = ray.get_runtime_context().get_node_id()
     resumed = _resume(trainer)
     resumed_from_epoch = trainer.epoch  # 0 for a fresh start: shows in the results that a restart continued

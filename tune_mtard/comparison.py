@@ -22,11 +22,12 @@ from typing import Any, Collection, Sequence
 
 import torch.nn as nn
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
 from tune_mtard.data import DataBundle
 from tune_mtard.errors import ConfigError, RunFailed
 from tune_mtard.methods import variants
+from tune_mtard.services import check_tracking_uri
 from tune_mtard.metrics import TEST_ACC, TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, VAL_CLEAN_ACC, VAL_ROBUST_ACC, \
     VAL_W_ROBUST_ACC
 
@@ -211,7 +212,7 @@ def write_results(out: Path, results: Sequence[RunResult], summary: Sequence[dic
     summary_path = out / files.COMPARISON_SUMMARY_CSV
     _write_csv(summary_path, list(dict.fromkeys(k for row in summary for k in row)), summary)
     markdown = out / files.COMPARISON_MD
-    markdown.write_text(table)
+    atomic.write_text(markdown, table)
     return [per_run, summary_path, markdown]
 
 
@@ -228,7 +229,7 @@ def read_results(path: Path) -> list[RunResult]:
 
 
 def _write_csv(path: Path, header: list[str], rows: Sequence[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, restval="")
         writer.writeheader()
         writer.writerows(rows)
@@ -307,6 +308,7 @@ def base_config(request: CompareRequest) -> Config:
         base = base.with_values({"eval.final_attacks": parse_attacks(request.attacks)})
     if request.tracking_uri:
         base.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
+    check_tracking_uri(base.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
     return base
 
 
@@ -327,7 +329,7 @@ def compare(request: CompareRequest) -> int:
     data = load_data_for(base)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / files.RUN_CONFIG).write_text(to_yaml(base))
+    atomic.write_text(out / files.RUN_CONFIG, to_yaml(base))
     client = tracking.client_for(base.mlflow.tracking_uri)
     experiment = tracking.experiment_id(client, base.mlflow.experiment)
     with tracking.open_run(client, experiment, f"{base.name}-compare",

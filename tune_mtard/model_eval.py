@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tune_mtard import atomic
 from tune_mtard.attacks import ATTACKS, Attack, AutoAttackSettingsError, build_attack
 from tune_mtard.config import Config, load_config
 from tune_mtard.config.schema import NormalizationConfig
@@ -333,7 +334,7 @@ def evaluate(args: EvaluateRequest) -> int:
         notes += [note for note in outcome.notes if note not in notes]
     record = results_json(request, n, outcomes, notes, device)
     request.out.parent.mkdir(parents=True, exist_ok=True)
-    request.out.write_text(json.dumps(record, indent=2))
+    atomic.write_text(request.out, json.dumps(record, indent=2))
     print(format_table(record, outcomes))
     print(f"wrote {request.out}")
     return 0

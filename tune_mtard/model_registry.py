@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tune_mtard.data import DataBundle
+from tune_mtard.services import mask_secrets
 
 MODEL_NAME = "student"  # the logged model's name within its run
 EXAMPLE_BATCH = 4  # >= 2, or torch.export fixes the batch dimension at the example's size
@@ -57,7 +58,7 @@ def register_student(client: Any, run_id: str, model: nn.Module, data: DataBundl
     )
     version = str(info.registered_model_version)
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value)[:5000])
+        client.set_model_version_tag(name, version, key, mask_secrets(str(value))[:5000])
     return Registered(name, version, f"models:/{name}/{version}")
 
 

@@ -32,6 +32,39 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def trial_device(name: str, gpus: float) -> torch.device:
+    """Where a search trial computes, given the GPUs Ray reserved for it: a trial with none runs on the CPU,
+    whatever ``auto`` would pick (Ray 2.60 no longer hides the cards from such a trial; docs/gpu.md,
+    "GPUs in a search")."""
+    if gpus <= 0 and name in (AUTO, "cpu"):
+        return torch.device("cpu")
+    return resolve_device(name)
+
+
+def check_trial_device(name: str, gpus: float) -> None:
+    """``device`` against ``search.resources.gpu``, before a search starts: a trial must compute where Ray
+    reserved room for it, and inside a trial the reserved cards are the only visible ones (cuda:0, ...)."""
+    device = torch.device("cpu" if name == AUTO else name)
+    if device.type == "cuda" and gpus <= 0:
+        raise ConfigError("device", f"{name!r}, but search.resources.gpu is 0: trials would use a card Ray never "
+                                    "reserved (set search.resources.gpu, or device: auto or cpu)")
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise ConfigError("device", f"{name!r}: a trial sees only the cards Ray gave it, as cuda:0 upwards "
+                                    "(use device: cuda or auto)")
+    if device.type == "cpu" and name != AUTO and gpus > 0:
+        raise ConfigError("search.resources.gpu", f"({gpus:g}) reserves GPUs that device: cpu never uses "
+                                                  "(set it to 0, or device: auto)")
+
+
+def release_cuda_memory() -> None:
+    """Give the CUDA memory this process cached back to the card, so the trials Ray places there get it."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def data_bytes(data: DataBundle) -> int:
     """Bytes of a bundle's images and labels held in memory, all splits (an image folder's pixels stay on disk)."""
     return sum(split.nbytes() for split in (data.train, data.val, data.test))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config, to_yaml
 from tune_mtard.data import DataBundle
 from tune_mtard.engine import EpochResult, Trainer
@@ -65,7 +65,7 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
     if run is not None and trainer.history:
         _log_missing_epochs(run, trainer.history)
     out.mkdir(parents=True, exist_ok=True)
-    (out / files.RUN_CONFIG).write_text(to_yaml(cfg))
+    atomic.write_text(out / files.RUN_CONFIG, to_yaml(cfg))
 
     def on_epoch_end(t: Trainer, result: EpochResult) -> None:
         t.save(out / files.CHECKPOINT)
@@ -91,7 +91,7 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
         raise
     trainer.write_trace(out / files.TRACE_CSV)
     save_checkpoint(trainer.student, out / files.STUDENT)
-    (out / files.METRICS_JSON).write_text(json.dumps(metrics, indent=2))
+    atomic.write_text(out / files.METRICS_JSON, json.dumps(metrics, indent=2))
     from tune_mtard.plots import plot_trace
 
     plot_trace(out / files.TRACE_CSV, out / files.TRACE_PNG, title=f"{cfg.name}: {cfg.method} balance trace")

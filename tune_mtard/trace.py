@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tune_mtard import atomic
 from tune_mtard.metrics import TRACE_HEADER
 
 
@@ -16,7 +17,7 @@ def write_trace(trace: torch.Tensor, path: str | Path) -> None:
     """Write a ``(steps, len(TRACE_HEADER))`` tensor; step and epoch as integers, ``nan`` where a method has no value."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(TRACE_HEADER)
         for row in trace.tolist():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tune_mtard.errors import Interrupted
+from tune_mtard.services import mask_secrets, masked_uri
 
 if TYPE_CHECKING:  # mlflow takes over a second to import: commands that reject bad input never pay it
     from mlflow.tracking import MlflowClient
@@ -58,7 +60,8 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 def ui_link(tracking_uri: str, experiment: str, port: int = UI_PORT) -> str:
     """The MLflow UI's page of the experiment's runs table (not its GenAI overview): on a tracking server its
     own address; for a local store, where ``mlflow ui`` serves it by default."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{port}"
+    base = (masked_uri(tracking_uri).rstrip("/") if tracking_uri.startswith(("http://", "https://"))
+            else f"http://127.0.0.1:{port}")
     return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
@@ -69,7 +72,7 @@ def ui_hint(tracking_uri: str, experiment_name: str) -> str:
     link = ui_link(tracking_uri, found.experiment_id if found else "0")
     if tracking_uri.startswith(("http://", "https://")):
         return f"MLflow UI:   {link}"
-    return f"MLflow UI:   mlflow ui --backend-store-uri {tracking_uri}   then open {link}"
+    return f"MLflow UI:   mlflow ui --backend-store-uri {masked_uri(tracking_uri)}   then open {link}"
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -86,7 +89,7 @@ def log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> Non
     from mlflow.entities import Param
 
     existing = client.get_run(run_id).data.params
-    params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items() if k not in existing]
+    params = [Param(k, mask_secrets(str(v))[:MAX_PARAM_LENGTH]) for k, v in values.items() if k not in existing]
     for i in range(0, len(params), _BATCH):
         client.log_batch(run_id, params=params[i : i + _BATCH])
 
@@ -105,13 +108,25 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client.log_batch(run_id, tags=[RunTag(k, mask_secrets(str(v))) for k, v in tags.items()])
+
+
+TEXT_ARTIFACTS = (".yaml", ".yml", ".json", ".csv", ".md", ".txt")
 
 
 def log_artifacts(client: MlflowClient, run_id: str, paths: Iterable[str | Path],
                   artifact_path: str | None = None) -> None:
+    """Upload files; a text file naming a URI with a password goes up as a copy with the password masked."""
     for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path)
+        path = Path(path)
+        text = path.read_text(errors="replace") if path.suffix in TEXT_ARTIFACTS else None
+        if text is None or mask_secrets(text) == text:
+            client.log_artifact(run_id, str(path), artifact_path)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            masked = Path(tmp) / path.name
+            masked.write_text(mask_secrets(text))
+            client.log_artifact(run_id, str(masked), artifact_path)
 
 
 def status_for(error: BaseException | None) -> str:

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config, absolute_tracking_uri, load_config
 from tune_mtard.config.rules import check_model_name
 from tune_mtard.engine import EpochResult
 from tune_mtard.errors import ConfigError
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VAL_W_ROBUST_ACC
+from tune_mtard.services import check_tracking_uri, unwritable_folder
 
 # Keys a resumed run may change: where things are stored and logged, and how long it trains.
 RESUMABLE_CHANGES = ("train.epochs", "data.root", "teachers.cache_dir")
@@ -58,6 +59,10 @@ def plan(request: TrainRequest) -> TrainPlan:
     if request.tracking_uri:
         cfg.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
     out = Path(request.out or Path("runs") / cfg.name).resolve()
+    check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
+    problem = unwritable_folder(out)
+    if problem is not None:
+        raise ConfigError("--out", problem)
     if request.resume:
         if not (out / files.CHECKPOINT).is_file():
             raise ConfigError("--out", f"nothing to resume: no {files.CHECKPOINT} in {out}")
@@ -102,7 +107,7 @@ def train(request: TrainRequest) -> dict[str, Any]:
         if reopen is None:
             run.log_params(cfg.flat())
             run.log_metrics(teachers.quality_metrics(), step=0)
-            id_file.write_text(run.run_id)
+            atomic.write_text(id_file, run.run_id)
         print(f"run {cfg.name}: {cfg.method} on {cfg.data.dataset}, {cfg.train.epochs} epochs on {device}; "
               f"output in {out}; MLflow run {run.run_id}", flush=True)
         result = run_pipeline(trainer, data, out, run=run, progress=p.progress, on_epoch=_print_epoch)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.comparison import (
     CompareRequest, RunResult, base_config, comparison_params, final_attacks, markdown_table, parse_methods,
     parse_seeds, read_results, record_comparison, report_failures, run_seeds, summarize,
@@ -233,15 +233,15 @@ def _run(plan: TunedPlan) -> int:
         else:
             state = {**plan.asked(), "searches": {m: {"name": cfg.name, "wall_time_s": 0.0}
                                                   for m, cfg in plan.searches.items()}}
-            (out / files.RUN_CONFIG).write_text(to_yaml(base))
-            state_file.write_text(json.dumps(state, indent=2))
+            atomic.write_text(out / files.RUN_CONFIG, to_yaml(base))
+            atomic.write_text(state_file, json.dumps(state, indent=2))
         client = tracking.client_for(base.mlflow.tracking_uri)
         experiment = tracking.experiment_id(client, base.mlflow.experiment)
         id_file = out / files.PARENT_RUN_ID
         reopen = id_file.read_text().strip() if plan.resume and id_file.is_file() else None
         with tracking.open_run(client, experiment, f"{base.name}-compare-tuned", reopen=reopen, tags={
                 "tune_mtard.command": "compare", "tune_mtard.out": str(out)}) as parent:
-            id_file.write_text(parent.run_id)
+            atomic.write_text(id_file, parent.run_id)
             parent.log_params({**comparison_params(base, plan.methods, plan.seeds, plan.attacks),
                                "compare.tune": plan.tune, "compare.tune_epochs": plan.tune_epochs,
                                **flatten(to_plain(plan.search), "compare.search.")})
@@ -316,7 +316,7 @@ def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, paren
                     run_search(cfg, resume=status != "new", quiet=True)
                 finally:
                     state["searches"][method]["wall_time_s"] += time.perf_counter() - start
-                    state_file.write_text(json.dumps(state, indent=2))
+                    atomic.write_text(state_file, json.dumps(state, indent=2))
             outcomes[method] = read_outcome(method, cfg, folder, state["searches"][method]["wall_time_s"])
             parent.set_tags({f"tune.{method}.search_run_id": outcomes[method].parent_run_id,
                              f"tune.{method}.search_experiment": cfg.mlflow.experiment,

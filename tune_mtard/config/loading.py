@@ -59,14 +59,40 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), check_files: bo
     """Read a YAML config (a path, or a name :func:`find_config_file` finds), apply overrides, validate."""
     path = find_config_file(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
         raise ConfigError(str(path), f"invalid YAML: {first}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(str(path), "expected a YAML mapping at the top level")
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror})") from None
+    check_sections_named(raw, path)
     apply_overrides(raw, overrides)
     return resolve_paths(from_dict(raw, check_files=check_files))
+
+
+def check_sections_named(raw: Any, path: Path) -> None:
+    """A config file is a non-empty mapping whose every section holds something (docs/configuration.md, "What a
+    config file must say"): an empty file, or a section with nothing under it, is what a torn or unfinished
+    file looks like, and must not load as the built-in defaults."""
+    if raw is None or raw == {}:
+        raise ConfigError(str(path), "the file is empty: a config names its sections (an empty file is refused, "
+                                     "not read as the defaults)")
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "expected a YAML mapping at the top level")
+    _check_no_empty_section(raw, Config, "", path)
+
+
+def _check_no_empty_section(raw: dict[str, Any], cls: Any, prefix: str, path: Path) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key not in names:
+            continue  # unknown keys are named by the schema's own check
+        section = field_type(cls, key)
+        if value is None and (not prefix or dataclasses.is_dataclass(section)):
+            raise ConfigError(str(path), f"'{prefix}{key}' has nothing under it (a file cut short?); write the "
+                                         f"values, or {{}} to take all of its defaults")
+        if dataclasses.is_dataclass(section) and isinstance(value, dict):
+            _check_no_empty_section(value, section, f"{prefix}{key}.", path)
 
 
 def find_config_file(name: str | Path) -> Path:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from tune_mtard import atomic
 from tune_mtard.config.coerce import AUTO, flatten, to_plain
 from tune_mtard.config.rules import check_attack_names, check_model_name, require, require_name
 from tune_mtard.config.search import Distribution, SearchConfig
@@ -266,6 +267,9 @@ class MlflowConfig:
 
     def check(self) -> None:
         require(bool(self.experiment), "mlflow.experiment", "must not be empty")
+        # A file store makes the name a folder of its artifact root: it must stay inside that root.
+        require(not self.experiment.startswith("/") and ".." not in re.split(r"[/\\]", self.experiment),
+                "mlflow.experiment", f"{self.experiment!r} must not start with '/' or have a '..' part")
         require(bool(self.tracking_uri), "mlflow.tracking_uri", "must not be empty")
 
 
@@ -362,4 +366,4 @@ class Config:
         from tune_mtard.config.loading import to_yaml
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(to_yaml(self, with_search=with_search))
+        atomic.write_text(path, to_yaml(self, with_search=with_search))

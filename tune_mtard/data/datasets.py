@@ -27,7 +27,6 @@ Adding a dataset: a loader ``(root, download, seed) -> (train, test)`` decorated
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tune_mtard import atomic
 from tune_mtard.data.folders import CROPS, PADDED_CROP_PADDING, FolderSplit, ImageView, scan_image_folder
 from tune_mtard.data.splits import DataBundle, Split, carve_validation, generator_for, stratified_holdout, subset
 from tune_mtard.errors import ConfigError
@@ -218,12 +218,28 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[Split, Split]:
         raise _unreadable(name, folder, error) from error
 
 
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch and nothing else: the format holds a dict of bytes, lists and one uint8 numpy
+    array, so only numpy's array builders may be called; any other global (``os.system``, a class of some
+    package) is refused, so a planted file in ``data.root`` cannot run code (docs/configuration.md, "Datasets")."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"),
+               ("_codecs", "encode")}  # how Python 3 writes bytes at protocol 2 (a batch saved again)
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to build {module}.{name}: not part of a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def _read_cifar_pickles(paths: list[Path]) -> Split:
     images, labels = [], []
     for path in paths:
         with open(path, "rb") as file:
             # latin1 is what numpy needs for arrays pickled by Python 2; keys may be str or bytes.
-            entry = {_as_str(key): value for key, value in pickle.load(file, encoding="latin1").items()}
+            entry = {_as_str(key): value for key, value in BatchUnpickler(file, encoding="latin1").load().items()}
         images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
     return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))
@@ -304,12 +320,11 @@ def _load_tiny_imagenet(root: Path, download: bool, seed: int) -> tuple[Split, S
         "test_labels": test.labels,
     }
     # Written to a temporary name and renamed, so concurrent trials never read a half-written cache.
-    partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
-        torch.save(tensors, partial)
-        os.replace(partial, cache)
+        with atomic.open_atomic(cache, "wb") as f:
+            torch.save(tensors, f)
     except OSError:
-        partial.unlink(missing_ok=True)  # a read-only data root just means decoding again next time
+        pass  # a read-only data root just means decoding again next time
     return train, test
 
 

@@ -11,6 +11,7 @@ from tune_mtard import files
 from tune_mtard.config import absolute_tracking_uri, load_config
 from tune_mtard.errors import ConfigError
 from tune_mtard.search.sensitivity import SensitivityReport, analyze_search, log_sensitivity
+from tune_mtard.services import mask_secrets, masked_uri
 
 
 @dataclass
@@ -68,13 +69,13 @@ def parent_run(folder: Path, tracking_uri: str) -> tuple[Any, str | None, str]:
     local = next((tracking_uri[len(s):] for s in schemes if tracking_uri.startswith(s)),
                  tracking_uri if "://" not in tracking_uri else None)
     if local is not None and not Path(local).exists():
-        return None, None, f"{tracking_uri}: no such store"
+        return None, None, f"{masked_uri(tracking_uri)}: no such store"
     try:
         client = tracking.client_for(tracking_uri)
         run = client.get_run(run_id)
     except Exception as exc:  # unreachable server, unknown run, a database of something else: files stay local
         lines = str(exc).strip().splitlines()
-        return None, None, f"{tracking_uri}: {lines[0] if lines else type(exc).__name__}"
+        return None, None, mask_secrets(f"{tracking_uri}: {lines[0] if lines else type(exc).__name__}")
     if run.info.lifecycle_stage == "deleted":
-        return None, None, f"{tracking_uri}: the parent run {run_id} is deleted"
+        return None, None, f"{masked_uri(tracking_uri)}: the parent run {run_id} is deleted"
     return client, run_id, ""

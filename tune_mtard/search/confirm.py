@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config
 from tune_mtard.search.trials import TrialSummary, rank_trials, summarize_results
 
@@ -118,7 +118,7 @@ def write_confirm_csv(chosen: list[Candidate], reruns: list[TrialSummary], path:
     for rerun in reruns:
         values = {k: v for k, v in rerun.sampled.items() if k != SEED_KEY}
         rerun_of[rerun.trial_id] = next((c.trial.trial_id for c in chosen if c.trial.sampled == values), "")
-    with path.open("w", newline="") as f:
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["candidate", "run", "seed", cfg.search.metric, "state"])
         for c in chosen:

@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files
+from tune_mtard import atomic, files
 from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, load_config
 from tune_mtard.errors import ConfigError, Interrupted
+from tune_mtard.perf import check_trial_device
 from tune_mtard.search.outcome import Outcome
+from tune_mtard.search.resume import check_same_search
+from tune_mtard.services import check_private, check_search_folder, check_tracking_uri, masked_uri
 
 
 @dataclass
@@ -87,6 +90,7 @@ def search_config(request: SearchRequest) -> Config:
         raise ConfigError("search.storage", f"{cfg.search.storage}: cloud URIs are not supported; use a folder "
                                             "every node mounts at the same path")
     cfg.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
+    check_trial_device(cfg.device, cfg.search.resources.gpu)
     return cfg
 
 
@@ -117,20 +121,24 @@ def saved_config(cfg: Config) -> Config:
     return saved.with_values({key: cfg.get(key) for key in DRIVER_PATHS})
 
 
-def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None) -> None:
-    """A new search needs an unused name; a resumed one, a search of that name that ran, with the same config."""
+def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None,
+                     num_samples: int | None = None) -> None:
+    """A new search needs an unused name; a resumed one, a search of that name that ran, with the same config
+    and search (``num_samples``: what ``--num-samples`` asked, if given)."""
     folder = experiment_dir(cfg)
     if resume and not started(folder):
         raise ConfigError("--resume", f"no interrupted search named {cfg.name!r} in {folder.parent}")
     if resume:
+        check_private(folder)
         saved = saved_config(cfg)
         for key, value in cfg.to_dict(with_search=False).items():
             if key == "mlflow":
                 continue
             if saved.to_dict().get(key) != value:
                 raise ConfigError("--resume", f"the config differs from the interrupted search's in {key!r}")
+        check_same_search(cfg, saved, num_samples)
         if tracking_uri is not None and absolute_tracking_uri(tracking_uri) != saved.mlflow.tracking_uri:
-            raise ConfigError("--tracking-uri", f"the interrupted search records to {saved.mlflow.tracking_uri}; "
+            raise ConfigError("--tracking-uri", f"the interrupted search records to {masked_uri(saved.mlflow.tracking_uri)}; "
                                                 "resume it with the same MLflow store")
     elif started(folder):
         raise ConfigError("name", f"a search named {cfg.name!r} already exists in {folder.parent}; "
@@ -156,7 +164,7 @@ def search(request: SearchRequest) -> int:
     cfg = search_config(request)
     check_address(request.address)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
-    check_experiment(cfg, request.resume, request.tracking_uri)
+    check_experiment(cfg, request.resume, request.tracking_uri, request.num_samples)
     if request.resume:
         # The interrupted search's own config rules (its MLflow store and study too), except where it is stored.
         saved = saved_config(cfg)
@@ -166,6 +174,8 @@ def search(request: SearchRequest) -> int:
                                                        "resume it with the same database")
         saved.search.storage = cfg.search.storage
         cfg = saved
+    check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
+    check_search_folder(experiment_dir(cfg), "--storage" if request.storage else "search.storage")
     check_database(cfg, request.resume)
     return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet)
 
@@ -250,7 +260,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     from ray import tune
 
     from tune_mtard import tracking
-    from tune_mtard.perf import resolve_device
+    from tune_mtard.perf import release_cuda_memory, resolve_device
     from tune_mtard.search import compat, interrupts
     from tune_mtard.search.outcome import conclude, interrupted
     from tune_mtard.search.recorder import log_teachers, start_parent
@@ -265,9 +275,12 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                                     progress=not quiet and sys.stderr.isatty(), roles=roles)
         for line in teachers.describe() + teachers.warnings():
             print(line, flush=True)
-        (folder / files.TEACHERS_JSON).write_text(json.dumps(
+        atomic.write_text(folder / files.TEACHERS_JSON, json.dumps(
             {"pins": teachers.pins(), "quality": teachers.quality_metrics()}, indent=2))
-        teacher_weights = {role: (t.arch, t.model.state_dict()) for role, t in teachers.teachers.items()}
+        # The trials get CPU copies, and the driver's card memory goes back before they start.
+        teacher_weights = {role: (t.arch, {k: v.detach().cpu() for k, v in t.model.cpu().state_dict().items()})
+                           for role, t in teachers.teachers.items()}
+        release_cuda_memory()
         # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         compat.tolerate_deleted_checkpoints()

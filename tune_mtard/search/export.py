@@ -81,16 +81,33 @@ def export_trial(request: ExportRequest) -> Exported:
 
 
 def _confirmed_trial(folder: Path) -> str | None:
-    """The winner of the search's seed confirmation, when it ran one (docs/search.md, "Seed-confirmed winners")."""
-    try:
-        return json.loads((folder / files.SUMMARY_JSON).read_text()).get("confirm", {}).get("winner")
-    except (OSError, ValueError, AttributeError):
+    """The winner of the search's seed confirmation, when it ran one (docs/search.md, "Seed-confirmed winners").
+
+    A search that has not ended has no ``summary.json``; one that cannot be read is refused, never skipped
+    (skipping it would export the unconfirmed best in place of the confirmed winner)."""
+    path = folder / files.SUMMARY_JSON
+    if not path.exists():
         return None
+    summary = read_json(path)
+    confirm = summary.get("confirm") if isinstance(summary, dict) else None
+    return confirm.get("winner") if isinstance(confirm, dict) else None
 
 
 def teacher_pins(folder: Path) -> dict[str, str]:
-    """The teacher files (path and sha256) the search in ``folder`` used, as dotted config keys."""
+    """The teacher files (path and sha256) the search in ``folder`` used, as dotted config keys; a missing or
+    unreadable ``teachers.json`` is refused rather than exporting a config without its pins."""
+    path = folder / files.TEACHERS_JSON
+    record = read_json(path)
+    pins = record.get("pins") if isinstance(record, dict) else None
+    if not isinstance(pins, dict) or not all(isinstance(v, str) for v in pins.values()):
+        raise ConfigError(str(path), "holds no teacher pins (a torn file?); the export would not pin the teachers")
+    return dict(pins)
+
+
+def read_json(path: Path):
     try:
-        return dict(json.loads((folder / files.TEACHERS_JSON).read_text())["pins"])
-    except (OSError, ValueError, KeyError):
-        return {}
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ConfigError(str(path), f"is not valid JSON (a torn file?): {exc}") from None

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tune_mtard import tracking
+from tune_mtard import atomic, tracking
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
 from tune_mtard.evaluation import final_test_metrics
@@ -108,7 +108,7 @@ def evaluate_top_trials(cfg: Config, trials: list[TrialSummary], data: DataBundl
 
 def write_csv(results: list[FinalEvalResult], path: Path, val_metric: str) -> None:
     metric_keys = list(dict.fromkeys(k for r in results for k in r.metrics))
-    with path.open("w", newline="") as f:
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial_id", "rank", val_metric] + metric_keys)
         for r in results:

@@ -51,7 +51,9 @@ class SearchLock:
 
     def __enter__(self) -> SearchLock:
         self.created_folder = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        # Private to its user: --resume unpickles Ray's state from here (docs/search.md, "Trust boundary").
+        self.folder.mkdir(mode=0o700, exist_ok=True)
         handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

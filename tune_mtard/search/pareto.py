@@ -12,6 +12,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from tune_mtard import atomic
 from tune_mtard.config import Config
 from tune_mtard.errors import ConfigError
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, w_robust_acc
@@ -60,7 +61,7 @@ def pick_by_clean_weight(front: list[TrialSummary], clean_weight: float, objecti
 
 
 def write_pareto_csv(front: list[TrialSummary], path: Path, objectives: list[str], space_keys: list[str]) -> None:
-    with path.open("w", newline="") as f:
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial_id", *objectives, *space_keys])
         for t in front:

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from ray.tune import Callback
 
-from tune_mtard import files, tracking
+from tune_mtard import atomic, files, tracking
 from tune_mtard.config import Config, flatten
 from tune_mtard.diagnostics import csv_values, flag_counts, flag_tags
 from tune_mtard.metrics import DIAGNOSTICS, EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
 from tune_mtard.plots import plot_clean_vs_robust, plot_trace
-from tune_mtard.search.trials import TrialState, TrialSummary, read_divergence, trial_state
+from tune_mtard.search.trials import (
+    FAILURE_KIND, FAILURE_KINDS, TrialState, TrialSummary, failure_kind, read_divergence, trial_state,
+)
 from tune_mtard.trace import write_trace
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,7 @@ class MlflowTrialRecorder(Callback):
         run_id = self.run_id(trial)
         diverged = read_divergence(trial.path)
         tags: dict[str, Any] = {"trial_state": TrialState.FAIL.value}
+        tags[FAILURE_KIND] = FAILURE_KINDS[trial.trial_id] = failure_kind(_error_line(trial), diverged)
         if diverged is not None:
             tags.update(diverged, failure="diverged")
             trace = Path(trial.path) / files.TRACE_CSV
@@ -205,7 +208,7 @@ def child_run_id(client, experiment_id: str, parent_run_id: str, trial_id: str) 
 
 def start_parent(parent: tracking.RunHandle, cfg: Config, folder: Path) -> None:
     """A new search's parent run: the space (file and ``search.*`` params) and the search's settings."""
-    (folder / files.PARENT_RUN_ID).write_text(parent.run_id)
+    atomic.write_text(folder / files.PARENT_RUN_ID, parent.run_id)
     cfg.dump(folder / files.SPACE, with_search=True)
     parent.log_params(flatten(cfg.to_dict(with_search=True)["search"], "search."))
     parent.log_params({"name": cfg.name, "data.dataset": cfg.data.dataset, "train.epochs": cfg.train.epochs,
@@ -220,14 +223,14 @@ def log_teachers(parent: tracking.RunHandle, teachers) -> None:
 
 
 def write_trials_csv(trials: list[TrialSummary], path: Path, space_keys: list[str], full_epochs: int) -> None:
-    columns = ["trial_id", "state", "epochs", *VALIDATION, *DIAGNOSTICS, "failure", *space_keys]
-    with path.open("w", newline="") as f:
+    columns = ["trial_id", "state", "epochs", *VALIDATION, *DIAGNOSTICS, "failure", "failure_kind", *space_keys]
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for t in trials:
             state = t.state(full_epochs).value if t.finished else "RUNNING"
             writer.writerow([t.trial_id, state, t.epochs] + [t.metrics.get(k, "") for k in VALIDATION]
-                            + list(csv_values(t.metrics).values()) + [t.failure]
+                            + list(csv_values(t.metrics).values()) + [t.failure, t.failure_kind]
                             + [t.sampled.get(k, "") for k in space_keys])
 
 
@@ -266,9 +269,10 @@ def record_search(parent: tracking.RunHandle, cfg: Config, folder: Path, trials:
         parent.set_tags({"best_trial_id": best.trial_id})
     parent.log_metrics(summary, step=0)
     summary.update(status=status, best_trial_id=best.trial_id if best else None,
-                   failed_trials=[{"trial_id": t.trial_id, "reason": t.failure, **(t.diverged or {})} for t in failed],
+                   failed_trials=[{"trial_id": t.trial_id, "reason": t.failure, "failure_kind": t.failure_kind,
+                                   **(t.diverged or {})} for t in failed],
                    **(extra or {}))
-    (folder / files.SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+    atomic.write_text(folder / files.SUMMARY_JSON, json.dumps(summary, indent=2))
     artifacts.append(folder / files.SUMMARY_JSON)
     parent.log_artifacts(artifacts)
     return summary

@@ -11,6 +11,7 @@ import io
 import logging
 import math
 import pickle
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,17 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray.tune.search.optuna import OptunaSearch
 
+from tune_mtard import atomic
 from tune_mtard.config import Config, Distribution
 from tune_mtard.config.search import SamplerConfig
 from tune_mtard.metrics import EPOCH
 from tune_mtard.search import compat
 from tune_mtard.search.samplers import build_sampler
-from tune_mtard.search.trials import TrialState, trial_state
+from tune_mtard.search.trials import FAILURE_KIND, FAILURE_KINDS, TrialState, trial_state
 
 log = logging.getLogger(__name__)
+TELL_ATTEMPTS = 3  # per snapshot; a trial still untold stays pending for the next one
+TELL_BACKOFF_S = 0.5
 
 RAY_TRIAL_ATTR = "ray_trial_id"  # user attribute of each Optuna trial: the Ray Tune trial it was asked for
 _OPTUNA_STATES = {TrialState.COMPLETE: optuna.trial.TrialState.COMPLETE,
@@ -108,7 +112,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
 
     def save(self, checkpoint_path: str) -> None:
         self.tell_pending()
-        Path(checkpoint_path).write_bytes(state_without_sampler(self))
+        atomic.write_bytes(checkpoint_path, state_without_sampler(self))
 
     def restore(self, checkpoint_path: str) -> None:
         self.__dict__.update(state_with_sampler(Path(checkpoint_path).read_bytes()))
@@ -160,13 +164,38 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         compat.completed_trials(self).add(trial_id)
 
     def tell_pending(self) -> None:
-        study = compat.optuna_study(self)
+        """Tell the study every trial that ended since the last snapshot. A tell that fails (the database
+        locked, the disk full) is retried a few times, then kept pending: told at the next snapshot, the last
+        one at the end of the search, or on ``--resume`` (the pending tells are part of the saved state)."""
         for trial_id, (state, value) in list(self._pending_tells.items()):
+            if self._tell(trial_id, state, value):
+                del self._pending_tells[trial_id]
+
+    def _tell(self, trial_id: str, state: TrialState, value: float | list[float] | None) -> bool:
+        """Whether the trial is told (or was already, by a driver a resumed search replaces)."""
+        ot_trial = compat.optuna_trials(self)[trial_id]
+        for attempt in range(1, TELL_ATTEMPTS + 1):
             try:
-                study.tell(compat.optuna_trials(self)[trial_id], value, state=_OPTUNA_STATES[state])
-            except Exception as exc:  # e.g. told already by the driver a resumed search replaces
-                log.warning("optuna tell for %s failed: %s", trial_id, exc)
-            del self._pending_tells[trial_id]
+                if trial_id in FAILURE_KINDS:  # noted by the recorder when the trial failed
+                    ot_trial.set_user_attr(FAILURE_KIND, FAILURE_KINDS[trial_id])
+                compat.optuna_study(self).tell(ot_trial, value, state=_OPTUNA_STATES[state])
+                return True
+            except Exception as exc:
+                if self._told_already(ot_trial):
+                    return True
+                if attempt == TELL_ATTEMPTS:
+                    log.warning("optuna: trial %s stays pending (%s); it is told at the next snapshot, at the "
+                                "end of the search or on --resume", trial_id, str(exc).splitlines()[0][:200])
+                    return False
+                time.sleep(TELL_BACKOFF_S * attempt)
+        return False
+
+    def _told_already(self, ot_trial) -> bool:
+        try:
+            storage = compat.study_storage(compat.optuna_study(self))
+            return storage.get_trial(compat.storage_trial_id(ot_trial)).state.is_finished()
+        except Exception:  # the storage is still unreachable: not known to be told
+            return False
 
 
 _SAMPLER_ID = "tune_mtard.search.sampler"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files, tracking
+from tune_mtard import atomic, files, tracking
 from tune_mtard.config import Config
 from tune_mtard.plots import plot_slice_by_epochs, pyplot
 from tune_mtard.search.trials import TrialSummary
@@ -179,7 +179,7 @@ def analyze_search(folder: str | Path, cfg: Config, trials: list[TrialSummary] |
     for key in params if points else []:
         report.files.append(_slice(folder, key, points, set(report.compared), report))
     md = folder / files.SENSITIVITY_MD
-    md.write_text(render_markdown(report))
+    atomic.write_text(md, render_markdown(report))
     report.files.insert(0, md)
     return report
 

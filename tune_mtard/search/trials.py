@@ -57,6 +57,11 @@ class TrialSummary:
     def state(self, full_epochs: int) -> TrialState:
         return trial_state(self.epochs, full_epochs, self.failed)
 
+    @property
+    def failure_kind(self) -> str:
+        """``trial``, ``infra`` or ``diverged`` for a failed trial (docs/search.md, "Outcomes"); empty otherwise."""
+        return failure_kind(self.failure, self.diverged) if self.failed else ""
+
 
 def rank_trials(trials: list[TrialSummary], metric: str, mode: str, full_epochs: int) -> list[TrialSummary]:
     """Trials that can be a result, best first: those that ran ``full_epochs`` by ``metric``, then the rest.
@@ -83,6 +88,36 @@ def read_divergence(trial_dir: str | Path) -> dict[str, int] | None:
     except (OSError, ValueError):
         return None
     return {"diverged_step": int(record["step"]), "diverged_epoch": int(record["epoch"])}
+
+
+# What the machinery around a trial raises when it, not the trial, failed: a lost worker, actor or node, the
+# host's or a card's memory, a full disk. Matched in the error's text, as Ray hands back each error.
+INFRA_MARKERS = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
+                 "ObjectLostError", "OwnerDiedError", "OutOfMemoryError", "CUDA out of memory",
+                 "No space left on device", "ENOSPC", "[Errno 28]")
+
+
+FAILURE_KIND = "failure_kind"  # the column, MLflow tag and Optuna user attribute
+# Ray trial id -> kind, noted by the recorder as a trial fails, for the searcher to set on the Optuna trial
+# before it tells the study (both live in the driver; the recorder sees the error, the searcher does not).
+FAILURE_KINDS: dict[str, str] = {}
+
+
+def failure_kind(failure: str, diverged: dict[str, int] | None = None) -> str:
+    """How a failed trial failed: ``diverged``, ``infra`` (the machinery around it) or ``trial`` (its own code
+    or config)."""
+    if diverged is not None:
+        return "diverged"
+    return "infra" if any(marker in failure for marker in INFRA_MARKERS) else "trial"
+
+
+def error_file_text(trial_path: str | Path | None) -> str:
+    """The last line of the traceback Ray wrote into a failed trial's folder (``error.txt``), or ``error``."""
+    try:
+        lines = [line for line in (Path(trial_path) / "error.txt").read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return "error"
+    return (lines[-1] if lines else "error")[:500]
 
 
 def failure_text(error: BaseException | None, diverged: dict[str, int] | None) -> str:
@@ -146,7 +181,7 @@ def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
                 epochs=int(last.get(EPOCH, 0) or 0),
                 metrics=last,
                 checkpoint_dir=checkpoint.path if checkpoint is not None else None,
-                failure=failure_text(None, diverged) or ("error" if failed else ""),
+                failure=failure_text(None, diverged) or (error_file_text(trial.path) if failed else ""),
                 diverged=diverged,
                 finished=str(trial.status) in ("TERMINATED", "ERROR"),
             ))

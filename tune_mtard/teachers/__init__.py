@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tune_mtard import atomic
 from tune_mtard.attacks import PGD, Clean
 from tune_mtard.config import AUTO, Config
 from tune_mtard.data import DataBundle
@@ -186,7 +187,7 @@ def train_teacher(cfg: Config, role: str, data: DataBundle, device: torch.device
     info = {"role": role, "arch": teacher.arch, "recipe": teacher.recipe, "epochs": teacher.epochs,
             "dataset": cfg.data.dataset, "train_time_s": round(time.perf_counter() - start, 1),
             "recipe_key": recipe_key(cfg, role), **{k: v for k, v in result.metrics.items() if k.startswith("val_")}}
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    atomic.write_text(path.with_suffix(".json"), json.dumps(info, indent=2))
     return result.trainer.student.eval().cpu()
 
 

@@ -11,11 +11,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tune_mtard import atomic
 
 _CHUNK = 1 << 20
 
@@ -43,15 +43,7 @@ def exclusive(path: Path) -> Iterator[None]:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a uniquely named temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    atomic.write_bytes(path, data)
 
 
 def quality_record_path(cache_dir: str | Path, sha256: str, settings: dict[str, Any]) -> Path:
