@@ -228,3 +228,11 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
     from tune_mtard.comparison import parse_methods
 
     assert parse_methods("clean-ce-twice,b-mtard") == ["clean-ce-twice", "b-mtard"]
+
+
+def test_the_code_passes_ruff_with_the_projects_configuration():
+    """pyflakes, pycodestyle, isort and bugbear as pyproject.toml's [tool.ruff] selects them."""
+    pytest.importorskip("ruff")
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -29,9 +29,9 @@ import torch.nn as nn
 from tune_mtard.attacks import PGD, TrainPGD
 from tune_mtard.data import DataBundle, Split, iterate_batches
 from tune_mtard.engine import Trainer
-from tune_mtard.perf import PerfOptions, data_bytes, resolve_device
 from tune_mtard.methods import trace_row
 from tune_mtard.metrics import TRACE_COLUMNS
+from tune_mtard.perf import PerfOptions, data_bytes, resolve_device
 
 CPU = torch.device("cpu")
 LOSSES = [TRACE_COLUMNS.index("loss_adv"), TRACE_COLUMNS.index("loss_nat")]
@@ -282,7 +282,7 @@ def test_the_loader_yields_the_same_batches_from_a_split_on_the_device(tiny_digi
                               hflip=True, device=device)
     on_device = iterate_batches(split.to(device), 16, shuffle=True, generator=torch.Generator().manual_seed(5),
                                 crop_padding=4, hflip=True)
-    pairs = list(zip(on_host, on_device))
+    pairs = list(zip(on_host, on_device, strict=False))
     assert len(pairs) == 4
     for (x_host, y_host), (x_dev, y_dev) in pairs:
         assert x_dev.device.type == device.type and x_dev.dtype == torch.float32
@@ -329,7 +329,7 @@ def test_data_bytes_counts_every_split(tiny_digits: DataBundle):
 def test_a_trace_row_holds_tensors_and_numbers_in_column_order_with_nan_for_the_rest():
     row = trace_row(CPU, loss_adv=torch.tensor(0.25, dtype=torch.float64), w_adv=1.0, w_nat=0.0)
     assert row.dtype == torch.float32 and row.shape == (len(TRACE_COLUMNS),)
-    values = dict(zip(TRACE_COLUMNS, row.tolist()))
+    values = dict(zip(TRACE_COLUMNS, row.tolist(), strict=False))
     assert (values["loss_adv"], values["w_adv"], values["w_nat"]) == (0.25, 1.0, 0.0)
     assert all(math.isnan(values[k]) for k in ("loss_nat", "entropy_adv", "entropy_nat", "tau_adv", "tau_nat"))
     again = trace_row(CPU, w_adv=1.0)

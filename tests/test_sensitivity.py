@@ -62,7 +62,7 @@ def make_search(tmp: Path, n_trials: int = 36, metric=planted, tracking_uri: str
     trials = [study.ask(optuna_distributions(cfg.space)) for _ in range(n_trials)]
     reported: dict[int, dict[int, float]] = {t.number: {} for t in trials}
     running = list(trials)
-    for lower, rung in zip((0,) + ASHA_RUNGS, ASHA_RUNGS):
+    for lower, rung in zip((0,) + ASHA_RUNGS, ASHA_RUNGS, strict=False):
         for trial in running:
             for epoch in range(lower + 1, rung + 1):
                 reported[trial.number][epoch] = metric(trial.params, epoch, rng)

@@ -27,9 +27,14 @@ from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yam
 from tune_mtard.data import DataBundle
 from tune_mtard.errors import ConfigError, RunFailed
 from tune_mtard.methods import variants
-from tune_mtard.metrics import TEST_ACC, TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, VAL_CLEAN_ACC, VAL_ROBUST_ACC, \
-    VAL_W_ROBUST_ACC
-
+from tune_mtard.metrics import (
+    TEST_ACC,
+    TEST_N_EXAMPLES,
+    TEST_W_ROBUST_ACC,
+    VAL_CLEAN_ACC,
+    VAL_ROBUST_ACC,
+    VAL_W_ROBUST_ACC,
+)
 
 ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf", "aa": "AutoAttack",
                  "square": "Square"}

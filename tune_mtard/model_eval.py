@@ -229,7 +229,8 @@ def run_attack(name: str, attack: Attack, model: nn.Module, x: torch.Tensor, y: 
 
 
 def results_json(request: Request, n: int, outcomes: list[Outcome], notes: list[str], device: torch.device) -> dict:
-    """The JSON record: the setting, then per attack ``<name>_acc``, ``w_robust_acc_<name>``, stages, ``seconds_<name>``."""
+    """The JSON record: the setting, then per attack ``<name>_acc``, ``w_robust_acc_<name>``, stages,
+    ``seconds_<name>``."""
     cfg = request.cfg
     record: dict = {
         "checkpoint": str(request.checkpoint),

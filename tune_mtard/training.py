@@ -109,9 +109,10 @@ def train(request: TrainRequest) -> dict[str, Any]:
         if request.register:
             from tune_mtard.model_registry import register_student
 
+            scores = {k: v for k, v in result.metrics.items() if k.startswith(("val_", "test_"))}
             registered = register_student(client, run.run_id, result.trainer.student, data, request.register,
                                           {"run_id": run.run_id, "config": (out / files.RUN_CONFIG).read_text(),
-                                           **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "test_"))}})
+                                           **scores})
             run.set_tags({"registered_model": registered.model_uri})
             print(f"registered: {registered.model_uri}", flush=True)
     print(_summary(result.metrics, out))

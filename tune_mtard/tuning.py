@@ -24,8 +24,19 @@ from typing import Any, Sequence
 
 from tune_mtard import files
 from tune_mtard.comparison import (
-    CompareRequest, RunResult, base_config, comparison_params, final_attacks, markdown_table, parse_methods,
-    parse_seeds, read_results, record_comparison, report_failures, run_seeds, summarize,
+    CompareRequest,
+    RunResult,
+    base_config,
+    comparison_params,
+    final_attacks,
+    markdown_table,
+    parse_methods,
+    parse_seeds,
+    read_results,
+    record_comparison,
+    report_failures,
+    run_seeds,
+    summarize,
 )
 from tune_mtard.config import Config, flatten, from_dict, load_config, to_yaml
 from tune_mtard.config.coerce import to_plain
@@ -397,9 +408,9 @@ def tuned_table(plan: TunedPlan, outcomes: dict[str, SearchOutcome], results: Se
 def tuned_text(values: dict[str, Any]) -> str:
     """``lr=0.0731, trades_beta=4.93``: each key by its last part unless two keys share it."""
     last = [key.rsplit(".", 1)[-1] for key in values]
-    names = [part if last.count(part) == 1 else key for key, part in zip(values, last)]
+    names = [part if last.count(part) == 1 else key for key, part in zip(values, last, strict=True)]
     return ", ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
-                     for name, value in zip(names, values.values()))
+                     for name, value in zip(names, values.values(), strict=True))
 
 
 def budget_difference(outcomes: dict[str, SearchOutcome]) -> str:

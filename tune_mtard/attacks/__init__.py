@@ -13,7 +13,12 @@ from collections.abc import Callable
 from torch import nn
 
 from tune_mtard.attacks.base import (
-    Attack, AutoAttackSettingsError, frozen_parameters, model_device, standard_normal, strict_fp32,
+    Attack,
+    AutoAttackSettingsError,
+    frozen_parameters,
+    model_device,
+    standard_normal,
+    strict_fp32,
 )
 from tune_mtard.attacks.gradient import FGSM, PGD, Clean, CWInf, TrainPGD
 from tune_mtard.registry import Registry

@@ -23,7 +23,8 @@ def build_parser() -> ArgumentParser:
                                  "they were measured on.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{step,epoch,gpu,platform,search,memory}")
 
-    def command(name: str, help_text: str, space: str = DEFAULT_SPACE, out: str | None = None) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, space: str = DEFAULT_SPACE,
+                out: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", default=space,
                          help=f"run config or search space: a path, or a name in ./search_spaces/ or among the "

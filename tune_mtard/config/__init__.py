@@ -7,8 +7,14 @@ raw dicts. ``schema`` holds the sections and their rules, ``space`` the searched
 
 from tune_mtard.config.coerce import AUTO, flatten, parse_number
 from tune_mtard.config.loading import (
-    absolute_tracking_uri, apply_overrides, find_config_file, from_dict, load_config, parse_override,
-    resolve_paths, to_yaml,
+    absolute_tracking_uri,
+    apply_overrides,
+    find_config_file,
+    from_dict,
+    load_config,
+    parse_override,
+    resolve_paths,
+    to_yaml,
 )
 from tune_mtard.config.schema import Config, TeacherConfig
 from tune_mtard.config.space import Distribution

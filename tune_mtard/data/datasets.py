@@ -138,7 +138,8 @@ def _make_synthetic(root: Path, download: bool, seed: int) -> tuple[Split, Split
     labels = torch.randperm(n, generator=generator) % num_classes
     shifts = torch.randint(-2, 3, (n, 2), generator=generator)
     patterns = torch.stack(
-        [torch.roll(prototypes[label], (int(dy), int(dx)), dims=(1, 2)) for label, (dy, dx) in zip(labels, shifts)]
+        [torch.roll(prototypes[label], (int(dy), int(dx)), dims=(1, 2))
+         for label, (dy, dx) in zip(labels, shifts, strict=True)]
     )
     contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=generator)
     distractors = smooth_fields(n)

@@ -305,7 +305,10 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
 
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
-        PrunedAwareOptunaSearch, default_point, optuna_distributions, optuna_storage_url,
+        PrunedAwareOptunaSearch,
+        default_point,
+        optuna_distributions,
+        optuna_storage_url,
     )
 
     s = cfg.search

@@ -41,7 +41,8 @@ def export_trial(request: ExportRequest) -> Exported:
     """What ``export`` does: write one trial's run config (pinning the teachers), or give the Pareto front."""
     from tune_mtard.search.pareto import front_objectives, front_table, pareto_front, pick_by_clean_weight
 
-    chosen_by = sum(x is not None and x is not False for x in (request.trial, request.clean_weight, request.pareto or None))
+    choices = (request.trial, request.clean_weight, request.pareto or None)
+    chosen_by = sum(x is not None and x is not False for x in choices)
     if chosen_by > 1:
         raise ConfigError("--trial", "give one of --trial, --clean-weight and --pareto")
     if request.clean_weight is not None and not 0 <= request.clean_weight <= 1:

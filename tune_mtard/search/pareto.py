@@ -30,12 +30,12 @@ def front_objectives(cfg: Config) -> tuple[list[str], list[str]]:
 
 def _oriented(trial: TrialSummary, objectives: list[str], modes: list[str]) -> list[float]:
     """The trial's objectives, each turned so that larger is better."""
-    return [trial.metric(name) * (1 if mode == "max" else -1) for name, mode in zip(objectives, modes)]
+    return [trial.metric(name) * (1 if mode == "max" else -1) for name, mode in zip(objectives, modes, strict=True)]
 
 
 def dominates(a: list[float], b: list[float]) -> bool:
     """``a`` is at least as good as ``b`` on every objective and better on one (both oriented: larger is better)."""
-    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+    return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
 
 
 def pareto_front(trials: list[TrialSummary], objectives: list[str], modes: list[str],

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import Counter
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -100,7 +100,7 @@ def summarize_results(grid: Any) -> list[TrialSummary]:
     from tune_mtard.search.compat import trial_ids
 
     summaries = []
-    for trial_id, result in zip(trial_ids(grid), grid):
+    for trial_id, result in zip(trial_ids(grid), grid, strict=True):
         metrics = dict(result.metrics or {})
         checkpoint = result.checkpoint
         diverged = read_divergence(result.path) if result.error is not None else None

@@ -89,15 +89,19 @@ class TeacherSet:
         robust, clean = self.teachers.get("robust"), self.teachers.get("clean")
         if robust is not None and robust.quality["val_pgd_acc"] < ROBUST_TEACHER_MIN_PGD_ACC:
             found.append(f"warning: the robust teacher {robust.path} has validation PGD accuracy "
-                         f"{robust.quality['val_pgd_acc']:.4f} < {ROBUST_TEACHER_MIN_PGD_ACC}: is it adversarially trained?")
-        if robust is not None and clean is not None and clean.quality["val_clean_acc"] < robust.quality["val_clean_acc"]:
+                         f"{robust.quality['val_pgd_acc']:.4f} < {ROBUST_TEACHER_MIN_PGD_ACC}: "
+                         "is it adversarially trained?")
+        if (robust is not None and clean is not None
+                and clean.quality["val_clean_acc"] < robust.quality["val_clean_acc"]):
             found.append(f"warning: the clean teacher {clean.path} is less accurate on clean validation data "
-                         f"({clean.quality['val_clean_acc']:.4f}) than the robust one ({robust.quality['val_clean_acc']:.4f})")
+                         f"({clean.quality['val_clean_acc']:.4f}) than the robust one "
+                         f"({robust.quality['val_clean_acc']:.4f})")
         return found
 
     def describe(self) -> list[str]:
         return [f"{role} teacher {t.arch}: val clean {t.quality['val_clean_acc']:.4f}, val PGD "
-                f"{t.quality['val_pgd_acc']:.4f} (n={t.quality['n']:.0f})  {t.path}" for role, t in self.teachers.items()]
+                f"{t.quality['val_pgd_acc']:.4f} (n={t.quality['n']:.0f})  {t.path}"
+                for role, t in self.teachers.items()]
 
 
 def check_teacher_files(cfg: Config, roles: Iterable[str], train_missing: bool = False) -> None:
