@@ -236,3 +236,115 @@ def test_the_code_passes_ruff_with_the_projects_configuration():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the import graph ------------------------------------------------------------------------------------
+
+
+def module_names(package_dirs: dict[str, Path]) -> dict[str, Path]:
+    """Dotted module name -> file, for each package folder (``{"tune_mtard": PACKAGE, ...}``)."""
+    found = {}
+    for name, folder in package_dirs.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            found[".".join([name, *(parts[:-1] if parts[-1] == "__init__" else parts)])] = path
+    return found
+
+
+def _import_statements(tree: ast.AST) -> list[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement with whether it sits in a function; ``if TYPE_CHECKING:`` bodies skipped."""
+    found, stack = [], [(tree, False)]
+    while stack:
+        node, in_function = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend((child, in_function) for child in node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append((node, in_function))
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        stack.extend((child, inner) for child in ast.iter_child_nodes(node))
+    return found
+
+
+def import_graph(names: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
+    """Module -> the project's modules it imports (relative imports resolved, ``from X import Y`` to X.Y where
+    Y is a module, and the packages above a target that an import runs); and every import inside a function."""
+    graph, in_functions = {}, []
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node, in_function in _import_statements(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                named = [alias.name for alias in node.names]
+            else:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                named = [f"{module}.{a.name}" if f"{module}.{a.name}" in names else module for a in node.names]
+            own = {n for n in named if n in names}
+            if own and in_function:
+                in_functions.append(f"{name}:{node.lineno}")
+            for target in own:
+                parts = target.split(".")
+                targets.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                               if p in names and not (name == p or name.startswith(p + ".")))
+        graph[name] = targets
+    return graph, in_functions
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) per strongly connected group of modules that import each other."""
+    cycles, done = [], set()
+    for start in sorted(graph):
+        if start in done:
+            continue
+        paths, queue = {start: [start]}, [start]
+        while queue:
+            module = queue.pop(0)
+            for target in sorted(graph[module]):
+                if target == start:
+                    cycles.append(paths[module] + [start])
+                    done.update(paths[module])
+                    queue = []
+                    break
+                if target not in paths:
+                    paths[target] = paths[module] + [target]
+                    queue.append(target)
+    return cycles
+
+
+def test_the_packages_import_graph_has_no_cycle_counting_imports_inside_functions():
+    graph, _ = import_graph(module_names({"tune_mtard": PACKAGE, "tune_mtard.trainables": ROOT / "trainables"}))
+    assert len(graph) > 50
+    cycles = import_cycles(graph)
+    assert cycles == [], "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_cycle_check_sees_imports_in_functions_relative_and_submodule_ones_but_not_type_checking(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    sources = {"__init__.py": "", "a.py": "def f():\n    from pkg.sub import b\n",
+               "sub/__init__.py": "", "sub/b.py": "from .. import c\n",
+               "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\nimport pkg.a\n",
+               "d.py": "from pkg import c\n"}
+    for file, source in sources.items():
+        (pkg / file).write_text(source)
+    graph, in_functions = import_graph(module_names({"pkg": pkg}))
+    assert graph["pkg.a"] == {"pkg.sub", "pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"}
+    assert graph["pkg.c"] == {"pkg.a"} and graph["pkg.d"] == {"pkg.c"} and in_functions == ["pkg.a:2"]
+    assert import_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
+
+
+def test_an_import_inside_a_function_says_why_it_is_there():
+    """Only a heavy optional dependency (or a command loading the library after its flags) justifies one."""
+    names = module_names({"tune_mtard": PACKAGE, "tune_mtard.trainables": ROOT / "trainables"})
+    _, in_functions = import_graph(names)
+    unexplained = []
+    for where in in_functions:
+        module, _, line = where.rpartition(":")
+        lines = names[module].read_text().splitlines()
+        above = int(line) - 2
+        while above >= 0 and lines[above].lstrip().startswith(("from ", "import ")):
+            above -= 1
+        if not lines[above].lstrip().startswith("#"):
+            unexplained.append(where)
+    assert unexplained == []

@@ -22,9 +22,10 @@ from typing import Any, Collection, Sequence
 
 import torch.nn as nn
 
-from tune_mtard import files
+from tune_mtard import files, tracking
+from tune_mtard.attacks import ATTACKS
 from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
-from tune_mtard.data import DataBundle
+from tune_mtard.data import DataBundle, load_data
 from tune_mtard.errors import ConfigError, RunFailed
 from tune_mtard.methods import variants
 from tune_mtard.metrics import (
@@ -35,6 +36,9 @@ from tune_mtard.metrics import (
     VAL_ROBUST_ACC,
     VAL_W_ROBUST_ACC,
 )
+from tune_mtard.perf import resolve_device
+from tune_mtard.pipeline import new_trainer, run_pipeline
+from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
 ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf", "aa": "AutoAttack",
                  "square": "Square"}
@@ -91,8 +95,6 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_attacks(text: str) -> list[str]:
-    from tune_mtard.attacks import ATTACKS
-
     return _parse_names(text, "--attacks", "attack", ATTACKS.names())
 
 
@@ -252,9 +254,6 @@ def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dic
             client, experiment: str, parent_id: str, data_seed: int, tags: dict[str, str] | None = None) -> RunResult:
     """One (method, seed) through the run pipeline, as a child run of the comparison (with ``tags`` too); a
     failure is recorded (FAILED, with its error as a tag), not raised; an interrupt ends it KILLED and propagates."""
-    from tune_mtard import tracking
-    from tune_mtard.pipeline import new_trainer, run_pipeline
-
     run_dir = out / method / f"seed{seed}"
     tags = {"mlflow.parentRunId": parent_id, "tune_mtard.command": "compare", "compare.method": method,
             "compare.seed": str(seed), "compare.data_seed": str(data_seed), **(tags or {})}
@@ -286,9 +285,6 @@ def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dic
 def plan(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tuple[str, int], Config], Path]:
     """Everything checked before anything runs, is written or is logged: the base config, methods, seeds,
     each run's config and the output folder."""
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.teachers import check_teacher_files, roles_for
-
     for flag, given in (("--tune-epochs", request.tune_epochs is not None), ("--resume", request.resume)):
         if given:
             raise ConfigError(flag, "only with --tune (a tuned comparison)")
@@ -316,17 +312,8 @@ def base_config(request: CompareRequest) -> Config:
 
 
 def compare(request: CompareRequest) -> int:
-    """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records; with
-    ``--tune``, each method's search first (:mod:`tune_mtard.tuning`)."""
-    from tune_mtard import tracking
-    from tune_mtard.data import load_data
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.teachers import prepare_teachers, roles_for
-
-    if request.tune is not None:
-        from tune_mtard.tuning import compare_tuned
-
-        return compare_tuned(request)
+    """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records
+    (``--tune`` is :func:`tune_mtard.tuning.compare_tuned`)."""
     base, methods, seeds, configs, out = plan(request)
     attacks = final_attacks(base)
     data = load_data(base.data.dataset, base.data.root, base.data.download, base.data.val_fraction, base.seed)
@@ -397,8 +384,6 @@ def record_comparison(parent, base: Config, out: Path, results: Sequence[RunResu
                       summary: Sequence[dict[str, Any]], table: str) -> list[RunResult]:
     """The tables (files and parent run), the per-method means as metrics; prints the table and how to see the
     runs in the MLflow UI. Returns the failed runs (the parent run is then FAILED)."""
-    from tune_mtard import tracking
-
     written = write_results(out, results, summary, table)
     failed = [r for r in results if r.status == FAILED]
     parent.log_metrics({f"{row['method']}/{key}": value for row in summary for key, value in row.items()

@@ -23,6 +23,7 @@ from tune_mtard.methods import Teachers
 from tune_mtard.metrics import EPOCH, VAL_W_ROBUST_ACC, VALIDATION
 from tune_mtard.models import save_checkpoint
 from tune_mtard.perf import resolve_device
+from tune_mtard.plots import plot_trace
 from tune_mtard.tracking import RunHandle
 
 EpochHook = Callable[[EpochResult], None]
@@ -92,7 +93,6 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
     trainer.write_trace(out / files.TRACE_CSV)
     save_checkpoint(trainer.student, out / files.STUDENT)
     (out / files.METRICS_JSON).write_text(json.dumps(metrics, indent=2))
-    from tune_mtard.plots import plot_trace
 
     plot_trace(out / files.TRACE_CSV, out / files.TRACE_PNG, title=f"{cfg.name}: {cfg.method} balance trace")
     if run is not None:

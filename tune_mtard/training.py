@@ -15,12 +15,17 @@ from typing import Any
 
 import torch
 
-from tune_mtard import files
+from tune_mtard import files, tracking
 from tune_mtard.config import Config, absolute_tracking_uri, load_config
 from tune_mtard.config.rules import check_model_name
+from tune_mtard.data import load_data
 from tune_mtard.engine import EpochResult
 from tune_mtard.errors import ConfigError
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VAL_W_ROBUST_ACC
+from tune_mtard.model_registry import register_student
+from tune_mtard.perf import resolve_device
+from tune_mtard.pipeline import new_trainer, run_pipeline
+from tune_mtard.teachers import prepare_teachers
 
 # Keys a resumed run may change: where things are stored and logged, and how long it trains.
 RESUMABLE_CHANGES = ("train.epochs", "data.root", "teachers.cache_dir")
@@ -52,7 +57,6 @@ def plan(request: TrainRequest) -> TrainPlan:
     if request.register is not None:
         check_model_name(request.register, "--register")
     cfg = load_config(request.config, request.overrides).run_config()
-    from tune_mtard.perf import resolve_device
 
     resolve_device(cfg.device)
     if request.tracking_uri:
@@ -78,11 +82,6 @@ def train(request: TrainRequest) -> dict[str, Any]:
     """The ``train`` command: one run through the pipeline, recorded as one MLflow run; its final metrics."""
     p = plan(request)
     cfg, out = p.cfg, p.out
-    from tune_mtard import tracking
-    from tune_mtard.data import load_data
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.pipeline import new_trainer, run_pipeline
-    from tune_mtard.teachers import prepare_teachers
 
     if cfg.perf.threads:
         torch.set_num_threads(cfg.perf.threads)
@@ -107,8 +106,6 @@ def train(request: TrainRequest) -> dict[str, Any]:
               f"output in {out}; MLflow run {run.run_id}", flush=True)
         result = run_pipeline(trainer, data, out, run=run, progress=p.progress, on_epoch=_print_epoch)
         if request.register:
-            from tune_mtard.model_registry import register_student
-
             scores = {k: v for k, v in result.metrics.items() if k.startswith(("val_", "test_"))}
             registered = register_student(client, run.run_id, result.trainer.student, data, request.register,
                                           {"run_id": run.run_id, "config": (out / files.RUN_CONFIG).read_text(),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tune_mtard import files
+from tune_mtard import files, tracking
 from tune_mtard.comparison import (
     CompareRequest,
     RunResult,
@@ -42,7 +42,13 @@ from tune_mtard.config import Config, flatten, from_dict, load_config, to_yaml
 from tune_mtard.config.coerce import to_plain
 from tune_mtard.config.search import SchedulerConfig, SearchConfig
 from tune_mtard.config.space import method_search_base
+from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError, Interrupted
+from tune_mtard.perf import resolve_device
+from tune_mtard.search import interrupts
+from tune_mtard.search.driver import check_experiment, check_local_resources, run_search, started
+from tune_mtard.search.lock import SearchLock, refuse_if_running
+from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
 # The search section of a config that has none: the digits space's (docs/methods.md, "Tuned comparisons").
 DEFAULT_SEARCH: dict[str, Any] = {
@@ -126,10 +132,6 @@ class SearchOutcome:
 
 def plan_tuned(request: CompareRequest) -> TunedPlan:
     """Everything checked before anything runs, is written or is logged (exit 2 on any problem)."""
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.search.driver import check_local_resources
-    from tune_mtard.teachers import check_teacher_files, roles_for
-
     if request.tune < 1:
         raise ConfigError("--tune", f"must be >= 1 (trials per method), got {request.tune}")
     if request.tune_epochs is not None and request.tune_epochs < 1:
@@ -181,9 +183,6 @@ def method_search_config(loaded: Config, variant: str, search: dict[str, Any], e
 
 def check_out(plan: TunedPlan) -> None:
     """A new comparison needs an unused ``--out``; ``--resume`` one that ran, asked for and configured the same."""
-    from tune_mtard.search.driver import check_experiment, started
-    from tune_mtard.search.lock import refuse_if_running
-
     state = plan.out / files.TUNED_STATE
     if not plan.resume:
         if state.exists() or (plan.out / files.COMPARISON_CSV).exists():
@@ -214,8 +213,6 @@ def check_out(plan: TunedPlan) -> None:
 
 def compare_tuned(request: CompareRequest) -> int:
     """``compare --tune N``: each method's search, then its best config on every seed; returns the exit code."""
-    from tune_mtard.search import interrupts
-
     plan = plan_tuned(request)
     try:
         with interrupts.sigterm_as_interrupt():
@@ -227,12 +224,6 @@ def compare_tuned(request: CompareRequest) -> int:
 
 
 def _run(plan: TunedPlan) -> int:
-    from tune_mtard import tracking
-    from tune_mtard.data import load_data
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.search.lock import SearchLock
-    from tune_mtard.teachers import prepare_teachers, roles_for
-
     base, out = plan.base, plan.out
     for note in plan.notes:
         print(note, flush=True)
@@ -290,8 +281,6 @@ def _run(plan: TunedPlan) -> int:
 
 def search_status(folder: Path) -> str:
     """``finished`` or ``no_usable_trial`` (done), ``interrupted`` (started: resume it) or ``new``."""
-    from tune_mtard.search.driver import started
-
     summary = folder / files.SUMMARY_JSON
     if summary.is_file():
         status = json.loads(summary.read_text())["status"]
@@ -304,8 +293,6 @@ def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, paren
     """Each method's search, one after the other, on one local Ray (unless one is running already); a search
     that ended before is not run again. Links each search's parent run to the comparison's parent run."""
     import ray
-
-    from tune_mtard.search.driver import run_search
 
     todo = [m for m in plan.methods if search_status(plan.folder(m)) not in DONE]
     ray_started_here = bool(todo) and not ray.is_initialized()
@@ -341,8 +328,6 @@ def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, paren
 
 def read_outcome(method: str, cfg: Config, folder: Path, wall_time_s: float) -> SearchOutcome:
     """A search's outcome from its folder: ``summary.json``, the parent run id and ``best_config.yaml``."""
-    from tune_mtard.teachers import check_teacher_files, roles_for
-
     summary = json.loads((folder / files.SUMMARY_JSON).read_text())
     best = None
     if summary["status"] == "finished":

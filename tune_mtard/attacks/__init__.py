@@ -29,6 +29,7 @@ ATTACKS: Registry[AttackFactory] = Registry("attack")
 
 def _from_autoattack_module(name: str) -> type:
     try:
+        # pyautoattack, an optional extra, loads only when AutoAttack or Square runs
         from tune_mtard.attacks import autoattack
     except ImportError as exc:
         raise ImportError(f"attack {name} needs the pyautoattack package (pip install pyautoattack): {exc}") from exc

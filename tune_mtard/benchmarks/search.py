@@ -32,6 +32,7 @@ def bench_search(space: str, overrides: list[str], num_samples: int | None, max_
                  storage: str | None, fifo_from: str | None) -> dict[str, Any]:
     import ray
 
+    # only the benchmark that measures it loads the search stack
     from tune_mtard.data import load_data
     from tune_mtard.search.driver import SearchRequest, experiment_dir, run_search, search_config
     from tune_mtard.teachers import prepare_teachers

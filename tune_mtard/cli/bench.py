@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--out", f"folder {Path(args.out).parent} does not exist")
 
     if args.command == "step":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.step import bench_step, print_step
 
         cfg = load_config(args.config, args.overrides, check_files=False)
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = bench_step(cfg, args.batch_size, args.repeats, args.window_s, args.warmup)
         print_step(result)
     elif args.command == "epoch":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.epoch import bench_epoch, print_epoch
         from tune_mtard.data import load_data
 
@@ -122,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "gpu":
         import torch
 
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.gpu import bench_gpu
         from tune_mtard.benchmarks.gpu_checks import CheckSetup
 
@@ -138,17 +141,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"checks {'all passed' if result['all_checks_passed'] else 'FAILED'}; figures in {args.out}")
         return 0 if result["all_checks_passed"] else 1
     elif args.command == "platform":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.platform import bench_platform, print_platform
 
         result = bench_platform(load_config(args.config, args.overrides, check_files=False), args.epochs, args.repeats)
         print_platform(result)
     elif args.command == "memory":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.memory import bench_memory, print_memory
 
         result = bench_memory(load_config(args.config, args.overrides, check_files=False), args.batch_size,
                               args.gpu_gib)
         print_memory(result)
     else:
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.search import bench_search, print_search
 
         result = bench_search(args.config, args.overrides, args.num_samples, args.max_epochs, args.storage,

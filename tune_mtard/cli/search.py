@@ -28,6 +28,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
     from tune_mtard.search.driver import SearchRequest, search
 
     return search(SearchRequest(space=args.space, num_samples=args.num_samples, max_epochs=args.max_epochs,

@@ -1,8 +1,9 @@
 """One typed config for runs and searches (docs/configuration.md), parsed and validated once at the edge.
 
 YAML in, dataclasses out; everything inside the package takes a :class:`Config` (or plain values), never
-raw dicts. ``schema`` holds the sections and their rules, ``space`` the searched distributions,
-``loading`` files, overrides and YAML output, ``coerce`` the typing of loose values.
+raw dicts. ``schema`` holds the sections and their rules (and builds a Config from a dict and back to
+YAML), ``space`` the searched distributions, ``loading`` files and overrides, ``coerce`` the typing of
+loose values.
 """
 
 from tune_mtard.config.coerce import AUTO, flatten, parse_number

@@ -2,25 +2,32 @@
 
 Defaults are the paper's CIFAR-10 settings. Every ``check`` raises :class:`~tune_mtard.errors.ConfigError`
 naming the dotted key at fault. Names of datasets, architectures, methods and attacks are checked against
-their registries (:mod:`tune_mtard.registry`), imported only when a check runs.
+their registries (:mod:`tune_mtard.registry`). ``from_dict`` builds a Config from the parsed YAML (and
+``with_values`` one from another), ``to_yaml`` writes one back: here, beside the class whose methods use them.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from tune_mtard.config.coerce import AUTO, flatten, to_plain
+import yaml
+
+from tune_mtard.config.coerce import AUTO, build, field_type, flatten, to_plain
 from tune_mtard.config.rules import check_attack_names, check_model_name, require, require_name
 from tune_mtard.config.search import Distribution, SearchConfig
+from tune_mtard.config.space import check_space, check_spaces, parse_space, parse_spaces
+from tune_mtard.data import DATASETS
+from tune_mtard.errors import ConfigError
+from tune_mtard.methods import METHODS
+from tune_mtard.models import available_models
 
 
 def _archs() -> list[str]:
-    from tune_mtard.models import available_models
-
     return available_models()
 
 
@@ -33,8 +40,6 @@ class DataConfig:
     batch_size: int = 128
 
     def check(self) -> None:
-        from tune_mtard.data import DATASETS
-
         require_name(self.dataset, DATASETS.names(), "data.dataset", "dataset")
         require(0 < self.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction:g}")
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
@@ -64,8 +69,6 @@ class TeacherConfig:
     trades_beta: float = 6.0
 
     def check(self, key: str, check_files: bool) -> None:
-        from tune_mtard.methods import METHODS
-
         require_name(self.arch, _archs(), f"{key}.arch", "arch")
         recipes = [name for name, spec in METHODS.items() if not spec.teachers]
         require_name(self.recipe, recipes, f"{key}.recipe", "recipe")
@@ -268,8 +271,6 @@ class Config:
 
     def check(self, check_files: bool = True) -> None:
         """Every rule of the run config, and of the search section when there is one (the space: space.py)."""
-        from tune_mtard.methods import METHODS
-
         require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
                 "must be a non-empty name without '/' (and not '.' or '..')")
         require(self.seed >= 0, "seed", "must be >= 0")
@@ -321,12 +322,108 @@ class Config:
 
     def with_values(self, values: dict[str, Any]) -> Config:
         """A new validated config with dotted keys set (e.g. a trial's sampled values)."""
-        from tune_mtard.config.loading import with_values
-
         return with_values(self, values)
 
     def dump(self, path: str | Path, with_search: bool = False) -> None:
-        from tune_mtard.config.loading import to_yaml
-
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(to_yaml(self, with_search=with_search))
+
+
+# ---- building a Config from the parsed YAML, and back ------------------------------------------------
+
+
+def from_dict(raw: dict[str, Any], check_files: bool = True) -> Config:
+    """Build and validate a :class:`Config` from a plain dict (the parsed YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config", "expected a YAML mapping at the top level")
+    raw = copy.deepcopy(raw)
+    space_raw = raw.pop("space", None)
+    spaces_raw = raw.pop("spaces", None)
+    cfg = build(Config, raw, "")
+    if "recipe" not in ((raw.get("teachers") or {}).get("robust") or {}):
+        # A robust teacher is adversarially trained unless the file says otherwise.
+        cfg.teachers.robust.recipe = "trades"
+    if "search" in raw and cfg.search is None:
+        cfg.search = SearchConfig()
+    if space_raw is not None:
+        cfg.space = parse_space(space_raw)
+        if cfg.search is None:
+            cfg.search = SearchConfig()
+    if spaces_raw is not None:
+        cfg.spaces = parse_spaces(spaces_raw)
+    cfg.check(check_files=check_files)
+    if cfg.space:
+        check_space(cfg)
+    if cfg.spaces:
+        check_spaces(cfg)
+    return cfg
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A new validated config: ``cfg`` with dotted keys set (e.g. a trial's sampled values)."""
+    raw = cfg.to_dict(with_search=True)
+    for key, value in values.items():
+        set_dotted(raw, key, value, origin=key)
+    return from_dict(raw, check_files=False)
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    """Set dotted ``key`` in the raw (YAML) dict; ``space.<config key>[.<param>]`` reaches the space section and
+    ``spaces.<method>[.<config key>[.<param>]]`` one space of the ``spaces`` section."""
+    if key.startswith("space."):
+        raw["space"] = raw.get("space") or {}
+        _set_in_space(raw["space"], key[len("space."):], value)
+        return
+    if key.startswith("spaces."):
+        spaces = raw["spaces"] = raw.get("spaces") or {}
+        method, _, rest = key[len("spaces."):].partition(".")
+        if not rest:
+            spaces[method] = value
+            return
+        spaces[method] = spaces.get(method) or {}
+        if not isinstance(spaces[method], dict):
+            raise ConfigError(f"spaces.{method}", "expected a mapping of dotted config keys to distributions")
+        _set_in_space(spaces[method], rest, value)
+        return
+    parts = key.split(".")
+    node = raw
+    cls: Any = Config
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        if part not in names:
+            raise ConfigError(origin, "unknown config key")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = field_type(cls, part)
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+
+
+def _set_in_space(space: dict[str, Any], rest: str, value: Any) -> None:
+    """``<config key>`` sets a whole distribution of ``space``, ``<config key>.<param>`` one field of it."""
+    for known in sorted(space, key=len, reverse=True):
+        if rest == known:
+            space[known] = value
+            return
+        if rest.startswith(known + ".") and isinstance(space[known], dict):
+            space[known][rest[len(known) + 1:]] = value
+            return
+    space[rest] = value
+
+
+def to_yaml(cfg: Config, with_search: bool = False) -> str:
+    raw = cfg.to_dict(with_search=with_search)
+    if "space" in raw and cfg.space is not None:
+        raw["space"] = _plain_space(cfg.space)
+    if "spaces" in raw and cfg.spaces is not None:
+        raw["spaces"] = {name: {key: None if dist is None else _plain_space({key: dist})[key]
+                                for key, dist in space.items()} for name, space in cfg.spaces.items()}
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _plain_space(space: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Distributions as a space file writes them: the fields that are set."""
+    return {key: {name: v for name, v in to_plain(dist).items() if v is not None and not (name == "log" and v is False)}
+            for key, dist in space.items()}

@@ -9,6 +9,8 @@ from typing import Any
 
 from tune_mtard.config.rules import check_attack_names, require
 from tune_mtard.errors import ConfigError
+from tune_mtard.metrics import EPOCH_METRICS
+from tune_mtard.search.samplers import samplers
 
 
 @dataclass
@@ -72,7 +74,6 @@ class SearchConfig:
     def check(self) -> None:
         require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
         require(self.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
-        from tune_mtard.metrics import EPOCH_METRICS
 
         def reported(name: str, key: str) -> None:
             require(name in EPOCH_METRICS, key,
@@ -105,11 +106,8 @@ class SearchConfig:
         require(self.final_eval.n_examples >= 1, "search.final_eval.n_examples", "must be >= 1")
         check_attack_names(self.final_eval.attacks, "search.final_eval.attacks")
 
-
     def check_sampler(self) -> None:
         """``search.sampler.type`` names a registered sampler that can handle the search's objectives."""
-        from tune_mtard.search.samplers import samplers
-
         registry = samplers()
         require(self.sampler.type in registry, "search.sampler.type",
                 f"must be one of {', '.join(registry.names())}, got {self.sampler.type!r}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files
+from tune_mtard import files, tracking
 from tune_mtard.config import absolute_tracking_uri, load_config
 from tune_mtard.errors import ConfigError
 from tune_mtard.search.sensitivity import SensitivityReport, analyze_search, log_sensitivity
@@ -39,6 +39,7 @@ def analyze_experiment(request: AnalyzeRequest) -> Analyzed:
         raise ConfigError("--experiment", f"{folder / files.SPACE} has no space section: not a search's")
     import optuna
 
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.searcher import optuna_storage_url
 
     if not (folder / files.OPTUNA_DB).is_file() or cfg.name not in optuna.get_all_study_names(
@@ -57,8 +58,6 @@ def analyze_experiment(request: AnalyzeRequest) -> Analyzed:
 def parent_run(folder: Path, tracking_uri: str) -> tuple[Any, str | None, str]:
     """``(client, run id, "")`` of the search's parent run, or ``(None, None, why)`` when it cannot be reached.
     A local store (sqlite file, folder) that does not exist is not reachable, rather than created empty."""
-    from tune_mtard import tracking
-
     id_file = folder / files.PARENT_RUN_ID
     if not id_file.is_file():
         return None, None, f"no {files.PARENT_RUN_ID} in {folder}"

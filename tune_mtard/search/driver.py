@@ -23,10 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files
+from tune_mtard import files, tracking
 from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, load_config
+from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError, Interrupted
-from tune_mtard.search.outcome import Outcome
+from tune_mtard.perf import resolve_device
+from tune_mtard.search import compat, interrupts
+from tune_mtard.search.compat import largest_node, unreachable_ray_address
+from tune_mtard.search.confirm import confirm_tuner
+from tune_mtard.search.lock import SearchLock, refuse_if_running
+from tune_mtard.search.outcome import Outcome, conclude, interrupted
+from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
 
 @dataclass
@@ -130,7 +137,6 @@ def check_address(address: str | None) -> None:
     """``--address`` must name a reachable cluster: one line and exit 2 within seconds, not minutes of retries."""
     if address is None or address == "local":
         return
-    from tune_mtard.search.compat import unreachable_ray_address
 
     problem = unreachable_ray_address(address)
     if problem is not None:
@@ -139,8 +145,6 @@ def check_address(address: str | None) -> None:
 
 def search(request: SearchRequest) -> int:
     """The ``search`` command: validate, then run (or resume) the search; returns the exit code."""
-    from tune_mtard.search.lock import refuse_if_running
-
     cfg = search_config(request)
     check_address(request.address)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
@@ -157,11 +161,6 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     """Prepare everything, run the Tuner, then record the outcome; returns the exit code (raises
     :class:`~tune_mtard.errors.Interrupted` when a signal stopped it)."""
     import ray
-
-    from tune_mtard.data import load_data
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.search.lock import SearchLock
-    from tune_mtard.teachers import check_teacher_files, roles_for
 
     assert cfg.search is not None and cfg.space is not None
     folder = experiment_dir(cfg)
@@ -194,8 +193,6 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
 
 def check_resources(cfg: Config) -> None:
     """Every trial asks ``search.resources`` of one node: some node of the cluster must have that much."""
-    from tune_mtard.search.compat import largest_node
-
     cpu, gpu = largest_node()
     r = cfg.search.resources
     if r.cpu > cpu or r.gpu > gpu:
@@ -226,13 +223,9 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                 start: float) -> Outcome:
     from ray import tune
 
-    from tune_mtard import tracking
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.search import compat, interrupts
-    from tune_mtard.search.outcome import conclude, interrupted
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import log_teachers, start_parent
     from tune_mtard.search.searcher import finished_optuna_trials
-    from tune_mtard.teachers import prepare_teachers
     from tune_mtard.trainables.bmtard import train_bmtard
 
     s = cfg.search
@@ -273,8 +266,6 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
             if interrupts.received() is None:
                 def rerun(points: list[dict[str, Any]]):
                     """The seed-confirmation trials, resumed where a killed driver left them."""
-                    from tune_mtard.search.confirm import confirm_tuner
-
                     if resume and (folder / files.CONFIRM_FOLDER / files.TUNER_STATE).exists():
                         confirm = tune.Tuner.restore(str(folder / files.CONFIRM_FOLDER), trainable,
                                                      resume_unfinished=True, resume_errored=False)
@@ -303,6 +294,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
         PrunedAwareOptunaSearch,

@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files
+from tune_mtard import files, tracking
 from tune_mtard.config import Config
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
+from tune_mtard.model_registry import register_student
+from tune_mtard.models import create_model, load_checkpoint
+from tune_mtard.search import confirm as confirmation
+from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
+from tune_mtard.search.trials import best_trial, load_experiment_trials, summarize_results
 
 Rerun = Callable[[list[dict[str, Any]]], Any]  # runs the confirmation trials; None when a signal stopped them
 
@@ -41,8 +46,8 @@ def reproducible_values(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
 def interrupted(cfg: Config, folder: Path, parent, start: float) -> Outcome:
     """Tune saved the interrupted trials as unfinished (resumable) and Optuna keeps them RUNNING for
     ``--resume``; their child runs and the parent run end KILLED."""
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import kill_running_child_runs, record_search
-    from tune_mtard.search.trials import load_experiment_trials
 
     (folder / files.BEST_CONFIG).unlink(missing_ok=True)
     trials = load_experiment_trials(folder)
@@ -56,9 +61,9 @@ def interrupted(cfg: Config, folder: Path, parent, start: float) -> Outcome:
 def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: float, rerun: Rerun) -> Outcome:
     """Pick and record the outcome: the best or confirmed trial's config (teachers pinned) and registered
     student, the parent run's records, the summary."""
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import delete_orphaned_child_runs, record_front, record_search
     from tune_mtard.search.searcher import close_orphaned_optuna_trials
-    from tune_mtard.search.trials import best_trial, summarize_results
 
     s = cfg.search
     best_path = folder / files.BEST_CONFIG
@@ -88,6 +93,7 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     else:
         test_metrics: dict[str, float] = {}
         if s.final_eval.top_k > 0:
+            # ray and optuna load at import of these: only a running search needs them
             from tune_mtard.search.final_eval import evaluate_top_trials
 
             results = evaluate_top_trials(cfg, trials, data, parent.client, parent.run_id, folder, first=best.trial_id)
@@ -99,8 +105,6 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
 
 def confirm(cfg: Config, folder: Path, trials, parent, rerun: Rerun) -> dict[str, Any] | None:
     """The seed confirmation of the ``confirm.top_k`` best trials; None when a signal stopped it."""
-    from tune_mtard.search import confirm as confirmation
-
     chosen = confirmation.candidates(cfg, trials)
     print(f"confirming the {len(chosen)} best trials on {cfg.search.confirm.seeds} more seeds each", flush=True)
     grid = rerun(confirmation.rerun_points(cfg, chosen))
@@ -127,8 +131,7 @@ def confirm(cfg: Config, folder: Path, trials, parent, rerun: Rerun) -> dict[str
 def register(cfg: Config, best, test_metrics: dict[str, float], best_path: Path, data, parent) -> None:
     """The best student as an MLflow Model, registered as ``search.register_as``: a report, not a result, so a
     failure is a warning (the weights stay in the trial's checkpoint and child run)."""
-    from tune_mtard.model_registry import register_student
-    from tune_mtard.models import create_model, load_checkpoint
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import child_run_id
 
     name = cfg.name if cfg.search.register_as == "auto" else cfg.search.register_as
@@ -154,8 +157,6 @@ def register(cfg: Config, best, test_metrics: dict[str, float], best_path: Path,
 def analyze(cfg: Config, folder: Path, trials, parent) -> None:
     """The search's sensitivity analysis (docs/sensitivity.md), beside best_config.yaml and on the parent run.
     A report, not a result: if it fails, the search still ends as it ended, with a warning."""
-    from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
-
     try:
         report = analyze_search(folder, cfg, trials)
         log_sensitivity(parent.client, parent.run_id, report)
@@ -165,8 +166,6 @@ def analyze(cfg: Config, folder: Path, trials, parent) -> None:
 
 
 def print_result(cfg: Config, best, best_path: Path, summary: dict[str, Any], folder: Path) -> None:
-    from tune_mtard import tracking
-
     full = cfg.train.epochs
     print()
     print(f"search {cfg.name}: {summary['n_trials']} trials, {summary['n_pruned']} stopped early by ASHA, "

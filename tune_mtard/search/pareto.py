@@ -85,6 +85,7 @@ def _cell(value: Any) -> str:
 
 def default_trial(trials: list[TrialSummary], cfg: Config) -> TrialSummary | None:
     """The trial that ran the base config's values of the searched keys (the paper's defaults), if any."""
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.searcher import default_point
 
     point, _ = default_point(cfg)

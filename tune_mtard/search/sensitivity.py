@@ -98,6 +98,7 @@ def load_points(folder: Path, cfg: Config, trials: list[TrialSummary] | None = N
     view) also leaves out the trials Ray saw fail and gives the epochs each trial ran."""
     import optuna
 
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.searcher import RAY_TRIAL_ATTR, optuna_storage_url
 
     failed = {t.trial_id for t in trials or [] if t.failed}

@@ -16,6 +16,7 @@ from typing import Any
 
 from tune_mtard.files import DIVERGED_JSON
 from tune_mtard.metrics import EPOCH
+from tune_mtard.search.compat import quiet_experiment_analysis, trial_ids
 
 
 class TrialState(str, enum.Enum):
@@ -97,8 +98,6 @@ def failure_text(error: BaseException | None, diverged: dict[str, int] | None) -
 
 def summarize_results(grid: Any) -> list[TrialSummary]:
     """The trials of a finished :class:`ray.tune.ResultGrid`."""
-    from tune_mtard.search.compat import trial_ids
-
     summaries = []
     for trial_id, result in zip(trial_ids(grid), grid, strict=True):
         metrics = dict(result.metrics or {})
@@ -124,8 +123,6 @@ def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
     snapshot an interrupted search left can be older.
     """
     from ray.tune import ExperimentAnalysis
-
-    from tune_mtard.search.compat import quiet_experiment_analysis
 
     with quiet_experiment_analysis():
         analysis = ExperimentAnalysis(str(folder))

@@ -21,14 +21,15 @@ import torch
 import torch.nn as nn
 
 from tune_mtard.attacks import PGD, Clean
-from tune_mtard.config import AUTO, Config
-from tune_mtard.data import DataBundle
+from tune_mtard.config import AUTO, Config, load_config
+from tune_mtard.data import DataBundle, load_data
 from tune_mtard.errors import ConfigError, TeacherTrainingFailed
 from tune_mtard.evaluation import robust_accuracy
 from tune_mtard.methods import METHODS
 from tune_mtard.metrics import VAL_CLEAN_ACC
 from tune_mtard.models import create_model, load_checkpoint
 from tune_mtard.perf import resolve_device
+from tune_mtard.pipeline import new_trainer, run_pipeline
 from tune_mtard.teachers.cache import exclusive, file_sha256, quality_record_path, read_json, write_json
 from tune_mtard.teachers.recipes import recipe_config, recipe_key, teacher_path, teacher_settings
 
@@ -163,8 +164,6 @@ def train_teacher(cfg: Config, role: str, data: DataBundle, device: torch.device
     A teacher that diverges (:class:`~tune_mtard.errors.Diverged`) or ends at chance accuracy
     (:class:`TeacherTrainingFailed`) is not written.
     """
-    from tune_mtard.pipeline import new_trainer, run_pipeline
-
     teacher = teacher_settings(cfg, role)
     path = teacher_path(cfg, role)
     log(f"training {role} teacher {teacher.arch} ({teacher.recipe}, {teacher.epochs} epochs) -> {path}")
@@ -250,9 +249,6 @@ class TeacherReport:
 
 def train_missing(request: TeachersRequest) -> list[TeacherReport]:
     """The ``teachers`` command: train the named teachers that do not exist yet, and measure each on the test split."""
-    from tune_mtard.config import load_config
-    from tune_mtard.data import load_data
-
     roles = [r.strip() for r in request.roles.split(",") if r.strip()]
     for role in roles:
         if role not in ROLES:
