@@ -196,6 +196,8 @@ def test_autoattack_says_what_is_missing_when_pyautoattack_is_not_installed():
     ("tune_mtard.methods:METHODS", {"natural", "pgd-at", "trades", "ard", "rslad", "mtard", "b-mtard"}),
     ("tune_mtard.data:DATASETS", {"digits", "synthetic", "cifar10", "cifar100", "svhn", "tiny-imagenet"}),
     ("tune_mtard.attacks:ATTACKS", {"clean", "fgsm", "pgd20", "cw", "aa", "square"}),
+    ("tune_mtard.search.samplers:SAMPLERS", {"tpe", "random", "nsga2", "gp", "cmaes"}),
+    ("tune_mtard.search.schedulers:SCHEDULERS", {"asha", "fifo"}),
     ("tune_mtard.models:MODELS", {"resnet18", "preact_resnet18", "mobilenet_v2", "wrn34_10", "wrn28_10", "resnet56",
                                   "digits_cnn", "digits_cnn_large"}),
 ])
@@ -228,6 +230,36 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
     from tune_mtard.comparison import parse_methods
 
     assert parse_methods("clean-ce-twice,b-mtard") == ["clean-ce-twice", "b-mtard"]
+
+
+def test_a_scheduler_added_in_a_new_file_as_docs_search_md_shows_is_accepted_with_no_other_file_touched():
+    """docs/search.md, "Schedulers": the recipe's file, alone, makes ``search.scheduler.type: median`` valid,
+    built by the search, and lowered by ``--max-epochs``; before it exists the name is a ConfigError."""
+    recipe = (ROOT / "docs" / "search.md").read_text().split("**Adding a scheduler**")[1]
+    code = recipe.split("```python\n")[1].split("```")[0]
+    check = textwrap.dedent("""
+        from tune_mtard.config import load_config
+        from tune_mtard.errors import ConfigError
+        from tune_mtard.search.schedulers import build_scheduler, fit_to_epochs
+        try:
+            cfg = load_config("digits.yaml", ["search.scheduler.type=median", "search.scheduler.grace_period=4"])
+        except ConfigError as exc:
+            print("ConfigError", exc.key)
+        else:
+            print(type(build_scheduler(cfg.search.scheduler, max_t=cfg.train.epochs)).__name__)
+            print(fit_to_epochs(cfg.search.scheduler, 2, "--max-epochs")[1])
+    """)
+    before = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert before.stdout.split() == ["ConfigError", "search.scheduler.type"], before.stderr
+    new_file = PACKAGE / "search" / "schedulers" / "median.py"
+    assert not new_file.exists()
+    try:
+        new_file.write_text(code)
+        after = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    finally:
+        new_file.unlink()
+    assert after.stdout.splitlines() == ["MedianStoppingRule",
+                                         "--max-epochs 2: median stopping's grace_period 4 lowered to 2"], after.stderr
 
 
 def test_the_code_passes_ruff_with_the_projects_configuration():

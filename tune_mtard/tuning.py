@@ -39,7 +39,7 @@ from tune_mtard.comparison import (
     summarize,
 )
 from tune_mtard.config import Config, flatten, from_dict, load_config, to_yaml
-from tune_mtard.config.coerce import to_plain
+from tune_mtard.config.coerce import build, to_plain
 from tune_mtard.config.search import SchedulerConfig, SearchConfig
 from tune_mtard.config.space import method_search_base
 from tune_mtard.data import load_data
@@ -48,6 +48,7 @@ from tune_mtard.perf import resolve_device
 from tune_mtard.search import interrupts
 from tune_mtard.search.driver import check_experiment, check_local_resources, run_search, started
 from tune_mtard.search.lock import SearchLock, refuse_if_running
+from tune_mtard.search.schedulers import describe_scheduler, fit_to_epochs
 from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
 # The search section of a config that has none: the digits space's (docs/methods.md, "Tuned comparisons").
@@ -160,12 +161,9 @@ def search_section(given: SearchConfig | None, tune: int, epochs: int,
     raw = to_plain(given) if given is not None else copy.deepcopy(DEFAULT_SEARCH)
     raw.update(num_samples=tune, storage=str(storage))
     scheduler = raw.setdefault("scheduler", {})
-    grace = scheduler.get("grace_period", SchedulerConfig().grace_period)
-    notes = []
-    if scheduler.get("type", "asha") == "asha" and grace > epochs:
-        scheduler["grace_period"] = epochs
-        notes.append(f"--tune-epochs {epochs}: ASHA's grace_period {grace} lowered to {epochs}")
-    return raw, notes
+    fitted, note = fit_to_epochs(build(SchedulerConfig, scheduler, "search.scheduler"), epochs, "--tune-epochs")
+    scheduler.update(fitted)
+    return raw, [note] if note else []
 
 
 def method_search_config(loaded: Config, variant: str, search: dict[str, Any], epochs: int) -> Config:
@@ -379,8 +377,7 @@ def tuned_table(plan: TunedPlan, outcomes: dict[str, SearchOutcome], results: Se
                                    f"({100 * budget['search_epochs_fraction']:.0f}%)")
         extra["search time"][method] = f"{budget['search_wall_time_s']:.0f} s"
     s = plan.search
-    scheduler = (f"ASHA (grace period {s.scheduler.grace_period}, reduction factor {s.scheduler.reduction_factor:g})"
-                 if s.scheduler.type == "asha" else "FIFO")
+    scheduler = describe_scheduler(s.scheduler)
     lines = [f"Each method at its own searched best: {plan.tune} trials of at most {plan.tune_epochs} epochs per "
              f"method ({plan.tune * plan.tune_epochs} epochs at most), {s.sampler.type} sampler seed {s.sampler.seed}, "
              f"{scheduler}, on {s.metric}; then {plan.base.train.epochs} epochs per seed.", "",

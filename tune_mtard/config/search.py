@@ -11,6 +11,7 @@ from tune_mtard.config.rules import check_attack_names, require
 from tune_mtard.errors import ConfigError
 from tune_mtard.metrics import EPOCH_METRICS
 from tune_mtard.search.samplers import samplers
+from tune_mtard.search.schedulers import SCHEDULERS
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Resources:
 
 @dataclass
 class SchedulerConfig:
-    type: str = "asha"  # asha | fifo
+    type: str = "asha"  # a name of tune_mtard.search.schedulers (asha, fifo)
     grace_period: int = 10
     reduction_factor: float = 3
 
@@ -95,7 +96,8 @@ class SearchConfig:
         require(self.resources.cpu > 0, "search.resources.cpu", "must be > 0")
         require(self.resources.gpu >= 0, "search.resources.gpu", "must be >= 0")
         s = self.scheduler
-        require(s.type in ("asha", "fifo"), "search.scheduler.type", f"must be asha or fifo, got {s.type!r}")
+        require(s.type in SCHEDULERS, "search.scheduler.type",
+                f"must be one of {', '.join(SCHEDULERS.names())}, got {s.type!r}")
         require(s.grace_period >= 1, "search.scheduler.grace_period", "must be >= 1")
         require(s.reduction_factor > 1, "search.scheduler.reduction_factor", "must be > 1")
         self.check_sampler()

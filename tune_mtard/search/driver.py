@@ -33,6 +33,7 @@ from tune_mtard.search.compat import largest_node, unreachable_ray_address
 from tune_mtard.search.confirm import confirm_tuner
 from tune_mtard.search.lock import SearchLock, refuse_if_running
 from tune_mtard.search.outcome import Outcome, conclude, interrupted
+from tune_mtard.search.schedulers import build_scheduler, check_first_rung, fit_to_epochs
 from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
 
@@ -79,17 +80,12 @@ def search_config(request: SearchRequest) -> Config:
     if cfg.search is None or not cfg.space:
         raise ConfigError("--space", f"{request.space} has no space section: it is a run config (use tune_mtard.train)")
     if request.max_epochs is not None and request.max_epochs < cfg.train.epochs:
-        shrunk: dict[str, Any] = {"train.epochs": request.max_epochs}  # milestones are fractions: they scale
-        grace = cfg.search.scheduler.grace_period
-        if grace > request.max_epochs:
-            shrunk["search.scheduler.grace_period"] = request.max_epochs
-            print(f"--max-epochs {request.max_epochs}: ASHA's grace_period {grace} lowered to {request.max_epochs}")
-        cfg = cfg.with_values(shrunk)
-    scheduler = cfg.search.scheduler
-    if scheduler.type == "asha" and scheduler.grace_period > cfg.train.epochs:
-        raise ConfigError("search.scheduler.grace_period", f"({scheduler.grace_period}) must be <= train.epochs "
-                                                           f"({cfg.train.epochs}): ASHA's first rung must be an "
-                                                           "epoch a trial reaches")
+        fitted, note = fit_to_epochs(cfg.search.scheduler, request.max_epochs, "--max-epochs")
+        if note:
+            print(note)
+        cfg = cfg.with_values({"train.epochs": request.max_epochs,  # milestones are fractions: they scale
+                               **{f"search.scheduler.{key}": value for key, value in fitted.items()}})
+    check_first_rung(cfg.search.scheduler, cfg.train.epochs)
     if "://" in cfg.search.storage:
         raise ConfigError("search.storage", f"{cfg.search.storage}: cloud URIs are not supported; use a folder "
                                             "every node mounts at the same path")
@@ -291,7 +287,6 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     pass subclasses of the last two that time them)."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     # ray and optuna load at import of these: only a running search needs them
@@ -316,11 +311,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
         study_name=cfg.name, storage=storage, points_to_evaluate=[point], full_epochs=cfg.train.epochs,
     )
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
-    if s.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.scheduler.grace_period,
-                                  reduction_factor=s.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = build_scheduler(s.scheduler, max_t=cfg.train.epochs)
     recorder = (recorder_class or MlflowTrialRecorder)(cfg.mlflow.tracking_uri, experiment_id, parent_run_id,
                                                        cfg.train.epochs, cfg.name)
     # Reused actors spare each trial a fresh worker process (and its torch import); a trial's state is
