@@ -232,6 +232,23 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
     assert parse_methods("clean-ce-twice,b-mtard") == ["clean-ce-twice", "b-mtard"]
 
 
+def test_an_attack_is_one_decorated_factory_with_its_table_title(tiny_config, monkeypatch):
+    """Registered, it is valid in ``eval.final_attacks`` and the comparison table titles its columns."""
+    import tune_mtard.attacks as attacks
+    from tune_mtard.comparison import column_titles
+
+    monkeypatch.setattr(attacks.ATTACKS, "_entries", dict(attacks.ATTACKS._entries))
+    monkeypatch.setattr(attacks, "_TITLES", dict(attacks._TITLES))
+
+    @attacks.register_attack("pgd50", title="PGD-50")
+    def _pgd50(model, *, epsilon, pgd_step_size, **_):
+        return attacks.PGD(model, epsilon, pgd_step_size, 50, random_start=True)
+
+    cfg = tiny_config.with_values({"eval.final_attacks": ["clean", "pgd50"]})
+    assert cfg.eval.final_attacks == ["clean", "pgd50"]
+    assert column_titles(["clean", "pgd50"]) == ["Clean", "PGD-50", "W-Robust (PGD-50)"]
+
+
 def test_a_scheduler_added_in_a_new_file_as_docs_search_md_shows_is_accepted_with_no_other_file_touched():
     """docs/search.md, "Schedulers": the recipe's file, alone, makes ``search.scheduler.type: median`` valid,
     built by the search, and lowered by ``--max-epochs``; before it exists the name is a ConfigError."""

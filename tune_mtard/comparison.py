@@ -23,7 +23,7 @@ from typing import Any, Collection, Sequence
 import torch.nn as nn
 
 from tune_mtard import files, tracking
-from tune_mtard.attacks import ATTACKS
+from tune_mtard.attacks import ATTACKS, attack_title
 from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
 from tune_mtard.data import DataBundle, load_data
 from tune_mtard.errors import ConfigError, RunFailed
@@ -39,9 +39,6 @@ from tune_mtard.metrics import (
 from tune_mtard.perf import resolve_device
 from tune_mtard.pipeline import new_trainer, run_pipeline
 from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
-
-ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf", "aa": "AutoAttack",
-                 "square": "Square"}
 
 FINISHED, FAILED = "FINISHED", "FAILED"
 
@@ -144,8 +141,8 @@ def metric_keys(attacks: Sequence[str]) -> list[str]:
 
 def column_titles(attacks: Sequence[str]) -> list[str]:
     robust = [a for a in attacks if a != "clean"]
-    return (["Clean"] + [ATTACK_TITLES[a] for a in robust]
-            + [f"W-Robust ({ATTACK_TITLES[a]})" for a in robust])
+    return (["Clean"] + [attack_title(a) for a in robust]
+            + [f"W-Robust ({attack_title(a)})" for a in robust])
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
