@@ -313,7 +313,7 @@ def compare(request: CompareRequest) -> int:
     (``--tune`` is :func:`tune_mtard.tuning.compare_tuned`)."""
     base, methods, seeds, configs, out = plan(request)
     attacks = final_attacks(base)
-    data = load_data(base.data.dataset, base.data.root, base.data.download, base.data.val_fraction, base.seed)
+    data = load_data(base)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / files.RUN_CONFIG).write_text(to_yaml(base))

@@ -279,7 +279,7 @@ def evaluate(args: EvaluateRequest) -> int:
     """The ``evaluate`` command: every attack on the first N examples of the split; prints a table, writes JSON."""
     request = build_request(args)
     cfg = request.cfg
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data(cfg)
     device = resolve_device(cfg.device)
     model = load_model(request.arch, request.checkpoint, data, "--arch").to(device)
     source = None

@@ -85,7 +85,7 @@ def train(request: TrainRequest) -> dict[str, Any]:
 
     if cfg.perf.threads:
         torch.set_num_threads(cfg.perf.threads)
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data(cfg)
     device = resolve_device(cfg.device)
     teachers = prepare_teachers(cfg, data, device, progress=p.progress)
     for line in teachers.describe() + teachers.warnings():

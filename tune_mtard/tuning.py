@@ -45,8 +45,9 @@ from tune_mtard.config.space import method_search_base
 from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError, Interrupted
 from tune_mtard.perf import resolve_device
-from tune_mtard.search import interrupts
-from tune_mtard.search.driver import check_experiment, check_local_resources, run_search, started
+from tune_mtard.search import driver, interrupts
+from tune_mtard.search.driver import check_experiment, check_local_resources, started
+from tune_mtard.search.local_ray import ray_session
 from tune_mtard.search.lock import SearchLock, refuse_if_running
 from tune_mtard.search.schedulers import describe_scheduler, fit_to_epochs
 from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
@@ -225,7 +226,7 @@ def _run(plan: TunedPlan) -> int:
     base, out = plan.base, plan.out
     for note in plan.notes:
         print(note, flush=True)
-    data = load_data(base.data.dataset, base.data.root, base.data.download, base.data.val_fraction, base.seed)
+    data = load_data(base)
     state_file = out / files.TUNED_STATE
     with SearchLock(out, "--resume" if plan.resume else "--out"):
         if plan.resume:
@@ -290,15 +291,9 @@ def search_status(folder: Path) -> str:
 def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, parent) -> dict[str, SearchOutcome]:
     """Each method's search, one after the other, on one local Ray (unless one is running already); a search
     that ended before is not run again. Links each search's parent run to the comparison's parent run."""
-    import ray
-
     todo = [m for m in plan.methods if search_status(plan.folder(m)) not in DONE]
-    ray_started_here = bool(todo) and not ray.is_initialized()
-    if ray_started_here:  # a local Ray of our own, whatever address file a past `ray start` left behind
-        ray.init(address="local", include_dashboard=False, logging_level="warning", log_to_driver=False,
-                 configure_logging=True)
     outcomes = {}
-    try:
+    with ray_session(needed=bool(todo)):
         for i, method in enumerate(plan.methods, start=1):
             cfg, folder = plan.searches[method], plan.folder(method)
             status = search_status(folder)
@@ -309,7 +304,7 @@ def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, paren
                       f"{plan.tune} trials of {plan.tune_epochs} epochs over {', '.join(cfg.space)}", flush=True)
                 start = time.perf_counter()
                 try:
-                    run_search(cfg, resume=status != "new", quiet=True)
+                    driver.run_search(cfg, resume=status != "new", quiet=True)
                 finally:
                     state["searches"][method]["wall_time_s"] += time.perf_counter() - start
                     state_file.write_text(json.dumps(state, indent=2))
@@ -318,9 +313,6 @@ def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, paren
                              f"tune.{method}.search_experiment": cfg.mlflow.experiment,
                              f"tune.{method}.search_status": outcomes[method].status,
                              f"tune.{method}.search_dir": str(folder)})
-    finally:
-        if ray_started_here:
-            ray.shutdown()
     return outcomes
 
 

@@ -24,6 +24,7 @@ from tune_mtard.data import DataBundle, load_data
 from tune_mtard.engine import Trainer
 from tune_mtard.errors import ConfigError
 from tune_mtard.perf import resolve_device
+from tune_mtard.search.local_ray import ray_session
 
 
 def _timed_trial(sampled: dict[str, Any], *, base: Config, data: DataBundle,
@@ -129,14 +130,12 @@ def _ray_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dic
 
 
 def bench_platform(cfg: Config, epochs: int, repeats: int) -> dict[str, Any]:
-    import ray
-
     if cfg.search is None:
         raise ConfigError("--config", "platform needs a search space file (its search.resources)")
     cfg = cfg.with_values({"train.epochs": epochs, "search.num_samples": 1, "search.scheduler.type": "fifo",
                            "search.sampler.n_startup_trials": 1})
     device = resolve_device(cfg.device)
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data(cfg)
     teachers = {role: (getattr(cfg.teachers, role).arch, model.state_dict())
                 for role, model in random_teachers(cfg, data).items()}
     threads = max(1, int(cfg.search.resources.cpu))
@@ -144,10 +143,8 @@ def bench_platform(cfg: Config, epochs: int, repeats: int) -> dict[str, Any]:
     runs = []
     with tempfile.TemporaryDirectory(prefix="tune-mtard-bench-") as tmp:
         start = time.perf_counter()
-        ray.init(address="local", include_dashboard=False, logging_level="warning", log_to_driver=False,
-                 configure_logging=True)
-        ray_startup = time.perf_counter() - start
-        try:
+        with ray_session():
+            ray_startup = time.perf_counter() - start
             for i in range(repeats):
                 trial_cfg = cfg.with_values({"search.storage": str(Path(tmp) / "tune"), "name": f"bench-platform-{i}",
                                              "mlflow.tracking_uri": f"sqlite:///{Path(tmp) / 'mlflow.db'}",
@@ -159,8 +156,6 @@ def bench_platform(cfg: Config, epochs: int, repeats: int) -> dict[str, Any]:
                 if i % 2 == 1:
                     bare = _bare_run(cfg.run_config(), data, teachers, threads)
                 runs.append(dict(trial, **bare))
-        finally:
-            ray.shutdown()
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in runs)

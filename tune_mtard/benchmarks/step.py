@@ -53,7 +53,7 @@ def bench_step(cfg: Config, batch_size: int | None, repeats: int, window_s: floa
         cfg = cfg.with_values({"data.batch_size": batch_size})
     device = resolve_device(cfg.device)
     if data is None:
-        data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+        data = load_data(cfg)
     x, y = first_batch(data, cfg.data.batch_size, device)
 
     teachers = random_teachers(cfg, data)

@@ -115,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch_size is not None:
             cfg = cfg.with_values({"data.batch_size": args.batch_size})
         _set_threads(args.threads, cfg)
-        d = cfg.data
-        data = load_data(d.dataset, d.root, d.download, d.val_fraction, cfg.seed)
+        data = load_data(cfg)
         if args.train_examples is not None:
             data = dataclasses.replace(data, train=data.train.head(args.train_examples))
         result = bench_epoch(cfg, data, args.epochs, args.warmup_epochs)

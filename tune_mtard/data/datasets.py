@@ -28,6 +28,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ import torch.nn.functional as F
 from tune_mtard.data.splits import DataBundle, Split, carve_validation, generator_for, stratified_holdout, subset
 from tune_mtard.errors import ConfigError
 from tune_mtard.registry import Registry
+
+if TYPE_CHECKING:
+    from tune_mtard.config import Config
 
 Loader = Callable[[Path, bool, int], "tuple[Split, Split]"]
 
@@ -82,12 +86,13 @@ TINY_IMAGENET_CACHE = "tensors.pt"
 TINY_IMAGENET_SIZE = 64
 
 
-def load_data(dataset: str, root: str | Path = "./data", download: bool = False, val_fraction: float = 0.1,
+def load_data(dataset: str | Config, root: str | Path = "./data", download: bool = False, val_fraction: float = 0.1,
               seed: int = 0) -> DataBundle:
     """Load a dataset into memory (on the CPU) and split it into train, validation and test.
 
     Args:
-        dataset: its registry name (``data.dataset``), e.g. ``"cifar10"``.
+        dataset: its registry name (``data.dataset``), e.g. ``"cifar10"``; or a run config, whose ``data.*``
+            and ``seed`` then give every argument (``load_data(cfg)``, what every command calls).
         root: folder holding the dataset files (unused by ``digits`` and ``synthetic``).
         download: let torchvision download cifar10/cifar100/svhn when their files are missing.
         val_fraction: fraction of the training split held out as validation, in [0, 1); any
@@ -98,6 +103,9 @@ def load_data(dataset: str, root: str | Path = "./data", download: bool = False,
         ConfigError: unknown dataset (key ``data.dataset``), bad ``val_fraction``
             (``data.val_fraction``), or dataset files missing or unreadable (``data.root``).
     """
+    if not isinstance(dataset, str):
+        d = dataset.data
+        return load_data(d.dataset, d.root, d.download, d.val_fraction, dataset.seed)
     if dataset not in DATASETS:
         raise ConfigError("data.dataset", f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if not 0 <= val_fraction < 1:

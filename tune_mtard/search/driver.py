@@ -31,6 +31,7 @@ from tune_mtard.perf import resolve_device
 from tune_mtard.search import compat, interrupts
 from tune_mtard.search.compat import largest_node, unreachable_ray_address
 from tune_mtard.search.confirm import confirm_tuner
+from tune_mtard.search.local_ray import ray_session
 from tune_mtard.search.lock import SearchLock, refuse_if_running
 from tune_mtard.search.outcome import Outcome, conclude, interrupted
 from tune_mtard.search.schedulers import build_scheduler, check_first_rung, fit_to_epochs
@@ -161,18 +162,13 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     assert cfg.search is not None and cfg.space is not None
     folder = experiment_dir(cfg)
     start = time.perf_counter()
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data(cfg)
     roles = roles_for(searched_methods(cfg))
     check_teacher_files(cfg.run_config(), roles)
     resolve_device(cfg.device)  # the driver prepares the teachers there
-    ray_started_here = not ray.is_initialized()
-    if ray_started_here and address is None:
+    if address is None and not ray.is_initialized():
         check_local_resources(cfg)  # before Ray starts: a local Ray has this machine's CPUs and GPUs
-    if ray_started_here:
-        # Without --address, a local Ray of our own, whatever address file a past `ray start` left behind.
-        ray.init(address=address or "local", include_dashboard=False, logging_level="warning",
-                 log_to_driver=not quiet, configure_logging=True)
-    try:
+    with ray_session(address, log_to_driver=not quiet):
         check_resources(cfg)
         with SearchLock(folder, "--resume" if resume else "name") as lock:
             check_experiment(cfg, resume)  # again, under the lock: another driver may have started it
@@ -182,9 +178,6 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
                 if not resume and not started(folder):  # failed in its own setup: the name stays usable
                     _remove_setup(folder, lock.created_folder)
                 raise
-    finally:
-        if ray_started_here:
-            ray.shutdown()
 
 
 def check_resources(cfg: Config) -> None:

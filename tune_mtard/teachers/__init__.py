@@ -254,7 +254,7 @@ def train_missing(request: TeachersRequest) -> list[TeacherReport]:
         if role not in ROLES:
             raise ConfigError("--roles", f"unknown role {role!r} (valid: {', '.join(ROLES)})")
     cfg = load_config(request.config, request.overrides, check_files=False).run_config()
-    data = load_data(cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction, cfg.seed)
+    data = load_data(cfg)
     device = resolve_device(cfg.device)
     teachers = prepare_teachers(cfg, data, device, progress=request.progress, roles=roles, train_missing=True)
     reports = []
