@@ -213,7 +213,7 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
     import torch.nn.functional as F
 
     from tune_mtard.engine import Trainer
-    from tune_mtard.methods import METHODS, Objective, register_method, trace_row
+    from tune_mtard.methods import METHODS, Objective, register_method
 
     monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
 
@@ -221,7 +221,7 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
     class CleanTwice(Objective):
         def step(self, x, y):
             loss_nat = 2 * F.cross_entropy(self.student(x).float(), y)
-            return loss_nat, trace_row(x.device, loss_nat=loss_nat, w_adv=0.0, w_nat=1.0)
+            return loss_nat, self.trace(x.device, loss_nat=loss_nat, w_adv=0.0, w_nat=1.0)
 
     cfg = tiny_config.with_values({"method": "clean-ce-twice", "train.epochs": 1})
     history = Trainer(cfg, tiny_digits).fit()

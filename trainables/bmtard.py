@@ -8,7 +8,6 @@ after every validation epoch, ``tune.report`` the metrics with a checkpoint of t
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from tune_mtard.engine import Trainer
 from tune_mtard.errors import Diverged
 from tune_mtard.models import create_model, save_checkpoint
 from tune_mtard.search import compat
-from tune_mtard.search.trials import read_divergence
+from tune_mtard.search.trials import read_divergence, write_divergence
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def _record_divergence(trainer: Trainer, error: Diverged) -> None:
     record = _divergence_record()
     record.parent.mkdir(parents=True, exist_ok=True)
     trainer.write_trace(record.parent / files.TRACE_CSV)
-    record.write_text(json.dumps({"step": error.step, "epoch": error.epoch}))
+    write_divergence(record.parent, error)
 
 
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,

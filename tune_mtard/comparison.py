@@ -60,7 +60,7 @@ class CompareRequest:
 
 
 @dataclass
-class RunResult:
+class SeedRun:
     """One (method, seed) run: its status, its final metrics (fractions) and its MLflow run."""
 
     method: str
@@ -91,7 +91,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_attacks(text: str) -> list[str]:
+def parse_attack_names(text: str) -> list[str]:
     return _parse_names(text, "--attacks", "attack", ATTACKS.names())
 
 
@@ -151,7 +151,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(results: Sequence[RunResult], methods: Sequence[str]) -> list[dict[str, Any]]:
+def summarize(results: Sequence[SeedRun], methods: Sequence[str]) -> list[dict[str, Any]]:
     """Per method: the number of finished and failed seeds, and mean/std of every final metric."""
     rows = []
     for method in methods:
@@ -205,7 +205,7 @@ def _percent(mean: float, std: float, with_std: bool) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if with_std else f"{100 * mean:.2f}"
 
 
-def write_results(out: Path, results: Sequence[RunResult], summary: Sequence[dict[str, Any]], table: str) -> list[Path]:
+def write_results(out: Path, results: Sequence[SeedRun], summary: Sequence[dict[str, Any]], table: str) -> list[Path]:
     """``comparison.csv`` (one row per run), ``comparison_summary.csv`` and ``comparison.md``."""
     per_run = out / files.COMPARISON_CSV
     metric_names = list(dict.fromkeys(k for r in results for k in r.metrics))
@@ -219,14 +219,14 @@ def write_results(out: Path, results: Sequence[RunResult], summary: Sequence[dic
     return [per_run, summary_path, markdown]
 
 
-def read_results(path: Path) -> list[RunResult]:
+def read_results(path: Path) -> list[SeedRun]:
     """The runs a ``comparison.csv`` holds (what a resumed comparison does not run again)."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     fixed = ("method", "seed", "status", "mlflow_run_id", "error")
-    return [RunResult(row["method"], int(row["seed"]), row["status"],
+    return [SeedRun(row["method"], int(row["seed"]), row["status"],
                       {k: float(v) for k, v in row.items() if k not in fixed and v != ""}, row["mlflow_run_id"],
                       row["error"]) for row in rows]
 
@@ -248,7 +248,7 @@ def _error_line(exc: Exception) -> str:
 
 
 def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dict[str, nn.Module], out: Path,
-            client, experiment: str, parent_id: str, data_seed: int, tags: dict[str, str] | None = None) -> RunResult:
+            client, experiment: str, parent_id: str, data_seed: int, tags: dict[str, str] | None = None) -> SeedRun:
     """One (method, seed) through the run pipeline, as a child run of the comparison (with ``tags`` too); a
     failure is recorded (FAILED, with its error as a tag), not raised; an interrupt ends it KILLED and propagates."""
     run_dir = out / method / f"seed{seed}"
@@ -275,11 +275,12 @@ def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dic
     except Exception as exc:  # one failed method must not cost the others their results
         if not isinstance(exc, RunFailed):  # a crash: its traceback; a divergence says all in its line
             traceback.print_exc()
-        return RunResult(method, seed, FAILED, run_id=run_id, error=_error_line(exc))
-    return RunResult(method, seed, FINISHED, result.metrics, run_id)
+        return SeedRun(method, seed, FAILED, run_id=run_id, error=_error_line(exc))
+    return SeedRun(method, seed, FINISHED, result.metrics, run_id)
 
 
-def plan(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tuple[str, int], Config], Path]:
+def plan_comparison(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tuple[str, int], Config],
+                                                      Path]:
     """Everything checked before anything runs, is written or is logged: the base config, methods, seeds,
     each run's config and the output folder."""
     for flag, given in (("--tune-epochs", request.tune_epochs is not None), ("--resume", request.resume)):
@@ -302,7 +303,7 @@ def base_config(request: CompareRequest) -> Config:
     the comparison's base config (its ``search`` and ``spaces`` sections serve ``--tune``)."""
     base = load_config(request.config, request.overrides, check_files=False)
     if request.attacks is not None:
-        base = base.with_values({"eval.final_attacks": parse_attacks(request.attacks)})
+        base = base.with_values({"eval.final_attacks": parse_attack_names(request.attacks)})
     if request.tracking_uri:
         base.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
     return base
@@ -311,7 +312,7 @@ def base_config(request: CompareRequest) -> Config:
 def compare(request: CompareRequest) -> int:
     """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records
     (``--tune`` is :func:`tune_mtard.tuning.compare_tuned`)."""
-    base, methods, seeds, configs, out = plan(request)
+    base, methods, seeds, configs, out = plan_comparison(request)
     attacks = final_attacks(base)
     data = load_data(base)
 
@@ -332,7 +333,7 @@ def compare(request: CompareRequest) -> int:
             print(line, flush=True)
         n_test = min(base.eval.final_n_examples or len(data.test), len(data.test))
 
-        def tabulate(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], str]:
+        def tabulate(results: Sequence[SeedRun]) -> tuple[list[dict[str, Any]], str]:
             summary = summarize(results, [m for m in methods if any(r.method == m for r in results)])
             return summary, markdown_table(summary, attacks, seeds, n_test, base.attack.epsilon, base.eval.clean_weight)
 
@@ -356,7 +357,7 @@ def comparison_params(base: Config, methods: Sequence[str], seeds: Sequence[int]
 
 def run_seeds(configs: dict[tuple[str, int], Config], data: DataBundle, teachers: dict[str, nn.Module], out: Path,
               parent, experiment: str, data_seed: int, attacks: Sequence[str], tabulate,
-              done: Sequence[RunResult] = (), tags: dict[str, dict[str, str]] | None = None) -> list[RunResult]:
+              done: Sequence[SeedRun] = (), tags: dict[str, dict[str, str]] | None = None) -> list[SeedRun]:
     """Every (method, seed) of ``configs`` that ``done`` lacks, in order, through :func:`run_one`; the tables
     (``tabulate(results)`` -> summary rows and markdown) are rewritten after every run, so a comparison cut
     short keeps its rows. ``tags`` adds tags to each method's runs."""
@@ -377,8 +378,8 @@ def run_seeds(configs: dict[tuple[str, int], Config], data: DataBundle, teachers
     return results
 
 
-def record_comparison(parent, base: Config, out: Path, results: Sequence[RunResult],
-                      summary: Sequence[dict[str, Any]], table: str) -> list[RunResult]:
+def record_comparison(parent, base: Config, out: Path, results: Sequence[SeedRun],
+                      summary: Sequence[dict[str, Any]], table: str) -> list[SeedRun]:
     """The tables (files and parent run), the per-method means as metrics; prints the table and how to see the
     runs in the MLflow UI. Returns the failed runs (the parent run is then FAILED)."""
     written = write_results(out, results, summary, table)
@@ -393,7 +394,7 @@ def record_comparison(parent, base: Config, out: Path, results: Sequence[RunResu
     return failed
 
 
-def report_failures(failed: Sequence[RunResult], n_runs: int) -> int:
+def report_failures(failed: Sequence[SeedRun], n_runs: int) -> int:
     """Exit code 1, with one line naming each failed run, when some run failed; else 0."""
     if failed:
         print(f"{len(failed)} of {n_runs} runs failed: "

@@ -82,7 +82,7 @@ class Request:
 
 
 @dataclass
-class Outcome:
+class AttackResult:
     """One attack's result: accuracy in [0, 1], wall time, and AutoAttack's per-stage accuracies and notes."""
 
     name: str
@@ -214,7 +214,7 @@ def build_attacks(request: Request, model: nn.Module, source: nn.Module | None, 
 
 
 def run_attack(name: str, attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               request: Request) -> Outcome:
+               request: Request) -> AttackResult:
     """Accuracy of ``model`` on all of ``x`` under ``attack``, from the config's seed (so each attack's result
     does not depend on which others ran)."""
     notes: list[str] = list(getattr(attack, "notes", []))
@@ -225,10 +225,11 @@ def run_attack(name: str, attack: Attack, model: nn.Module, x: torch.Tensor, y: 
         accuracy = robust_accuracy(model, attack, x, y, request.batch_size, request.progress, desc=name)
     seconds = time.perf_counter() - start
     stages = dict(getattr(attack, "per_attack_accuracy", {}))
-    return Outcome(name, accuracy, seconds, stages, notes)
+    return AttackResult(name, accuracy, seconds, stages, notes)
 
 
-def results_json(request: Request, n: int, outcomes: list[Outcome], notes: list[str], device: torch.device) -> dict:
+def results_json(request: Request, n: int, outcomes: list[AttackResult], notes: list[str],
+                 device: torch.device) -> dict:
     """The JSON record: the setting, then per attack ``<name>_acc``, ``w_robust_acc_<name>``, stages,
     ``seconds_<name>``."""
     cfg = request.cfg
@@ -262,7 +263,7 @@ def results_json(request: Request, n: int, outcomes: list[Outcome], notes: list[
     return record
 
 
-def format_table(record: dict, outcomes: list[Outcome]) -> str:
+def format_table(record: dict, outcomes: list[AttackResult]) -> str:
     lines = [f"{'attack':<16} {'accuracy':>9} {'W-Robust Acc':>13} {'time':>9}"]
     for outcome in outcomes:
         w = record.get(f"w_robust_acc_{outcome.name}")

@@ -87,7 +87,7 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
     except BaseException as error:
         trainer.write_trace(out / files.TRACE_CSV)  # the steps done so far are never lost
         if run is not None and isinstance(error, Diverged):
-            run.set_tags(divergence_tags(error))
+            run.set_tags(error.tags())
             run.log_artifacts([out / files.TRACE_CSV])
         raise
     trainer.write_trace(out / files.TRACE_CSV)
@@ -102,11 +102,6 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
                                                    files.METRICS_JSON)])
         run.log_artifacts([out / files.STUDENT], "model")
     return RunResult(metrics, trainer, out)
-
-
-def divergence_tags(error: Diverged) -> dict[str, int]:
-    """The tags a diverged run carries: where its loss or balancer state stopped being finite."""
-    return {"diverged_step": error.step, "diverged_epoch": error.epoch}
 
 
 def _log_missing_epochs(run: RunHandle, history: list[dict[str, float]]) -> None:

@@ -52,7 +52,7 @@ class TrainPlan:
     progress: bool
 
 
-def plan(request: TrainRequest) -> TrainPlan:
+def plan_training(request: TrainRequest) -> TrainPlan:
     """Check everything the run needs before anything is written or logged; ConfigError (exit 2) otherwise."""
     if request.register is not None:
         check_model_name(request.register, "--register")
@@ -80,7 +80,7 @@ def plan(request: TrainRequest) -> TrainPlan:
 
 def train(request: TrainRequest) -> dict[str, Any]:
     """The ``train`` command: one run through the pipeline, recorded as one MLflow run; its final metrics."""
-    p = plan(request)
+    p = plan_training(request)
     cfg, out = p.cfg, p.out
 
     if cfg.perf.threads:

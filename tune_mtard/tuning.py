@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from tune_mtard import files, tracking
 from tune_mtard.comparison import (
     CompareRequest,
-    RunResult,
+    SeedRun,
     base_config,
     comparison_params,
     final_attacks,
@@ -98,7 +98,7 @@ class TunedPlan:
 
 
 @dataclass
-class SearchOutcome:
+class MethodSearch:
     """How one method's search ended, what it found and what it spent."""
 
     method: str
@@ -259,7 +259,7 @@ def _run(plan: TunedPlan) -> int:
             configs = final_configs(plan, outcomes)
             n_test = min(base.eval.final_n_examples or len(data.test), len(data.test))
 
-            def tabulate(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], str]:
+            def tabulate(results: Sequence[SeedRun]) -> tuple[list[dict[str, Any]], str]:
                 return tuned_table(plan, outcomes, results, n_test)
 
             done = read_results(out / files.COMPARISON_CSV) if plan.resume else []
@@ -288,7 +288,7 @@ def search_status(folder: Path) -> str:
     return "interrupted" if started(folder) else "new"
 
 
-def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, parent) -> dict[str, SearchOutcome]:
+def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, parent) -> dict[str, MethodSearch]:
     """Each method's search, one after the other, on one local Ray (unless one is running already); a search
     that ended before is not run again. Links each search's parent run to the comparison's parent run."""
     todo = [m for m in plan.methods if search_status(plan.folder(m)) not in DONE]
@@ -316,18 +316,18 @@ def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, paren
     return outcomes
 
 
-def read_outcome(method: str, cfg: Config, folder: Path, wall_time_s: float) -> SearchOutcome:
+def read_outcome(method: str, cfg: Config, folder: Path, wall_time_s: float) -> MethodSearch:
     """A search's outcome from its folder: ``summary.json``, the parent run id and ``best_config.yaml``."""
     summary = json.loads((folder / files.SUMMARY_JSON).read_text())
     best = None
     if summary["status"] == "finished":
         best = load_config(folder / files.BEST_CONFIG, check_files=False)
         check_teacher_files(best, roles_for([best.method]))  # the pinned teachers are the comparison's
-    return SearchOutcome(method, cfg, summary["status"], summary, (folder / files.PARENT_RUN_ID).read_text().strip(),
+    return MethodSearch(method, cfg, summary["status"], summary, (folder / files.PARENT_RUN_ID).read_text().strip(),
                          wall_time_s or summary.get("wall_time_s", 0.0), best)
 
 
-def final_configs(plan: TunedPlan, outcomes: dict[str, SearchOutcome]) -> dict[tuple[str, int], Config]:
+def final_configs(plan: TunedPlan, outcomes: dict[str, MethodSearch]) -> dict[tuple[str, int], Config]:
     """Each method's best config on every seed, seed by seed: the seed changed, ``train.epochs`` the base
     config's (the search may have run shorter), ``name`` and ``mlflow.*`` the comparison's."""
     base = plan.base
@@ -347,7 +347,7 @@ def _delete_killed_runs(client, experiment: str, parent_run_id: str) -> None:
 # ---------------------------------------------------------------------------------------- the table
 
 
-def tuned_table(plan: TunedPlan, outcomes: dict[str, SearchOutcome], results: Sequence[RunResult],
+def tuned_table(plan: TunedPlan, outcomes: dict[str, MethodSearch], results: Sequence[SeedRun],
                 n_test: int) -> tuple[list[dict[str, Any]], str]:
     """The summary rows (each with its search's budget and tuned values) and the markdown of a tuned comparison:
     the test table with the tuned values and the budget next to each method, and a line when ASHA spent
@@ -387,7 +387,7 @@ def tuned_text(values: dict[str, Any]) -> str:
                      for name, value in zip(names, values.values(), strict=True))
 
 
-def budget_difference(outcomes: dict[str, SearchOutcome]) -> str:
+def budget_difference(outcomes: dict[str, MethodSearch]) -> str:
     """A line saying how many epochs each search spent, when they differ (ASHA stopped more of some methods'
     trials); empty when every method spent the same."""
     spent = {m: o.budget()["search_epochs_spent"] for m, o in outcomes.items()}

@@ -33,7 +33,7 @@ from tune_mtard.search.compat import largest_node, unreachable_ray_address
 from tune_mtard.search.confirm import confirm_tuner
 from tune_mtard.search.local_ray import ray_session
 from tune_mtard.search.lock import SearchLock, refuse_if_running
-from tune_mtard.search.outcome import Outcome, conclude, interrupted
+from tune_mtard.search.outcome import SearchOutcome, conclude, interrupted
 from tune_mtard.search.schedulers import build_scheduler, check_first_rung, fit_to_epochs
 from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
@@ -209,7 +209,7 @@ def _remove_setup(folder: Path, created_folder: bool) -> None:
 
 
 def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume: bool, quiet: bool,
-                start: float) -> Outcome:
+                start: float) -> SearchOutcome:
     from ray import tune
 
     # ray and optuna load at import of these: only a running search needs them

@@ -29,7 +29,7 @@ Rerun = Callable[[list[dict[str, Any]]], Any]  # runs the confirmation trials; N
 
 
 @dataclass
-class Outcome:
+class SearchOutcome:
     """How a search ended: ``finished``, ``no_usable_trial`` or ``interrupted``, with its summary."""
 
     status: str
@@ -43,7 +43,7 @@ def reproducible_values(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
     return {**sampled, "perf.threads": threads}
 
 
-def interrupted(cfg: Config, folder: Path, parent, start: float) -> Outcome:
+def interrupted(cfg: Config, folder: Path, parent, start: float) -> SearchOutcome:
     """Tune saved the interrupted trials as unfinished (resumable) and Optuna keeps them RUNNING for
     ``--resume``; their child runs and the parent run end KILLED."""
     # ray and optuna load at import of these: only a running search needs them
@@ -55,10 +55,10 @@ def interrupted(cfg: Config, folder: Path, parent, start: float) -> Outcome:
     summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted")
     parent.set_tags({"search_status": "interrupted"})
     analyze(cfg, folder, trials, parent)
-    return Outcome("interrupted", summary, 130)
+    return SearchOutcome("interrupted", summary, 130)
 
 
-def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: float, rerun: Rerun) -> Outcome:
+def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: float, rerun: Rerun) -> SearchOutcome:
     """Pick and record the outcome: the best or confirmed trial's config (teachers pinned) and registered
     student, the parent run's records, the summary."""
     # ray and optuna load at import of these: only a running search needs them
@@ -75,7 +75,7 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
     confirmation = None
     if best is not None and s.confirm.top_k > 0:
-        confirmation = confirm(cfg, folder, trials, parent, rerun)
+        confirmation = confirm_top_trials(cfg, folder, trials, parent, rerun)
         if confirmation is None:
             return interrupted(cfg, folder, parent, start)
         if confirmation["winner"] is not None:
@@ -100,10 +100,10 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
             test_metrics = next((r.metrics for r in results if r.trial_id == best.trial_id), {})
         register(cfg, best, test_metrics, best_path, data, parent)
     print_result(cfg, best, best_path, summary, folder)
-    return Outcome(status, summary, 0 if best is not None else 1)
+    return SearchOutcome(status, summary, 0 if best is not None else 1)
 
 
-def confirm(cfg: Config, folder: Path, trials, parent, rerun: Rerun) -> dict[str, Any] | None:
+def confirm_top_trials(cfg: Config, folder: Path, trials, parent, rerun: Rerun) -> dict[str, Any] | None:
     """The seed confirmation of the ``confirm.top_k`` best trials; None when a signal stopped it."""
     chosen = confirmation.candidates(cfg, trials)
     print(f"confirming the {len(chosen)} best trials on {cfg.search.confirm.seeds} more seeds each", flush=True)

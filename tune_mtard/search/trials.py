@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune_mtard.errors import Diverged
 from tune_mtard.files import DIVERGED_JSON
 from tune_mtard.metrics import EPOCH
 from tune_mtard.search.compat import quiet_experiment_analysis, trial_ids
@@ -76,14 +77,21 @@ def best_trial(trials: list[TrialSummary], metric: str, mode: str, full_epochs: 
     return ranked[0] if ranked else None
 
 
+def write_divergence(trial_dir: str | Path, error: Diverged) -> None:
+    """The record a diverged trial leaves in its folder (``diverged.json``: ``step``, ``epoch``), which
+    :func:`read_divergence` reads."""
+    (Path(trial_dir) / DIVERGED_JSON).write_text(json.dumps({"step": error.step, "epoch": error.epoch}))
+
+
 def read_divergence(trial_dir: str | Path) -> dict[str, int] | None:
-    """Where a trial diverged, from the record its trainable left in its folder (None if it did not)."""
+    """Where a trial diverged (:meth:`Diverged.tags`), from the record :func:`write_divergence` left in its
+    folder; None if it did not."""
     path = Path(trial_dir) / DIVERGED_JSON
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return {"diverged_step": int(record["step"]), "diverged_epoch": int(record["epoch"])}
+    return Diverged(int(record["step"]), int(record["epoch"])).tags()
 
 
 def failure_text(error: BaseException | None, diverged: dict[str, int] | None) -> str:
