@@ -54,8 +54,7 @@ def tiny_config(tiny_config_path):
 def tiny_digits(tiny_config):
     from tune_mtard.data import load_data
 
-    d = tiny_config.data
-    return load_data(d.dataset, d.root, d.download, d.val_fraction, tiny_config.seed)
+    return load_data(tiny_config)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # --------------------------------------------------------------------------- kuangliu/pytorch-cifar ResNet-18
 
 class KuangliuBasicBlock(nn.Module):

@@ -197,6 +197,8 @@ def test_autoattack_says_what_is_missing_when_pyautoattack_is_not_installed():
     ("tune_mtard.data:DATASETS", {"digits", "synthetic", "cifar10", "cifar100", "svhn", "tiny-imagenet",
                                   "imagefolder"}),
     ("tune_mtard.attacks:ATTACKS", {"clean", "fgsm", "pgd20", "cw", "aa", "square"}),
+    ("tune_mtard.search.samplers:SAMPLERS", {"tpe", "random", "nsga2", "gp", "cmaes"}),
+    ("tune_mtard.search.schedulers:SCHEDULERS", {"asha", "fifo"}),
     ("tune_mtard.models:MODELS", {"resnet18", "preact_resnet18", "preact_resnet18_wong", "preact_resnet18_kuangliu",
                                   "mobilenet_v2", "wrn34_10", "wrn28_10", "resnet56",
                                   "digits_cnn", "digits_cnn_large"}),
@@ -213,7 +215,7 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
     import torch.nn.functional as F
 
     from tune_mtard.engine import Trainer
-    from tune_mtard.methods import METHODS, Objective, register_method, trace_row
+    from tune_mtard.methods import METHODS, Objective, register_method
 
     monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
 
@@ -221,7 +223,7 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
     class CleanTwice(Objective):
         def step(self, x, y):
             loss_nat = 2 * F.cross_entropy(self.student(x).float(), y)
-            return loss_nat, trace_row(x.device, loss_nat=loss_nat, w_adv=0.0, w_nat=1.0)
+            return loss_nat, self.trace(x.device, loss_nat=loss_nat, w_adv=0.0, w_nat=1.0)
 
     cfg = tiny_config.with_values({"method": "clean-ce-twice", "train.epochs": 1})
     history = Trainer(cfg, tiny_digits).fit()
@@ -232,3 +234,170 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
     from tune_mtard.comparison import parse_methods
 
     assert parse_methods("clean-ce-twice,b-mtard") == ["clean-ce-twice", "b-mtard"]
+
+
+def test_an_attack_is_one_decorated_factory_with_its_table_title(tiny_config, monkeypatch):
+    """Registered, it is valid in ``eval.final_attacks`` and the comparison table titles its columns."""
+    import tune_mtard.attacks as attacks
+    from tune_mtard.comparison import column_titles
+
+    monkeypatch.setattr(attacks.ATTACKS, "_entries", dict(attacks.ATTACKS._entries))
+    monkeypatch.setattr(attacks, "_TITLES", dict(attacks._TITLES))
+
+    @attacks.register_attack("pgd50", title="PGD-50")
+    def _pgd50(model, *, epsilon, pgd_step_size, **_):
+        return attacks.PGD(model, epsilon, pgd_step_size, 50, random_start=True)
+
+    cfg = tiny_config.with_values({"eval.final_attacks": ["clean", "pgd50"]})
+    assert cfg.eval.final_attacks == ["clean", "pgd50"]
+    assert column_titles(["clean", "pgd50"]) == ["Clean", "PGD-50", "W-Robust (PGD-50)"]
+
+
+def test_a_scheduler_added_in_a_new_file_as_docs_search_md_shows_is_accepted_with_no_other_file_touched():
+    """docs/search.md, "Schedulers": the recipe's file, alone, makes ``search.scheduler.type: median`` valid,
+    built by the search, and lowered by ``--max-epochs``; before it exists the name is a ConfigError."""
+    recipe = (ROOT / "docs" / "search.md").read_text().split("**Adding a scheduler**")[1]
+    code = recipe.split("```python\n")[1].split("```")[0]
+    check = textwrap.dedent("""
+        from tune_mtard.config import load_config
+        from tune_mtard.errors import ConfigError
+        from tune_mtard.search.schedulers import build_scheduler, fit_to_epochs
+        try:
+            cfg = load_config("digits.yaml", ["search.scheduler.type=median", "search.scheduler.grace_period=4"])
+        except ConfigError as exc:
+            print("ConfigError", exc.key)
+        else:
+            print(type(build_scheduler(cfg.search.scheduler, max_t=cfg.train.epochs)).__name__)
+            print(fit_to_epochs(cfg.search.scheduler, 2, "--max-epochs")[1])
+    """)
+    before = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert before.stdout.split() == ["ConfigError", "search.scheduler.type"], before.stderr
+    new_file = PACKAGE / "search" / "schedulers" / "median.py"
+    assert not new_file.exists()
+    try:
+        new_file.write_text(code)
+        after = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    finally:
+        new_file.unlink()
+    assert after.stdout.splitlines() == ["MedianStoppingRule",
+                                         "--max-epochs 2: median stopping's grace_period 4 lowered to 2"], after.stderr
+
+
+def test_the_code_passes_ruff_with_the_projects_configuration():
+    """pyflakes, pycodestyle, isort and bugbear as pyproject.toml's [tool.ruff] selects them."""
+    pytest.importorskip("ruff")
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the import graph ------------------------------------------------------------------------------------
+
+
+def module_names(package_dirs: dict[str, Path]) -> dict[str, Path]:
+    """Dotted module name -> file, for each package folder (``{"tune_mtard": PACKAGE, ...}``)."""
+    found = {}
+    for name, folder in package_dirs.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            found[".".join([name, *(parts[:-1] if parts[-1] == "__init__" else parts)])] = path
+    return found
+
+
+def _import_statements(tree: ast.AST) -> list[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement with whether it sits in a function; ``if TYPE_CHECKING:`` bodies skipped."""
+    found, stack = [], [(tree, False)]
+    while stack:
+        node, in_function = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend((child, in_function) for child in node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append((node, in_function))
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        stack.extend((child, inner) for child in ast.iter_child_nodes(node))
+    return found
+
+
+def import_graph(names: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
+    """Module -> the project's modules it imports (relative imports resolved, ``from X import Y`` to X.Y where
+    Y is a module, and the packages above a target that an import runs); and every import inside a function."""
+    graph, in_functions = {}, []
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node, in_function in _import_statements(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                named = [alias.name for alias in node.names]
+            else:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                named = [f"{module}.{a.name}" if f"{module}.{a.name}" in names else module for a in node.names]
+            own = {n for n in named if n in names}
+            if own and in_function:
+                in_functions.append(f"{name}:{node.lineno}")
+            for target in own:
+                parts = target.split(".")
+                targets.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                               if p in names and not (name == p or name.startswith(p + ".")))
+        graph[name] = targets
+    return graph, in_functions
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) per strongly connected group of modules that import each other."""
+    cycles, done = [], set()
+    for start in sorted(graph):
+        if start in done:
+            continue
+        paths, queue = {start: [start]}, [start]
+        while queue:
+            module = queue.pop(0)
+            for target in sorted(graph[module]):
+                if target == start:
+                    cycles.append(paths[module] + [start])
+                    done.update(paths[module])
+                    queue = []
+                    break
+                if target not in paths:
+                    paths[target] = paths[module] + [target]
+                    queue.append(target)
+    return cycles
+
+
+def test_the_packages_import_graph_has_no_cycle_counting_imports_inside_functions():
+    graph, _ = import_graph(module_names({"tune_mtard": PACKAGE, "tune_mtard.trainables": ROOT / "trainables"}))
+    assert len(graph) > 50
+    cycles = import_cycles(graph)
+    assert cycles == [], "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_cycle_check_sees_imports_in_functions_relative_and_submodule_ones_but_not_type_checking(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    sources = {"__init__.py": "", "a.py": "def f():\n    from pkg.sub import b\n",
+               "sub/__init__.py": "", "sub/b.py": "from .. import c\n",
+               "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\nimport pkg.a\n",
+               "d.py": "from pkg import c\n"}
+    for file, source in sources.items():
+        (pkg / file).write_text(source)
+    graph, in_functions = import_graph(module_names({"pkg": pkg}))
+    assert graph["pkg.a"] == {"pkg.sub", "pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"}
+    assert graph["pkg.c"] == {"pkg.a"} and graph["pkg.d"] == {"pkg.c"} and in_functions == ["pkg.a:2"]
+    assert import_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
+
+
+def test_an_import_inside_a_function_says_why_it_is_there():
+    """Only a heavy optional dependency (or a command loading the library after its flags) justifies one."""
+    names = module_names({"tune_mtard": PACKAGE, "tune_mtard.trainables": ROOT / "trainables"})
+    _, in_functions = import_graph(names)
+    unexplained = []
+    for where in in_functions:
+        module, _, line = where.rpartition(":")
+        lines = names[module].read_text().splitlines()
+        above = int(line) - 2
+        while above >= 0 and lines[above].lstrip().startswith(("from ", "import ")):
+            above -= 1
+        if not lines[above].lstrip().startswith("#"):
+            unexplained.append(where)
+    assert unexplained == []

@@ -161,7 +161,7 @@ def test_cw_loss_is_the_margin_formula_without_a_data_dependent_shape():
 
     logits, labels = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 4, 2, 2, 1, 3])
     expected = -sum(max(0.0, float(row[y] - max(v for j, v in enumerate(row) if j != y) + 50.0))
-                    for row, y in zip(logits, labels))
+                    for row, y in zip(logits, labels, strict=False))
     assert float(cw_loss(logits, labels)) == pytest.approx(expected, rel=1e-6)
     assert cw_loss(logits.to("meta"), labels.to("meta")).shape == ()
 

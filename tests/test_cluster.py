@@ -18,13 +18,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from searchkit import EPOCHS, NUM_SAMPLES, SPEC_TRACE_HEADER, child_env, ray_reports, ray_trial_ids, search_args
+from services import free_port, mlflow_server, postgres_bin, postgres_server, ray_cluster_with_blind_worker, ray_env
 
 from tune_mtard.cli import search
 from tune_mtard.cli.common import run
 from tune_mtard.search import driver as search_driver
-
-from searchkit import EPOCHS, NUM_SAMPLES, SPEC_TRACE_HEADER, child_env, ray_reports, ray_trial_ids, search_args
-from services import free_port, mlflow_server, postgres_bin, postgres_server, ray_cluster_with_blind_worker, ray_env
 
 needs_postgres = pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL's initdb and pg_ctl are not "
                                     "installed (Debian: apt-get install postgresql)")

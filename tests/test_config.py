@@ -1,4 +1,5 @@
-"""Specification of tune_mtard.config: the one typed config of docs/configuration.md, parsed and validated at the edge."""
+"""Specification of tune_mtard.config: the one typed config of docs/configuration.md, parsed and validated at the
+edge."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from tune_mtard.config import (
 )
 from tune_mtard.errors import ConfigError
 
-# The product contract's config example (docs/configuration.md), verbatim: the run config whose values are the defaults, then a search space.
+# The product contract's config example (docs/configuration.md), verbatim: the run config whose values are the
+# defaults, then a search space.
 SPEC_RUN_YAML = """
 name: cifar10-bmtard
 seed: 0
@@ -358,7 +360,8 @@ def test_registered_model_names_follow_mlflows_rules():
 
     from tune_mtard.config.rules import model_name_problem
 
-    for name in ["digits-bmtard", "with space", "a.b", "ünï", "", " ", "a/b", "a:b", ".", "..", "../x", "a/../b", "./a"]:
+    for name in ["digits-bmtard", "with space", "a.b", "ünï", "", " ", "a/b", "a:b", ".", "..", "../x", "a/../b",
+                 "./a"]:
         try:
             _validate_model_name(name)
             refused = False
@@ -446,7 +449,8 @@ def test_keys_a_trial_cannot_vary_are_rejected_in_the_space_saying_why(key):
     from tune_mtard.config.schema import Config
 
     value = Config().get(key) if key != "data.dataset" else "digits"
-    dist = ({"type": "categorical", "choices": [value]} if not isinstance(value, (int, float)) or isinstance(value, bool)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    dist = ({"type": "categorical", "choices": [value]} if not numeric
             else {"type": "float" if isinstance(value, float) else "int", "low": value, "high": value + 1})
     error = space_error({key: dist})
     assert error.key == f"space.{key}" and error.message.startswith("cannot be searched: ")

@@ -227,7 +227,8 @@ def test_hflip_mirrors_about_half_of_the_samples_exactly_and_leaves_the_rest_unc
     assert 60 <= int(flipped.sum()) <= 140
 
 
-def batch_by_batch_epoch(split: Split, batch_size: int, seed: int, padding: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batch_by_batch_epoch(split: Split, batch_size: int, seed: int,
+                         padding: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The loader as it was first written, drawing as it goes: the order, then per batch each image's crop
     offsets (y, x) and whether it is flipped; crop after zero padding, then mirror."""
     generator = torch.Generator().manual_seed(seed)

@@ -10,7 +10,13 @@ import torch
 
 from tune_mtard.config import from_dict, load_config
 from tune_mtard.diagnostics import (
-    csv_values, diagnose, diagnose_epochs, entropy_gaps, flag_counts, flag_tags, trace_columns,
+    csv_values,
+    diagnose,
+    diagnose_epochs,
+    entropy_gaps,
+    flag_counts,
+    flag_tags,
+    trace_columns,
 )
 from tune_mtard.errors import ConfigError
 from tune_mtard.metrics import TRACE_HEADER
@@ -195,7 +201,7 @@ def test_a_real_run_reports_the_gap_of_its_logged_epoch_entropies(tiny_config, t
     history = trainer.fit()
     diagnoses = diagnose_epochs(trainer.trace, tiny_config)
     assert [d.epoch for d in diagnoses] == [1, 2]
-    for d, metrics in zip(diagnoses, history):
+    for d, metrics in zip(diagnoses, history, strict=False):
         assert d.entropy_gap == pytest.approx(abs(metrics["entropy_adv"] - metrics["entropy_nat"]), rel=1e-6)
     assert diagnoses[0].entropy_gap_persists is None and diagnoses[1].entropy_gap_persists is not None
 

@@ -1,4 +1,5 @@
-"""Specification of the training loop (tune_mtard.engine.Trainer) against docs/algorithm.md and docs/search.md, on tiny digits runs."""
+"""Specification of the training loop (tune_mtard.engine.Trainer) against docs/algorithm.md and docs/search.md, on
+tiny digits runs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from tune_mtard.config import Config
-from tune_mtard.methods import METHODS
 from tune_mtard.engine import EpochResult, Trainer, lr_scale
+from tune_mtard.methods import METHODS
 from tune_mtard.metrics import TRACE_HEADER
 from tune_mtard.trace import write_trace
 
@@ -93,7 +94,7 @@ def test_every_trace_row_follows_the_balance_rules_from_the_row_before(balanced_
         if not close_nat:
             assert row[COLUMN["tau_nat"]] == pytest.approx(tau_nat, abs=TOLERANCE), row
         clipped += any(abs(v - bound) < TOLERANCE and abs(prev - bound) < TOLERANCE
-                       for v, prev in zip((tau_adv, tau_nat), tau) for bound in (b.tau_min, b.tau_max))
+                       for v, prev in zip((tau_adv, tau_nat), tau, strict=False) for bound in (b.tau_min, b.tau_max))
         w_adv, w_nat = expected_weights(*w, row[COLUMN["loss_adv"]], row[COLUMN["loss_nat"]], loss_0,
                                         b.weight_lr * scale, b.beta)
         assert (row[COLUMN["w_adv"]], row[COLUMN["w_nat"]]) == pytest.approx((w_adv, w_nat), abs=TOLERANCE), row
@@ -123,7 +124,7 @@ def test_balancing_steps_shrink_by_lr_gamma_at_a_milestone(balanced_run, balance
     mismatches = [
         abs(expected_weights(prev[COLUMN["w_adv"]], prev[COLUMN["w_nat"]], row[COLUMN["loss_adv"]],
                              row[COLUMN["loss_nat"]], loss_0, b.weight_lr, b.beta)[0] - row[COLUMN["w_adv"]])
-        for prev, row in zip(rows, rows[1:]) if row[COLUMN["epoch"]] == 3
+        for prev, row in zip(rows, rows[1:], strict=False) if row[COLUMN["epoch"]] == 3
     ]
     assert max(mismatches) > 10 * TOLERANCE
 
@@ -253,7 +254,8 @@ def test_each_validation_reports_the_spec_metrics_every_eval_every_epochs(tiny_c
     assert results[0].metrics == {"epoch": 1}  # no validation between evaluations
     evaluated = [r for r in results if r.validated]
     assert [r.epoch for r in evaluated] == [2, 3]
-    assert [len(r.metrics) > 1 for r in results] == [r.validated for r in results]  # every 2 epochs, and always after the last one
+    # every 2 epochs, and always after the last one
+    assert [len(r.metrics) > 1 for r in results] == [r.validated for r in results]
     assert trainer.history == [r.metrics for r in evaluated]
     steps_per_epoch = trainer.step // 3
     for result in evaluated:

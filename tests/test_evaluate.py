@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from tune_mtard.cli.common import run
+from tune_mtard.cli.evaluate import main as evaluate_main
 from tune_mtard.config import from_dict
 from tune_mtard.data import load_data
 from tune_mtard.engine import Trainer
-from tune_mtard.cli.evaluate import main as evaluate_main
 from tune_mtard.models import create_model, save_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -114,7 +114,8 @@ def test_evaluate_writes_json_with_n_and_every_key(white_box, trained):
         assert record[f"seconds_{name}"] >= 0.0
     w = trained["cfg"].eval.clean_weight
     for name in WHITE_BOX[1:]:
-        assert record[f"w_robust_acc_{name}"] == pytest.approx(w * record["clean_acc"] + (1 - w) * record[f"{name}_acc"])
+        expected = w * record["clean_acc"] + (1 - w) * record[f"{name}_acc"]
+        assert record[f"w_robust_acc_{name}"] == pytest.approx(expected)
     for stage in AA_STAGES:
         assert 0.0 <= record[f"aa_{stage}_acc"] <= 1.0
     assert record["notes"] == []  # digits has 10 classes: AutoAttack's 9 target classes, no reduction
@@ -191,7 +192,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, trained, capsy
     out = trained["tmp"] / f"bad-{case.replace(' ', '-')}.json"
     argv = {"--config": str(trained["config"]), "--checkpoint": str(trained["student"]), "--attacks": "clean,aa",
             "--out": str(out)}
-    argv.update(dict(zip(flags[::2], (f.format(tmp=trained["tmp"], source=trained["source"]) for f in flags[1::2]))))
+    values = (f.format(tmp=trained["tmp"], source=trained["source"]) for f in flags[1::2])
+    argv.update(dict(zip(flags[::2], values, strict=False)))
     code = evaluate(*[item for pair in argv.items() for item in pair])
     err = capsys.readouterr().err
     assert code == 2

@@ -344,8 +344,9 @@ def test_two_processes_needing_the_same_teacher_both_succeed_and_train_it_once(t
 
 def test_a_restarted_trial_skips_a_torn_checkpoint_but_fails_on_one_that_does_not_load(tmp_path, monkeypatch,
                                                                                        tiny_config, tiny_digits):
-    from tune_mtard.engine import Trainer
     from tune_mtard.trainables import bmtard
+
+    from tune_mtard.engine import Trainer
 
     trial_dir = "train_bmtard_aa11bb22_1_x_2026-11-29"
     good, torn, foreign = (tmp_path / trial_dir / f"checkpoint_00000{i}" for i in range(3))
@@ -402,7 +403,8 @@ def test_the_best_config_pins_the_teachers_and_train_reproduces_the_trial_bit_fo
     out_dir = tmp_path / "retrained"
     (tmp_path / "train").mkdir()
     code = train.main(["--config", str(folder / "best_config.yaml"), "--out", str(out_dir), "--no-progress",
-                       "--tracking-uri", tracking_uri(tmp_path / "train"), "--set", f"teachers.cache_dir={empty_cache}"])
+                       "--tracking-uri", tracking_uri(tmp_path / "train"),
+                       "--set", f"teachers.cache_dir={empty_cache}"])
     assert code == 0
     assert not list(empty_cache.glob("*.pt"))  # the pinned teachers were loaded, never retrained
     metrics = json.loads((out_dir / "metrics.json").read_text())

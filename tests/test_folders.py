@@ -41,7 +41,7 @@ def test_an_image_folder_is_indexed_by_sorted_class_folders_and_never_decoded_wh
     assert (len(data.train), len(data.val), len(data.test)) == (96, 24, 30)
     assert sorted(set(data.test.labels.tolist())) == list(range(10))
     assert all(Path(os.fsdecode(path)).parent.name == f"c{label:02d}"
-               for path, label in zip(data.test.paths, data.test.labels))
+               for path, label in zip(data.test.paths, data.test.labels, strict=True))
     assert data.train.nbytes() == 8 * len(data.train)  # its labels: the pixels stay on disk
 
 

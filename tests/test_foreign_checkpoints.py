@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from reference_models import (
     KuangliuMobileNetV2,
     KuangliuResNet18,
@@ -28,8 +26,10 @@ from reference_models import (
     normalize_model,
     randomize,
 )
+from torch import nn
+
 from tune_mtard.config import from_dict
-from tune_mtard.config.schema import NormalizationConfig
+from tune_mtard.config.sections import NormalizationConfig
 from tune_mtard.errors import ConfigError
 from tune_mtard.models import AS_SAVED, create_model, load_checkpoint, load_mapped, load_state, save_checkpoint
 from tune_mtard.models.normalization import add_normalization
@@ -167,7 +167,8 @@ def external_normalization(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("arch", "final_bn", "shortcut_on_input"),
-    [("preact_resnet18", True, False), ("preact_resnet18_wong", True, True), ("preact_resnet18_kuangliu", False, False)],
+    [("preact_resnet18", True, False), ("preact_resnet18_wong", True, True),
+     ("preact_resnet18_kuangliu", False, False)],
     ids=["rice-robust-overfitting", "wong-fast-adversarial", "kuangliu"],
 )
 def test_each_preact_resnet18_source_loads_into_its_named_variant_with_the_same_logits(tmp_path, arch, final_bn,
@@ -219,8 +220,8 @@ def test_a_student_saved_with_normalisation_loads_back_with_it(tmp_path):
 
 
 def test_a_search_trial_rebuilds_a_normalised_teacher_from_its_weights():
-    from tune_mtard.data import load_data
     from trainables.bmtard import teacher_from_weights
+    from tune_mtard.data import load_data
 
     data = load_data("digits", val_fraction=0.2, seed=0)
     teacher = randomize(create_model("digits_cnn_large", 10, 1, normalization(mean=[0.3], std=[0.4])))

@@ -330,7 +330,8 @@ def started_search(tmp_path: Path) -> tuple[Path, list[str]]:
 
     flags = ["--storage", str(tmp_path / "results"), "--set", "name=resumable", "--set", f"data.root={tmp_path}",
              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *digits_flags(tmp_path)]
-    cfg = load_config("digits.yaml", ["name=resumable", f"search.storage={tmp_path / 'results'}", f"data.root={tmp_path}",
+    cfg = load_config("digits.yaml", ["name=resumable", f"search.storage={tmp_path / 'results'}",
+                                      f"data.root={tmp_path}",
                                       f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
                                       f"teachers.cache_dir={tmp_path / 'teachers'}", "device=cpu"], check_files=False)
     folder = tmp_path / "results" / "resumable"

@@ -339,10 +339,10 @@ def compare_with_oracle(setting: str, tiny_config, tiny_digits, tiny_teachers, b
         loss_gap = abs(number(loss) - number(expected.loss)) / abs(number(expected.loss))
         assert loss_gap <= LOSS_RTOL, f"{setting}: loss {number(loss)!r}, the oracle's {number(expected.loss)!r}"
         scale = max(float(g.abs().max()) for g in expected_grads)
-        grad_gap = max(float((g.double() - e).abs().max()) for g, e in zip(grads, expected_grads)) / scale
+        grad_gap = max(float((g.double() - e).abs().max()) for g, e in zip(grads, expected_grads, strict=True)) / scale
         assert grad_gap <= GRAD_RTOL, f"{setting}: gradient {grad_gap:.3g} of its largest entry from the oracle's"
 
-        values = dict(zip(TRACE_COLUMNS, row.tolist()))
+        values = dict(zip(TRACE_COLUMNS, row.tolist(), strict=True))
         for name, value in values.items():
             if name in expected.trace:
                 assert value == pytest.approx(expected.trace[name], rel=TRACE_RTOL, abs=TRACE_ATOL), (setting, name)

@@ -30,9 +30,9 @@ import torch.nn as nn
 from tune_mtard.attacks import PGD, TrainPGD
 from tune_mtard.data import DataBundle, iterate_batches
 from tune_mtard.engine import Trainer
-from tune_mtard.perf import PerfOptions, data_bytes, resolve_device
 from tune_mtard.methods import trace_row
 from tune_mtard.metrics import TRACE_COLUMNS
+from tune_mtard.perf import PerfOptions, data_bytes, resolve_device
 
 CPU = torch.device("cpu")
 LOSSES = [TRACE_COLUMNS.index("loss_adv"), TRACE_COLUMNS.index("loss_nat")]
@@ -304,7 +304,7 @@ def test_data_bytes_counts_every_split(tiny_digits: DataBundle):
 def test_a_trace_row_holds_tensors_and_numbers_in_column_order_with_nan_for_the_rest():
     row = trace_row(CPU, loss_adv=torch.tensor(0.25, dtype=torch.float64), w_adv=1.0, w_nat=0.0)
     assert row.dtype == torch.float32 and row.shape == (len(TRACE_COLUMNS),)
-    values = dict(zip(TRACE_COLUMNS, row.tolist()))
+    values = dict(zip(TRACE_COLUMNS, row.tolist(), strict=False))
     assert (values["loss_adv"], values["w_adv"], values["w_nat"]) == (0.25, 1.0, 0.0)
     assert all(math.isnan(values[k]) for k in ("loss_nat", "entropy_adv", "entropy_nat", "tau_adv", "tau_nat"))
     again = trace_row(CPU, w_adv=1.0)

@@ -20,18 +20,29 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from searchkit import (  # noqa: E402
+    EPOCH_METRICS,
+    EPOCHS,
+    NUM_SAMPLES,
+    SPACE_KEYS,
+    SPEC_TRACE_HEADER,
+    base_run_config,
+    child_env,
+    expected_best,
+    flat,
+    mlflow_runs,
+    optuna_trials,
+    ray_reports,
+    ray_trial_ids,
+    search_args,
+    tracking_uri,
+)
 
 from tune_mtard.cli import export, search, train
 from tune_mtard.cli.common import run
 from tune_mtard.search import driver as search_driver
 from tune_mtard.teachers import teacher_path
 from tune_mtard.teachers.cache import file_sha256
-
-from searchkit import (  # noqa: E402
-    EPOCHS, EPOCH_METRICS, NUM_SAMPLES, SPACE_KEYS, SPEC_TRACE_HEADER, base_run_config, child_env,
-    expected_best, flat, mlflow_runs, optuna_trials, ray_reports, ray_trial_ids, search_args, tracking_uri,
-)
-
 
 # ---- one finished search ---------------------------------------------------------------------------------
 
@@ -122,7 +133,8 @@ def test_parent_run_holds_space_best_config_trials_csv_scatter_plot_and_summary(
     paths = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search_space.yaml", "best_config.yaml", "trials.csv", "summary.json"} <= paths
     assert any(p.endswith(".png") for p in paths)
-    space = yaml.safe_load(Path(client.download_artifacts(parent.info.run_id, "search_space.yaml", str(tmp_path))).read_text())
+    space_file = client.download_artifacts(parent.info.run_id, "search_space.yaml", str(tmp_path))
+    space = yaml.safe_load(Path(space_file).read_text())
     assert set(space["space"]) == set(SPACE_KEYS)
     summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))).read_text())
     reports = finished_search["reports"]
@@ -132,7 +144,8 @@ def test_parent_run_holds_space_best_config_trials_csv_scatter_plot_and_summary(
     assert summary["n_complete"] == sum(e == EPOCHS for e in epochs_run)
     assert summary["epochs_spent"] == sum(epochs_run)
     assert summary["epochs_full_budget"] == NUM_SAMPLES * EPOCHS
-    csv_lines = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))).read_text().splitlines()
+    csv_file = client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))
+    csv_lines = Path(csv_file).read_text().splitlines()
     assert len(csv_lines) == 1 + NUM_SAMPLES
     assert all(key in csv_lines[0] for key in SPACE_KEYS)
 
@@ -239,7 +252,8 @@ def test_train_on_the_best_config_reproduces_the_best_trials_final_validation_me
 def test_export_writes_the_same_best_config_as_the_search(finished_search, tmp_path, capsys):
     out = tmp_path / "best.yaml"
     assert export.main(["--experiment", str(finished_search["folder"]), "--out", str(out)]) == 0
-    assert yaml.safe_load(out.read_text()) == yaml.safe_load((finished_search["folder"] / "best_config.yaml").read_text())
+    best_config = finished_search["folder"] / "best_config.yaml"
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load(best_config.read_text())
     assert "WARNING" not in capsys.readouterr().err
 
 
@@ -429,7 +443,6 @@ def test_ray_deleting_a_checkpoint_that_is_already_gone_does_not_fail_the_trial(
 def test_a_restarted_trial_finds_its_furthest_checkpoint_in_any_of_its_folders(tmp_path):
     import pyarrow.fs
     from ray import tune
-
     from tune_mtard.trainables.bmtard import find_checkpoints
 
     def checkpoint(trial_dir: str, name: str, epoch: int | None) -> str:
@@ -482,7 +495,8 @@ def _in_tune_snapshot(folder: Path, trial_id: str) -> bool:
 def test_killed_search_resumes_to_the_same_counts_without_rerunning_or_duplicating(space_file, ray_address, tmp_path):
     name = "tiny-resume"
     folder = tmp_path / "results" / name
-    cmd = [sys.executable, "-m", "tune_mtard.search", *search_args(space_file, tmp_path, name), "--address", ray_address]
+    cmd = [sys.executable, "-m", "tune_mtard.search", *search_args(space_file, tmp_path, name),
+           "--address", ray_address]
     log = (tmp_path / "first.log").open("w")
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
     finished, midway = {}, {}
@@ -510,11 +524,13 @@ def test_killed_search_resumes_to_the_same_counts_without_rerunning_or_duplicati
         now = _reported_epochs(folder)
         if now != epochs_at_kill:
             epochs_at_kill, stable_since = now, time.monotonic()
-    checkpoints_at_kill = {r.name: sorted(c.name for c in r.glob("checkpoint_*")) for r in folder.glob("train_bmtard_*")}
+    checkpoints_at_kill = {r.name: sorted(c.name for c in r.glob("checkpoint_*"))
+                           for r in folder.glob("train_bmtard_*")}
     assert finished and midway, "the search ended before one trial finished while another was mid-way:\n" + \
         (tmp_path / "first.log").read_text()[-3000:]
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                             timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
 
     # The same counts as a search never killed: Ray trials, MLflow child runs and told Optuna trials.

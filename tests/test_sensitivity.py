@@ -15,8 +15,8 @@ import pytest
 from tune_mtard import files
 from tune_mtard.config import load_config
 from tune_mtard.search.searcher import RAY_TRIAL_ATTR, optuna_distributions
-from tune_mtard.search.study_storage import optuna_storage_url
 from tune_mtard.search.sensitivity import analyze_search, log_sensitivity, min_trials
+from tune_mtard.search.study_storage import optuna_storage_url
 from tune_mtard.search.trials import TrialSummary
 
 FULL_EPOCHS = 9
@@ -63,7 +63,7 @@ def make_search(tmp: Path, n_trials: int = 36, metric=planted, tracking_uri: str
     trials = [study.ask(optuna_distributions(cfg.space)) for _ in range(n_trials)]
     reported: dict[int, dict[int, float]] = {t.number: {} for t in trials}
     running = list(trials)
-    for lower, rung in zip((0,) + ASHA_RUNGS, ASHA_RUNGS):
+    for lower, rung in zip((0,) + ASHA_RUNGS, ASHA_RUNGS, strict=False):
         for trial in running:
             for epoch in range(lower + 1, rung + 1):
                 reported[trial.number][epoch] = metric(trial.params, epoch, rng)

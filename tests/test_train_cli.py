@@ -226,7 +226,7 @@ def rejected(finished_run, tiny_config_path, tmp_path_factory) -> dict:
         return command("train", *args, cwd=cwds[case])
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = dict(zip(BAD_INPUTS, pool.map(attempt, BAD_INPUTS)))
+        results = dict(zip(BAD_INPUTS, pool.map(attempt, BAD_INPUTS), strict=False))
     return {"results": results, "cwds": cwds, "root": root, "finished": finished_run["out"],
             "finished_before": finished_before, "finished_after": files_under(finished_run["out"])}
 

@@ -117,7 +117,7 @@ def test_resume_finishes_the_comparison_without_redoing_a_finished_search(tuned)
 def test_resume_refuses_a_comparison_asked_for_differently(tuned, tiny_config_path, changed, says):
     root, out, *_ = tuned
     argv = compare_args(tiny_config_path, root, "--resume")
-    for flag, value in zip(changed[::2], changed[1::2]):
+    for flag, value in zip(changed[::2], changed[1::2], strict=False):
         if flag in argv and flag != "--set":
             argv[argv.index(flag) + 1] = value
         else:

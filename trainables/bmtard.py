@@ -8,7 +8,6 @@ after every validation epoch, ``tune.report`` the metrics with a checkpoint of t
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ import ray
 import torch
 from ray import tune
 
-from tune_mtard import atomic, files
+from tune_mtard import files
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
 from tune_mtard.diagnostics import diagnose
@@ -28,7 +27,7 @@ from tune_mtard.errors import Diverged
 from tune_mtard.models import create_model, load_state, save_checkpoint
 from tune_mtard.perf import trial_device
 from tune_mtard.search import compat
-from tune_mtard.search.trials import read_divergence
+from tune_mtard.search.trials import read_divergence, write_divergence
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def _record_divergence(trainer: Trainer, error: Diverged) -> None:
     record = _divergence_record()
     record.parent.mkdir(parents=True, exist_ok=True)
     trainer.write_trace(record.parent / files.TRACE_CSV)
-    atomic.write_text(record, json.dumps({"step": error.step, "epoch": error.epoch}))
+    write_divergence(record.parent, error)
 
 
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,

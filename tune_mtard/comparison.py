@@ -22,18 +22,24 @@ from typing import Any, Collection, Sequence
 
 import torch.nn as nn
 
-from tune_mtard import atomic, files
+from tune_mtard import atomic, files, tracking
+from tune_mtard.attacks import ATTACKS, attack_title
 from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
-from tune_mtard.data import DataBundle
+from tune_mtard.data import DataBundle, load_data
 from tune_mtard.errors import ConfigError, RunFailed
 from tune_mtard.methods import variants
+from tune_mtard.metrics import (
+    TEST_ACC,
+    TEST_N_EXAMPLES,
+    TEST_W_ROBUST_ACC,
+    VAL_CLEAN_ACC,
+    VAL_ROBUST_ACC,
+    VAL_W_ROBUST_ACC,
+)
+from tune_mtard.perf import resolve_device
+from tune_mtard.pipeline import new_trainer, run_pipeline
 from tune_mtard.services import check_tracking_uri
-from tune_mtard.metrics import TEST_ACC, TEST_N_EXAMPLES, TEST_W_ROBUST_ACC, VAL_CLEAN_ACC, VAL_ROBUST_ACC, \
-    VAL_W_ROBUST_ACC
-
-
-ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf", "aa": "AutoAttack",
-                 "square": "Square"}
+from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
 FINISHED, FAILED = "FINISHED", "FAILED"
 
@@ -55,7 +61,7 @@ class CompareRequest:
 
 
 @dataclass
-class RunResult:
+class SeedRun:
     """One (method, seed) run: its status, its final metrics (fractions) and its MLflow run."""
 
     method: str
@@ -86,9 +92,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_attacks(text: str) -> list[str]:
-    from tune_mtard.attacks import ATTACKS
-
+def parse_attack_names(text: str) -> list[str]:
     return _parse_names(text, "--attacks", "attack", ATTACKS.names())
 
 
@@ -138,8 +142,8 @@ def metric_keys(attacks: Sequence[str]) -> list[str]:
 
 def column_titles(attacks: Sequence[str]) -> list[str]:
     robust = [a for a in attacks if a != "clean"]
-    return (["Clean"] + [ATTACK_TITLES[a] for a in robust]
-            + [f"W-Robust ({ATTACK_TITLES[a]})" for a in robust])
+    return (["Clean"] + [attack_title(a) for a in robust]
+            + [f"W-Robust ({attack_title(a)})" for a in robust])
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -148,7 +152,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(results: Sequence[RunResult], methods: Sequence[str]) -> list[dict[str, Any]]:
+def summarize(results: Sequence[SeedRun], methods: Sequence[str]) -> list[dict[str, Any]]:
     """Per method: the number of finished and failed seeds, and mean/std of every final metric."""
     rows = []
     for method in methods:
@@ -202,7 +206,7 @@ def _percent(mean: float, std: float, with_std: bool) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if with_std else f"{100 * mean:.2f}"
 
 
-def write_results(out: Path, results: Sequence[RunResult], summary: Sequence[dict[str, Any]], table: str) -> list[Path]:
+def write_results(out: Path, results: Sequence[SeedRun], summary: Sequence[dict[str, Any]], table: str) -> list[Path]:
     """``comparison.csv`` (one row per run), ``comparison_summary.csv`` and ``comparison.md``."""
     per_run = out / files.COMPARISON_CSV
     metric_names = list(dict.fromkeys(k for r in results for k in r.metrics))
@@ -216,14 +220,14 @@ def write_results(out: Path, results: Sequence[RunResult], summary: Sequence[dic
     return [per_run, summary_path, markdown]
 
 
-def read_results(path: Path) -> list[RunResult]:
+def read_results(path: Path) -> list[SeedRun]:
     """The runs a ``comparison.csv`` holds (what a resumed comparison does not run again)."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     fixed = ("method", "seed", "status", "mlflow_run_id", "error")
-    return [RunResult(row["method"], int(row["seed"]), row["status"],
+    return [SeedRun(row["method"], int(row["seed"]), row["status"],
                       {k: float(v) for k, v in row.items() if k not in fixed and v != ""}, row["mlflow_run_id"],
                       row["error"]) for row in rows]
 
@@ -245,12 +249,9 @@ def _error_line(exc: Exception) -> str:
 
 
 def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dict[str, nn.Module], out: Path,
-            client, experiment: str, parent_id: str, data_seed: int, tags: dict[str, str] | None = None) -> RunResult:
+            client, experiment: str, parent_id: str, data_seed: int, tags: dict[str, str] | None = None) -> SeedRun:
     """One (method, seed) through the run pipeline, as a child run of the comparison (with ``tags`` too); a
     failure is recorded (FAILED, with its error as a tag), not raised; an interrupt ends it KILLED and propagates."""
-    from tune_mtard import tracking
-    from tune_mtard.pipeline import new_trainer, run_pipeline
-
     run_dir = out / method / f"seed{seed}"
     tags = {"mlflow.parentRunId": parent_id, "tune_mtard.command": "compare", "compare.method": method,
             "compare.seed": str(seed), "compare.data_seed": str(data_seed), **(tags or {})}
@@ -275,16 +276,14 @@ def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dic
     except Exception as exc:  # one failed method must not cost the others their results
         if not isinstance(exc, RunFailed):  # a crash: its traceback; a divergence says all in its line
             traceback.print_exc()
-        return RunResult(method, seed, FAILED, run_id=run_id, error=_error_line(exc))
-    return RunResult(method, seed, FINISHED, result.metrics, run_id)
+        return SeedRun(method, seed, FAILED, run_id=run_id, error=_error_line(exc))
+    return SeedRun(method, seed, FINISHED, result.metrics, run_id)
 
 
-def plan(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tuple[str, int], Config], Path]:
+def plan_comparison(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tuple[str, int], Config],
+                                                      Path]:
     """Everything checked before anything runs, is written or is logged: the base config, methods, seeds,
     each run's config and the output folder."""
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.teachers import check_teacher_files, roles_for
-
     for flag, given in (("--tune-epochs", request.tune_epochs is not None), ("--resume", request.resume)):
         if given:
             raise ConfigError(flag, "only with --tune (a tuned comparison)")
@@ -305,7 +304,7 @@ def base_config(request: CompareRequest) -> Config:
     the comparison's base config (its ``search`` and ``spaces`` sections serve ``--tune``)."""
     base = load_config(request.config, request.overrides, check_files=False)
     if request.attacks is not None:
-        base = base.with_values({"eval.final_attacks": parse_attacks(request.attacks)})
+        base = base.with_values({"eval.final_attacks": parse_attack_names(request.attacks)})
     if request.tracking_uri:
         base.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
     check_tracking_uri(base.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
@@ -313,20 +312,11 @@ def base_config(request: CompareRequest) -> Config:
 
 
 def compare(request: CompareRequest) -> int:
-    """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records; with
-    ``--tune``, each method's search first (:mod:`tune_mtard.tuning`)."""
-    from tune_mtard import tracking
-    from tune_mtard.data import load_data_for
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.teachers import prepare_teachers, roles_for
-
-    if request.tune is not None:
-        from tune_mtard.tuning import compare_tuned
-
-        return compare_tuned(request)
-    base, methods, seeds, configs, out = plan(request)
+    """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records
+    (``--tune`` is :func:`tune_mtard.tuning.compare_tuned`)."""
+    base, methods, seeds, configs, out = plan_comparison(request)
     attacks = final_attacks(base)
-    data = load_data_for(base)
+    data = load_data(base)
 
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / files.RUN_CONFIG, to_yaml(base))
@@ -345,7 +335,7 @@ def compare(request: CompareRequest) -> int:
             print(line, flush=True)
         n_test = min(base.eval.final_n_examples or len(data.test), len(data.test))
 
-        def tabulate(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], str]:
+        def tabulate(results: Sequence[SeedRun]) -> tuple[list[dict[str, Any]], str]:
             summary = summarize(results, [m for m in methods if any(r.method == m for r in results)])
             return summary, markdown_table(summary, attacks, seeds, n_test, base.attack.epsilon, base.eval.clean_weight)
 
@@ -369,7 +359,7 @@ def comparison_params(base: Config, methods: Sequence[str], seeds: Sequence[int]
 
 def run_seeds(configs: dict[tuple[str, int], Config], data: DataBundle, teachers: dict[str, nn.Module], out: Path,
               parent, experiment: str, data_seed: int, attacks: Sequence[str], tabulate,
-              done: Sequence[RunResult] = (), tags: dict[str, dict[str, str]] | None = None) -> list[RunResult]:
+              done: Sequence[SeedRun] = (), tags: dict[str, dict[str, str]] | None = None) -> list[SeedRun]:
     """Every (method, seed) of ``configs`` that ``done`` lacks, in order, through :func:`run_one`; the tables
     (``tabulate(results)`` -> summary rows and markdown) are rewritten after every run, so a comparison cut
     short keeps its rows. ``tags`` adds tags to each method's runs."""
@@ -390,12 +380,10 @@ def run_seeds(configs: dict[tuple[str, int], Config], data: DataBundle, teachers
     return results
 
 
-def record_comparison(parent, base: Config, out: Path, results: Sequence[RunResult],
-                      summary: Sequence[dict[str, Any]], table: str) -> list[RunResult]:
+def record_comparison(parent, base: Config, out: Path, results: Sequence[SeedRun],
+                      summary: Sequence[dict[str, Any]], table: str) -> list[SeedRun]:
     """The tables (files and parent run), the per-method means as metrics; prints the table and how to see the
     runs in the MLflow UI. Returns the failed runs (the parent run is then FAILED)."""
-    from tune_mtard import tracking
-
     written = write_results(out, results, summary, table)
     failed = [r for r in results if r.status == FAILED]
     parent.log_metrics({f"{row['method']}/{key}": value for row in summary for key, value in row.items()
@@ -408,7 +396,7 @@ def record_comparison(parent, base: Config, out: Path, results: Sequence[RunResu
     return failed
 
 
-def report_failures(failed: Sequence[RunResult], n_runs: int) -> int:
+def report_failures(failed: Sequence[SeedRun], n_runs: int) -> int:
     """Exit code 1, with one line naming each failed run, when some run failed; else 0."""
     if failed:
         print(f"{len(failed)} of {n_runs} runs failed: "

@@ -63,7 +63,7 @@ def trace_columns(trace: Any) -> dict[str, list[float]]:
     float tensor or array with one row per step (the trainer's ``(steps, len(TRACE_HEADER))`` tensor)."""
     if isinstance(trace, Mapping):
         return {name: [float(v) for v in trace[name]] for name in TRACE_HEADER}
-    return dict(zip(TRACE_HEADER, trace.T.tolist()))
+    return dict(zip(TRACE_HEADER, trace.T.tolist(), strict=True))
 
 
 def epoch_spans(columns: Mapping[str, Sequence[float]]) -> dict[int, range]:

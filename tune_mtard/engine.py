@@ -27,8 +27,17 @@ from tune_mtard.errors import Diverged
 from tune_mtard.evaluation import progress_bar, robust_accuracy
 from tune_mtard.methods import Objective, Teachers, build_objective, needed_teachers
 from tune_mtard.metrics import (
-    EPOCH, EPOCH_ENDS, EPOCH_MEANS, EPOCH_TIME_S, LR, TRACE_COLUMNS, TRACE_HEADER, VAL_CLEAN_ACC, VAL_ROBUST_ACC,
-    VAL_W_ROBUST_ACC, w_robust_acc,
+    EPOCH,
+    EPOCH_ENDS,
+    EPOCH_MEANS,
+    EPOCH_TIME_S,
+    LR,
+    TRACE_COLUMNS,
+    TRACE_HEADER,
+    VAL_CLEAN_ACC,
+    VAL_ROBUST_ACC,
+    VAL_W_ROBUST_ACC,
+    w_robust_acc,
 )
 from tune_mtard.models import create_model
 from tune_mtard.perf import PerfOptions, data_bytes, resolve_device
@@ -248,7 +257,8 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + 7919 * self.epoch)
             clean = robust_accuracy(self.student, Clean(self.student), x, y, batch_size=e.batch_size)
             robust = robust_accuracy(self.student, attack, x, y, batch_size=e.batch_size)
-        return {VAL_CLEAN_ACC: clean, VAL_ROBUST_ACC: robust, VAL_W_ROBUST_ACC: w_robust_acc(clean, robust, e.clean_weight)}
+        return {VAL_CLEAN_ACC: clean, VAL_ROBUST_ACC: robust,
+                VAL_W_ROBUST_ACC: w_robust_acc(clean, robust, e.clean_weight)}
 
     # ---------------------------------------------------------------------------------- checkpointing
 

@@ -46,6 +46,10 @@ class Diverged(RunFailed):
     def __reduce__(self):  # picklable with its fields, so Ray hands it back to the driver intact
         return (Diverged, (self.step, self.epoch))
 
+    def tags(self) -> dict[str, int]:
+        """Where it diverged, as a diverged run's MLflow tags and a failed trial's record name it."""
+        return {"diverged_step": self.step, "diverged_epoch": self.epoch}
+
 
 class TeacherTrainingFailed(RunFailed):
     """A teacher's training ended at chance accuracy; nothing was cached."""

@@ -40,7 +40,7 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for model, mode in zip(models, modes):
+        for model, mode in zip(models, modes, strict=True):
             model.train(mode)
 
 

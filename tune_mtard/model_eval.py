@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from tune_mtard import atomic
 from tune_mtard.attacks import ATTACKS, Attack, AutoAttackSettingsError, build_attack
 from tune_mtard.config import Config, load_config
-from tune_mtard.config.schema import NormalizationConfig
-from tune_mtard.data import DataBundle, load_data_for
+from tune_mtard.config.sections import NormalizationConfig
+from tune_mtard.data import DataBundle, load_data
 from tune_mtard.errors import ConfigError
 from tune_mtard.evaluation import TRANSFER_ATTACKS, robust_accuracy
 from tune_mtard.files import STUDENT
@@ -84,7 +84,7 @@ class Request:
 
 
 @dataclass
-class Outcome:
+class AttackResult:
     """One attack's result: accuracy in [0, 1], wall time, and AutoAttack's per-stage accuracies and notes."""
 
     name: str
@@ -228,7 +228,7 @@ def build_attacks(request: Request, model: nn.Module, source: nn.Module | None, 
 
 
 def run_attack(name: str, attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               request: Request) -> Outcome:
+               request: Request) -> AttackResult:
     """Accuracy of ``model`` on all of ``x`` under ``attack``, from the config's seed (so each attack's result
     does not depend on which others ran)."""
     notes: list[str] = list(getattr(attack, "notes", []))
@@ -239,11 +239,13 @@ def run_attack(name: str, attack: Attack, model: nn.Module, x: torch.Tensor, y: 
         accuracy = robust_accuracy(model, attack, x, y, request.batch_size, request.progress, desc=name)
     seconds = time.perf_counter() - start
     stages = dict(getattr(attack, "per_attack_accuracy", {}))
-    return Outcome(name, accuracy, seconds, stages, notes)
+    return AttackResult(name, accuracy, seconds, stages, notes)
 
 
-def results_json(request: Request, n: int, outcomes: list[Outcome], notes: list[str], device: torch.device) -> dict:
-    """The JSON record: the setting, then per attack ``<name>_acc``, ``w_robust_acc_<name>``, stages, ``seconds_<name>``."""
+def results_json(request: Request, n: int, outcomes: list[AttackResult], notes: list[str],
+                 device: torch.device) -> dict:
+    """The JSON record: the setting, then per attack ``<name>_acc``, ``w_robust_acc_<name>``, stages,
+    ``seconds_<name>``."""
     cfg = request.cfg
     record: dict = {
         "checkpoint": str(request.checkpoint),
@@ -275,7 +277,7 @@ def results_json(request: Request, n: int, outcomes: list[Outcome], notes: list[
     return record
 
 
-def format_table(record: dict, outcomes: list[Outcome]) -> str:
+def format_table(record: dict, outcomes: list[AttackResult]) -> str:
     lines = [f"{'attack':<16} {'accuracy':>9} {'W-Robust Acc':>13} {'time':>9}"]
     for outcome in outcomes:
         w = record.get(f"w_robust_acc_{outcome.name}")
@@ -292,7 +294,7 @@ def evaluate(args: EvaluateRequest) -> int:
     """The ``evaluate`` command: every attack on the first N examples of the split; prints a table, writes JSON."""
     request = build_request(args)
     cfg = request.cfg
-    data = load_data_for(cfg)
+    data = load_data(cfg)
     device = resolve_device(cfg.device)
     model, mapping = load_model(cfg, request.arch, request.checkpoint, data, "--arch")
     model = model.to(device)

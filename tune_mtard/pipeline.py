@@ -23,6 +23,7 @@ from tune_mtard.methods import Teachers
 from tune_mtard.metrics import EPOCH, VAL_W_ROBUST_ACC, VALIDATION
 from tune_mtard.models import save_checkpoint
 from tune_mtard.perf import resolve_device
+from tune_mtard.plots import plot_trace
 from tune_mtard.tracking import RunHandle
 
 EpochHook = Callable[[EpochResult], None]
@@ -86,13 +87,12 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
     except BaseException as error:
         trainer.write_trace(out / files.TRACE_CSV)  # the steps done so far are never lost
         if run is not None and isinstance(error, Diverged):
-            run.set_tags(divergence_tags(error))
+            run.set_tags(error.tags())
             run.log_artifacts([out / files.TRACE_CSV])
         raise
     trainer.write_trace(out / files.TRACE_CSV)
     save_checkpoint(trainer.student, out / files.STUDENT)
     atomic.write_text(out / files.METRICS_JSON, json.dumps(metrics, indent=2))
-    from tune_mtard.plots import plot_trace
 
     plot_trace(out / files.TRACE_CSV, out / files.TRACE_PNG, title=f"{cfg.name}: {cfg.method} balance trace")
     if run is not None:
@@ -102,11 +102,6 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
                                                    files.METRICS_JSON)])
         run.log_artifacts([out / files.STUDENT], "model")
     return RunResult(metrics, trainer, out)
-
-
-def divergence_tags(error: Diverged) -> dict[str, int]:
-    """The tags a diverged run carries: where its loss or balancer state stopped being finite."""
-    return {"diverged_step": error.step, "diverged_epoch": error.epoch}
 
 
 def _log_missing_epochs(run: RunHandle, history: list[dict[str, float]]) -> None:

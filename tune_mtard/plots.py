@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tune_mtard.trace import read_trace
@@ -28,7 +28,7 @@ def plot_trace(trace_csv: str | Path, png: str | Path, title: str = "balance tra
     panels = (("loss", ("loss_adv", "loss_nat")), ("mean p log p", ("entropy_adv", "entropy_nat")),
               ("temperature", ("tau_adv", "tau_nat")), ("loss weight", ("w_adv", "w_nat")))
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 9), sharex=True)
-    for ax, (label, names) in zip(axes, panels):
+    for ax, (label, names) in zip(axes, panels, strict=True):
         for name in names:
             ax.plot(steps, columns[name], label=name)
         ax.set_ylabel(label)

@@ -14,7 +14,8 @@ from tune_mtard.metrics import TRACE_HEADER
 
 
 def write_trace(trace: torch.Tensor, path: str | Path) -> None:
-    """Write a ``(steps, len(TRACE_HEADER))`` tensor; step and epoch as integers, ``nan`` where a method has no value."""
+    """Write a ``(steps, len(TRACE_HEADER))`` tensor; step and epoch as integers, ``nan`` where a method has no
+    value."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic.open_atomic(path, newline="") as f:

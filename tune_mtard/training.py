@@ -15,13 +15,18 @@ from typing import Any
 
 import torch
 
-from tune_mtard import atomic, files
+from tune_mtard import atomic, files, tracking
 from tune_mtard.config import Config, absolute_tracking_uri, load_config
 from tune_mtard.config.rules import check_model_name
+from tune_mtard.data import load_data
 from tune_mtard.engine import EpochResult
 from tune_mtard.errors import ConfigError
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VAL_W_ROBUST_ACC
+from tune_mtard.model_registry import register_student
+from tune_mtard.perf import resolve_device
+from tune_mtard.pipeline import new_trainer, run_pipeline
 from tune_mtard.services import check_tracking_uri, unwritable_folder
+from tune_mtard.teachers import prepare_teachers
 
 # Keys a resumed run may change: where things are stored and logged, and how long it trains.
 RESUMABLE_CHANGES = ("train.epochs", "data.root", "teachers.cache_dir")
@@ -48,12 +53,11 @@ class TrainPlan:
     progress: bool
 
 
-def plan(request: TrainRequest) -> TrainPlan:
+def plan_training(request: TrainRequest) -> TrainPlan:
     """Check everything the run needs before anything is written or logged; ConfigError (exit 2) otherwise."""
     if request.register is not None:
         check_model_name(request.register, "--register")
     cfg = load_config(request.config, request.overrides).run_config()
-    from tune_mtard.perf import resolve_device
 
     resolve_device(cfg.device)
     if request.tracking_uri:
@@ -81,17 +85,12 @@ def plan(request: TrainRequest) -> TrainPlan:
 
 def train(request: TrainRequest) -> dict[str, Any]:
     """The ``train`` command: one run through the pipeline, recorded as one MLflow run; its final metrics."""
-    p = plan(request)
+    p = plan_training(request)
     cfg, out = p.cfg, p.out
-    from tune_mtard import tracking
-    from tune_mtard.data import load_data_for
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.pipeline import new_trainer, run_pipeline
-    from tune_mtard.teachers import prepare_teachers
 
     if cfg.perf.threads:
         torch.set_num_threads(cfg.perf.threads)
-    data = load_data_for(cfg)
+    data = load_data(cfg)
     device = resolve_device(cfg.device)
     teachers = prepare_teachers(cfg, data, device, progress=p.progress)
     for line in teachers.describe() + teachers.warnings():
@@ -112,11 +111,10 @@ def train(request: TrainRequest) -> dict[str, Any]:
               f"output in {out}; MLflow run {run.run_id}", flush=True)
         result = run_pipeline(trainer, data, out, run=run, progress=p.progress, on_epoch=_print_epoch)
         if request.register:
-            from tune_mtard.model_registry import register_student
-
+            scores = {k: v for k, v in result.metrics.items() if k.startswith(("val_", "test_"))}
             registered = register_student(client, run.run_id, result.trainer.student, data, request.register,
                                           {"run_id": run.run_id, "config": (out / files.RUN_CONFIG).read_text(),
-                                           **{k: v for k, v in result.metrics.items() if k.startswith(("val_", "test_"))}})
+                                           **scores})
             run.set_tags({"registered_model": registered.model_uri})
             print(f"registered: {registered.model_uri}", flush=True)
     print(_summary(result.metrics, out))

@@ -22,16 +22,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tune_mtard import atomic, files
+from tune_mtard import atomic, files, tracking
 from tune_mtard.comparison import (
-    CompareRequest, RunResult, base_config, comparison_params, final_attacks, markdown_table, parse_methods,
-    parse_seeds, read_results, record_comparison, report_failures, run_seeds, summarize,
+    CompareRequest,
+    SeedRun,
+    base_config,
+    comparison_params,
+    final_attacks,
+    markdown_table,
+    parse_methods,
+    parse_seeds,
+    read_results,
+    record_comparison,
+    report_failures,
+    run_seeds,
+    summarize,
 )
 from tune_mtard.config import Config, flatten, from_dict, load_config, to_yaml
-from tune_mtard.config.coerce import to_plain
+from tune_mtard.config.coerce import build, to_plain
 from tune_mtard.config.search import SchedulerConfig, SearchConfig
 from tune_mtard.config.space import method_search_base
+from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError, Interrupted
+from tune_mtard.perf import resolve_device
+from tune_mtard.search import driver, interrupts
+from tune_mtard.search.driver import check_experiment, check_local_resources, started
+from tune_mtard.search.local_ray import ray_session
+from tune_mtard.search.lock import SearchLock, refuse_if_running
+from tune_mtard.search.schedulers import describe_scheduler, fit_to_epochs
+from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
 # The search section of a config that has none: the digits space's (docs/methods.md, "Tuned comparisons").
 DEFAULT_SEARCH: dict[str, Any] = {
@@ -79,7 +98,7 @@ class TunedPlan:
 
 
 @dataclass
-class SearchOutcome:
+class MethodSearch:
     """How one method's search ended, what it found and what it spent."""
 
     method: str
@@ -115,10 +134,6 @@ class SearchOutcome:
 
 def plan_tuned(request: CompareRequest) -> TunedPlan:
     """Everything checked before anything runs, is written or is logged (exit 2 on any problem)."""
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.search.driver import check_local_resources
-    from tune_mtard.teachers import check_teacher_files, roles_for
-
     if request.tune < 1:
         raise ConfigError("--tune", f"must be >= 1 (trials per method), got {request.tune}")
     if request.tune_epochs is not None and request.tune_epochs < 1:
@@ -147,12 +162,9 @@ def search_section(given: SearchConfig | None, tune: int, epochs: int,
     raw = to_plain(given) if given is not None else copy.deepcopy(DEFAULT_SEARCH)
     raw.update(num_samples=tune, storage=str(storage))
     scheduler = raw.setdefault("scheduler", {})
-    grace = scheduler.get("grace_period", SchedulerConfig().grace_period)
-    notes = []
-    if scheduler.get("type", "asha") == "asha" and grace > epochs:
-        scheduler["grace_period"] = epochs
-        notes.append(f"--tune-epochs {epochs}: ASHA's grace_period {grace} lowered to {epochs}")
-    return raw, notes
+    fitted, note = fit_to_epochs(build(SchedulerConfig, scheduler, "search.scheduler"), epochs, "--tune-epochs")
+    scheduler.update(fitted)
+    return raw, [note] if note else []
 
 
 def method_search_config(loaded: Config, variant: str, search: dict[str, Any], epochs: int) -> Config:
@@ -170,9 +182,6 @@ def method_search_config(loaded: Config, variant: str, search: dict[str, Any], e
 
 def check_out(plan: TunedPlan) -> None:
     """A new comparison needs an unused ``--out``; ``--resume`` one that ran, asked for and configured the same."""
-    from tune_mtard.search.driver import check_experiment, started
-    from tune_mtard.search.lock import refuse_if_running
-
     state = plan.out / files.TUNED_STATE
     if not plan.resume:
         if state.exists() or (plan.out / files.COMPARISON_CSV).exists():
@@ -203,8 +212,6 @@ def check_out(plan: TunedPlan) -> None:
 
 def compare_tuned(request: CompareRequest) -> int:
     """``compare --tune N``: each method's search, then its best config on every seed; returns the exit code."""
-    from tune_mtard.search import interrupts
-
     plan = plan_tuned(request)
     try:
         with interrupts.sigterm_as_interrupt():
@@ -216,16 +223,10 @@ def compare_tuned(request: CompareRequest) -> int:
 
 
 def _run(plan: TunedPlan) -> int:
-    from tune_mtard import tracking
-    from tune_mtard.data import load_data_for
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.search.lock import SearchLock
-    from tune_mtard.teachers import prepare_teachers, roles_for
-
     base, out = plan.base, plan.out
     for note in plan.notes:
         print(note, flush=True)
-    data = load_data_for(base)
+    data = load_data(base)
     state_file = out / files.TUNED_STATE
     with SearchLock(out, "--resume" if plan.resume else "--out"):
         if plan.resume:
@@ -258,7 +259,7 @@ def _run(plan: TunedPlan) -> int:
             configs = final_configs(plan, outcomes)
             n_test = min(base.eval.final_n_examples or len(data.test), len(data.test))
 
-            def tabulate(results: Sequence[RunResult]) -> tuple[list[dict[str, Any]], str]:
+            def tabulate(results: Sequence[SeedRun]) -> tuple[list[dict[str, Any]], str]:
                 return tuned_table(plan, outcomes, results, n_test)
 
             done = read_results(out / files.COMPARISON_CSV) if plan.resume else []
@@ -279,8 +280,6 @@ def _run(plan: TunedPlan) -> int:
 
 def search_status(folder: Path) -> str:
     """``finished`` or ``no_usable_trial`` (done), ``interrupted`` (started: resume it) or ``new``."""
-    from tune_mtard.search.driver import started
-
     summary = folder / files.SUMMARY_JSON
     if summary.is_file():
         status = json.loads(summary.read_text())["status"]
@@ -289,20 +288,12 @@ def search_status(folder: Path) -> str:
     return "interrupted" if started(folder) else "new"
 
 
-def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, parent) -> dict[str, SearchOutcome]:
+def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, parent) -> dict[str, MethodSearch]:
     """Each method's search, one after the other, on one local Ray (unless one is running already); a search
     that ended before is not run again. Links each search's parent run to the comparison's parent run."""
-    import ray
-
-    from tune_mtard.search.driver import run_search
-
     todo = [m for m in plan.methods if search_status(plan.folder(m)) not in DONE]
-    ray_started_here = bool(todo) and not ray.is_initialized()
-    if ray_started_here:  # a local Ray of our own, whatever address file a past `ray start` left behind
-        ray.init(address="local", include_dashboard=False, logging_level="warning", log_to_driver=False,
-                 configure_logging=True)
     outcomes = {}
-    try:
+    with ray_session(needed=bool(todo)):
         for i, method in enumerate(plan.methods, start=1):
             cfg, folder = plan.searches[method], plan.folder(method)
             status = search_status(folder)
@@ -313,7 +304,7 @@ def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, paren
                       f"{plan.tune} trials of {plan.tune_epochs} epochs over {', '.join(cfg.space)}", flush=True)
                 start = time.perf_counter()
                 try:
-                    run_search(cfg, resume=status != "new", quiet=True)
+                    driver.run_search(cfg, resume=status != "new", quiet=True)
                 finally:
                     state["searches"][method]["wall_time_s"] += time.perf_counter() - start
                     atomic.write_text(state_file, json.dumps(state, indent=2))
@@ -322,26 +313,21 @@ def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, paren
                              f"tune.{method}.search_experiment": cfg.mlflow.experiment,
                              f"tune.{method}.search_status": outcomes[method].status,
                              f"tune.{method}.search_dir": str(folder)})
-    finally:
-        if ray_started_here:
-            ray.shutdown()
     return outcomes
 
 
-def read_outcome(method: str, cfg: Config, folder: Path, wall_time_s: float) -> SearchOutcome:
+def read_outcome(method: str, cfg: Config, folder: Path, wall_time_s: float) -> MethodSearch:
     """A search's outcome from its folder: ``summary.json``, the parent run id and ``best_config.yaml``."""
-    from tune_mtard.teachers import check_teacher_files, roles_for
-
     summary = json.loads((folder / files.SUMMARY_JSON).read_text())
     best = None
     if summary["status"] == "finished":
         best = load_config(folder / files.BEST_CONFIG, check_files=False)
         check_teacher_files(best, roles_for([best.method]))  # the pinned teachers are the comparison's
-    return SearchOutcome(method, cfg, summary["status"], summary, (folder / files.PARENT_RUN_ID).read_text().strip(),
+    return MethodSearch(method, cfg, summary["status"], summary, (folder / files.PARENT_RUN_ID).read_text().strip(),
                          wall_time_s or summary.get("wall_time_s", 0.0), best)
 
 
-def final_configs(plan: TunedPlan, outcomes: dict[str, SearchOutcome]) -> dict[tuple[str, int], Config]:
+def final_configs(plan: TunedPlan, outcomes: dict[str, MethodSearch]) -> dict[tuple[str, int], Config]:
     """Each method's best config on every seed, seed by seed: the seed changed, ``train.epochs`` the base
     config's (the search may have run shorter), ``name`` and ``mlflow.*`` the comparison's."""
     base = plan.base
@@ -361,7 +347,7 @@ def _delete_killed_runs(client, experiment: str, parent_run_id: str) -> None:
 # ---------------------------------------------------------------------------------------- the table
 
 
-def tuned_table(plan: TunedPlan, outcomes: dict[str, SearchOutcome], results: Sequence[RunResult],
+def tuned_table(plan: TunedPlan, outcomes: dict[str, MethodSearch], results: Sequence[SeedRun],
                 n_test: int) -> tuple[list[dict[str, Any]], str]:
     """The summary rows (each with its search's budget and tuned values) and the markdown of a tuned comparison:
     the test table with the tuned values and the budget next to each method, and a line when ASHA spent
@@ -383,8 +369,7 @@ def tuned_table(plan: TunedPlan, outcomes: dict[str, SearchOutcome], results: Se
                                    f"({100 * budget['search_epochs_fraction']:.0f}%)")
         extra["search time"][method] = f"{budget['search_wall_time_s']:.0f} s"
     s = plan.search
-    scheduler = (f"ASHA (grace period {s.scheduler.grace_period}, reduction factor {s.scheduler.reduction_factor:g})"
-                 if s.scheduler.type == "asha" else "FIFO")
+    scheduler = describe_scheduler(s.scheduler)
     lines = [f"Each method at its own searched best: {plan.tune} trials of at most {plan.tune_epochs} epochs per "
              f"method ({plan.tune * plan.tune_epochs} epochs at most), {s.sampler.type} sampler seed {s.sampler.seed}, "
              f"{scheduler}, on {s.metric}; then {plan.base.train.epochs} epochs per seed.", "",
@@ -397,12 +382,12 @@ def tuned_table(plan: TunedPlan, outcomes: dict[str, SearchOutcome], results: Se
 def tuned_text(values: dict[str, Any]) -> str:
     """``lr=0.0731, trades_beta=4.93``: each key by its last part unless two keys share it."""
     last = [key.rsplit(".", 1)[-1] for key in values]
-    names = [part if last.count(part) == 1 else key for key, part in zip(values, last)]
+    names = [part if last.count(part) == 1 else key for key, part in zip(values, last, strict=True)]
     return ", ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
-                     for name, value in zip(names, values.values()))
+                     for name, value in zip(names, values.values(), strict=True))
 
 
-def budget_difference(outcomes: dict[str, SearchOutcome]) -> str:
+def budget_difference(outcomes: dict[str, MethodSearch]) -> str:
     """A line saying how many epochs each search spent, when they differ (ASHA stopped more of some methods'
     trials); empty when every method spent the same."""
     spent = {m: o.budget()["search_epochs_spent"] for m, o in outcomes.items()}

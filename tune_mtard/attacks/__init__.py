@@ -13,44 +13,68 @@ from collections.abc import Callable
 from torch import nn
 
 from tune_mtard.attacks.base import (
-    Attack, AutoAttackSettingsError, frozen_parameters, model_device, standard_normal, strict_fp32,
+    Attack,
+    AutoAttackSettingsError,
+    frozen_parameters,
+    model_device,
+    standard_normal,
+    strict_fp32,
 )
 from tune_mtard.attacks.gradient import FGSM, PGD, Clean, CWInf, TrainPGD
 from tune_mtard.registry import Registry
 
 AttackFactory = Callable[..., Attack]
 ATTACKS: Registry[AttackFactory] = Registry("attack")
+_TITLES: dict[str, str] = {}  # filled by register_attack beside each factory
+
+
+def register_attack(name: str, *, title: str) -> Callable[[AttackFactory], AttackFactory]:
+    """Decorator: ``factory(model, *, epsilon, ...)`` becomes the attack ``name``, shown as ``title`` in tables."""
+
+    def add(factory: AttackFactory) -> AttackFactory:
+        ATTACKS.add(name, factory)
+        _TITLES[name] = title
+        return factory
+
+    return add
+
+
+def attack_title(name: str) -> str:
+    """How a results table names the attack ``name`` (``pgd20`` -> ``PGD-20``)."""
+    ATTACKS.get(name)
+    return _TITLES[name]
 
 
 def _from_autoattack_module(name: str) -> type:
     try:
+        # pyautoattack, an optional extra, loads only when AutoAttack or Square runs
         from tune_mtard.attacks import autoattack
     except ImportError as exc:
         raise ImportError(f"attack {name} needs the pyautoattack package (pip install pyautoattack): {exc}") from exc
     return getattr(autoattack, name)
 
 
-@ATTACKS.register("clean")
+@register_attack("clean", title="Clean")
 def _clean(model: nn.Module, **_) -> Attack:
     return Clean(model)
 
 
-@ATTACKS.register("fgsm")
+@register_attack("fgsm", title="FGSM")
 def _fgsm(model: nn.Module, *, epsilon: float, **_) -> Attack:
     return FGSM(model, epsilon)
 
 
-@ATTACKS.register("pgd20")
+@register_attack("pgd20", title="PGD-20")
 def _pgd(model: nn.Module, *, epsilon: float, pgd_step_size: float, pgd_steps: int, **_) -> Attack:
     return PGD(model, epsilon, pgd_step_size, pgd_steps, random_start=True)
 
 
-@ATTACKS.register("cw")
+@register_attack("cw", title="CW-inf")
 def _cw(model: nn.Module, *, epsilon: float, **_) -> Attack:
     return CWInf(model, epsilon)
 
 
-@ATTACKS.register("aa")
+@register_attack("aa", title="AutoAttack")
 def _autoattack(model: nn.Module, *, epsilon: float, num_classes: int | None, batch_size: int, **_) -> Attack:
     AutoAttack = _from_autoattack_module("AutoAttack")
 
@@ -59,7 +83,7 @@ def _autoattack(model: nn.Module, *, epsilon: float, num_classes: int | None, ba
     return AutoAttack(model, epsilon, num_classes, batch_size=batch_size)
 
 
-@ATTACKS.register("square")
+@register_attack("square", title="Square")
 def _square(model: nn.Module, *, epsilon: float, square_queries: int, **_) -> Attack:
     Square = _from_autoattack_module("Square")
 
@@ -89,4 +113,5 @@ def build_attack(
 
 
 __all__ = ["ATTACKS", "Attack", "AutoAttackSettingsError", "CWInf", "Clean", "FGSM", "PGD", "TrainPGD",
-           "build_attack", "frozen_parameters", "model_device", "standard_normal", "strict_fp32"]
+           "attack_title", "build_attack", "frozen_parameters", "model_device", "register_attack", "standard_normal",
+           "strict_fp32"]

@@ -8,8 +8,16 @@ import torch
 from torch import Tensor, nn
 
 from tune_mtard.attacks.base import (
-    CW_CONFIDENCE, TRAIN_PGD_NOISE, Attack, cross_entropy_sum, cw_loss, frozen_parameters, input_gradient,
-    model_device, sign_step, standard_normal,
+    CW_CONFIDENCE,
+    TRAIN_PGD_NOISE,
+    Attack,
+    cross_entropy_sum,
+    cw_loss,
+    frozen_parameters,
+    input_gradient,
+    model_device,
+    sign_step,
+    standard_normal,
 )
 
 

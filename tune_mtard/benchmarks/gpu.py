@@ -98,7 +98,8 @@ def bench_gpu(cfg: Config, setup: CheckSetup, out: Path | None, *, train_example
 def _summary(kind: str, figures: dict[str, Any]) -> str:
     if kind == "step":
         ms = figures["ms_per_call"]
-        return (f"perf {figures['perf']}: B-MTARD step {ms['bmtard_step']:.2f} ms, reference {ms['reference_step']:.2f} ms, "
+        return (f"perf {figures['perf']}: B-MTARD step {ms['bmtard_step']:.2f} ms, "
+                f"reference {ms['reference_step']:.2f} ms, "
                 f"bmtard_over_reference {figures['bmtard_over_reference']:.3f}")
     return (f"perf {figures['perf']}: {figures['steps_per_s']:.2f} steps/s, {figures['images_per_s']:.0f} images/s, "
             f"epoch {figures['epoch_s']:.2f} s (validation {figures['validate_s']:.2f} s), loader alone "

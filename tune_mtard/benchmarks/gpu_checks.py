@@ -100,7 +100,8 @@ class CheckSetup:
         are: near-uniform soft labels would make the distillation losses small differences of nearly equal
         numbers, whose relative error says nothing about the fast path."""
         torch.manual_seed(self.seed + 1)
-        teachers = {"clean": create_model(self.clean_teacher, 10, 3), "robust": create_model(self.robust_teacher, 10, 3)}
+        teachers = {"clean": create_model(self.clean_teacher, 10, 3),
+                    "robust": create_model(self.robust_teacher, 10, 3)}
         for teacher in teachers.values():
             classifier = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1]
             with torch.no_grad():
@@ -216,7 +217,8 @@ def check_bf16_close_to_fp32(setup: CheckSetup) -> dict[str, Any]:
     first = _relative_gap(runs[True][0], runs[False][0])
     mean = _relative_gap(runs[True].mean(0), runs[False].mean(0))
     result = {"first_step_relative_gap": first, "epoch_mean_relative_gap": mean,
-              "fp32_epoch_mean_losses": runs[False].mean(0).tolist(), "bf16_epoch_mean_losses": runs[True].mean(0).tolist()}
+              "fp32_epoch_mean_losses": runs[False].mean(0).tolist(),
+              "bf16_epoch_mean_losses": runs[True].mean(0).tolist()}
     if first > BF16_FIRST_STEP_RTOL or mean > BF16_EPOCH_MEAN_RTOL:
         raise CheckFailed(f"bf16 losses too far from fp32 (first step {first:.3g} > {BF16_FIRST_STEP_RTOL} or "
                           f"epoch mean {mean:.3g} > {BF16_EPOCH_MEAN_RTOL}): {result}")
@@ -297,7 +299,8 @@ def check_evaluation_ignores_tf32(setup: CheckSetup) -> dict[str, Any]:
     trainer = setup.trainer()
     val = setup.data().val
     x, y = val.floats().to(setup.device), val.labels.to(setup.device)
-    attack = PGD(trainer.student, trainer.cfg.attack.epsilon, trainer.cfg.eval.pgd_step_size, trainer.cfg.eval.pgd_steps)
+    attack = PGD(trainer.student, trainer.cfg.attack.epsilon, trainer.cfg.eval.pgd_step_size,
+                 trainer.cfg.eval.pgd_steps)
     metrics, examples, logits = {}, {}, {}
     for allowed in (True, False):
         with tf32(allowed), deterministic_cudnn(), eval_mode(trainer.student):

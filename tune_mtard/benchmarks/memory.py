@@ -16,7 +16,6 @@ from tune_mtard.data import DATASETS
 from tune_mtard.errors import ConfigError
 from tune_mtard.models import create_model
 
-
 GIB = 2**30
 # A CUDA context with torch's kernels loaded, cuBLAS/cuDNN workspaces and allocator slack, per trial process.
 # Assumed (typical of torch on an H100), not measured here.

@@ -20,15 +20,17 @@ import torch
 from tune_mtard.benchmarks.machine import machine_info, machine_line
 from tune_mtard.benchmarks.step import random_teachers
 from tune_mtard.config import Config
-from tune_mtard.data import DataBundle, load_data_for
+from tune_mtard.data import DataBundle, load_data
 from tune_mtard.engine import Trainer
 from tune_mtard.errors import ConfigError
 from tune_mtard.perf import resolve_device
+from tune_mtard.search.local_ray import ray_session
 
 
 def _timed_trial(sampled: dict[str, Any], *, base: Config, data: DataBundle,
                  teachers: dict[str, tuple[str, dict[str, torch.Tensor]]], timing_file: str) -> None:
     """The real trainable, with its wall time written where the benchmark reads it."""
+    # only the benchmark that measures it loads the search stack
     from tune_mtard.trainables.bmtard import train_bmtard
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -40,6 +42,7 @@ def _timed_trial(sampled: dict[str, Any], *, base: Config, data: DataBundle,
 def _bare_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dict[str, torch.Tensor]]],
                 threads: int) -> dict[str, float]:
     """What the trainable does, without Ray or MLflow: wall and CPU seconds, sum of epoch_time_s."""
+    # only the benchmark that measures it loads the search stack
     from tune_mtard.trainables.bmtard import teacher_from_weights
 
     torch.set_num_threads(threads)
@@ -69,6 +72,7 @@ DRIVER_SECONDS: dict[str, float] = {"driver_mlflow_s": 0.0, "driver_optuna_s": 0
 
 def _timed_hooks():
     """The search's recorder and searcher, each with its per-result hook timed into :data:`DRIVER_SECONDS`."""
+    # only the benchmark that measures it loads the search stack
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import PrunedAwareOptunaSearch
 
@@ -92,6 +96,7 @@ def _ray_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dic
     """One trial through the search's own Tuner (searcher, scheduler, MLflow recorder, checkpoints)."""
     from ray import tune
 
+    # only the benchmark that measures it loads the search stack
     from tune_mtard import tracking
     from tune_mtard.search.driver import new_tuner
     from tune_mtard.search.recorder import start_parent
@@ -125,14 +130,12 @@ def _ray_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dic
 
 
 def bench_platform(cfg: Config, epochs: int, repeats: int) -> dict[str, Any]:
-    import ray
-
     if cfg.search is None:
         raise ConfigError("--config", "platform needs a search space file (its search.resources)")
     cfg = cfg.with_values({"train.epochs": epochs, "search.num_samples": 1, "search.scheduler.type": "fifo",
                            "search.sampler.n_startup_trials": 1})
     device = resolve_device(cfg.device)
-    data = load_data_for(cfg)
+    data = load_data(cfg)
     teachers = {role: (getattr(cfg.teachers, role).arch, model.state_dict())
                 for role, model in random_teachers(cfg, data).items()}
     threads = max(1, int(cfg.search.resources.cpu))
@@ -140,10 +143,8 @@ def bench_platform(cfg: Config, epochs: int, repeats: int) -> dict[str, Any]:
     runs = []
     with tempfile.TemporaryDirectory(prefix="tune-mtard-bench-") as tmp:
         start = time.perf_counter()
-        ray.init(address="local", include_dashboard=False, logging_level="warning", log_to_driver=False,
-                 configure_logging=True)
-        ray_startup = time.perf_counter() - start
-        try:
+        with ray_session():
+            ray_startup = time.perf_counter() - start
             for i in range(repeats):
                 trial_cfg = cfg.with_values({"search.storage": str(Path(tmp) / "tune"), "name": f"bench-platform-{i}",
                                              "mlflow.tracking_uri": f"sqlite:///{Path(tmp) / 'mlflow.db'}",
@@ -155,8 +156,6 @@ def bench_platform(cfg: Config, epochs: int, repeats: int) -> dict[str, Any]:
                 if i % 2 == 1:
                     bare = _bare_run(cfg.run_config(), data, teachers, threads)
                 runs.append(dict(trial, **bare))
-        finally:
-            ray.shutdown()
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in runs)

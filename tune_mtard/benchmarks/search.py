@@ -30,10 +30,10 @@ def _fifo_fingerprint(cfg: Config) -> dict[str, Any]:
 
 def bench_search(space: str, overrides: list[str], num_samples: int | None, max_epochs: int | None,
                  storage: str | None, fifo_from: str | None) -> dict[str, Any]:
-    import ray
-
-    from tune_mtard.data import load_data_for
+    # only the benchmark that measures it loads the search stack
+    from tune_mtard.data import load_data
     from tune_mtard.search.driver import SearchRequest, experiment_dir, run_search, search_config
+    from tune_mtard.search.local_ray import ray_session
     from tune_mtard.teachers import prepare_teachers
 
     load_before = os.getloadavg()
@@ -58,21 +58,17 @@ def bench_search(space: str, overrides: list[str], num_samples: int | None, max_
         # The teachers are trained (or found) once, before any search is timed.
         cfg = configs["asha"].run_config()
         start = time.perf_counter()
-        data = load_data_for(cfg)
+        data = load_data(cfg)
         prepare_teachers(cfg, data, resolve_device(cfg.device), progress=False)
         teachers_s = time.perf_counter() - start
         start = time.perf_counter()
-        ray.init(address="local", include_dashboard=False, logging_level="warning", log_to_driver=False,
-                 configure_logging=True)
-        ray_startup = time.perf_counter() - start
-        try:
+        with ray_session():
+            ray_startup = time.perf_counter() - start
             for scheduler, cfg in configs.items():
                 start = time.perf_counter()
                 run_search(cfg, quiet=True)
                 summary = json.loads((experiment_dir(cfg) / SUMMARY_JSON).read_text())
                 outcomes[scheduler] = dict(summary, bench_wall_s=time.perf_counter() - start)
-        finally:
-            ray.shutdown()
     cfg = configs["asha"]
     asha, fifo = outcomes["asha"], outcomes["fifo"]
     return {

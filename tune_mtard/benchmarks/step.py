@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tune_mtard.benchmarks.machine import StepTimer, machine_info, machine_line, training_setup, training_setup_line
 from tune_mtard.benchmarks.reference_step import ReferenceStep
 from tune_mtard.config import Config
-from tune_mtard.data import DataBundle, iterate_batches, load_data_for
+from tune_mtard.data import DataBundle, iterate_batches, load_data
 from tune_mtard.engine import Trainer
 from tune_mtard.errors import ConfigError
 from tune_mtard.models import create_model
@@ -53,7 +53,7 @@ def bench_step(cfg: Config, batch_size: int | None, repeats: int, window_s: floa
         cfg = cfg.with_values({"data.batch_size": batch_size})
     device = resolve_device(cfg.device)
     if data is None:
-        data = load_data_for(cfg)
+        data = load_data(cfg)
     x, y = first_batch(data, cfg.data.batch_size, device)
 
     teachers = random_teachers(cfg, data)

@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
+    # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
     from tune_mtard.search.analyze import AnalyzeRequest, analyze_experiment
 
     done = analyze_experiment(AnalyzeRequest(experiment=args.experiment, tracking_uri=args.tracking_uri))

@@ -21,9 +21,11 @@ def build_parser() -> ArgumentParser:
     """The ``bench`` command's flags (docs/cli.md, "bench")."""
     parser = parser_for("bench", "Performance figures: a table on stdout and, with --out, JSON with the machine "
                                  "they were measured on.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{step,epoch,gpu,platform,search,memory,folder}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{step,epoch,gpu,platform,search,memory,folder}")
 
-    def command(name: str, help_text: str, space: str = DEFAULT_SPACE, out: str | None = None) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, space: str = DEFAULT_SPACE,
+                out: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", default=space,
                          help=f"run config or search space: a path, or a name in ./search_spaces/ or among the "
@@ -103,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--out", f"folder {Path(args.out).parent} does not exist")
 
     if args.command == "step":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.step import bench_step, print_step
 
         cfg = load_config(args.config, args.overrides, check_files=False)
@@ -110,14 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = bench_step(cfg, args.batch_size, args.repeats, args.window_s, args.warmup)
         print_step(result)
     elif args.command == "epoch":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.epoch import bench_epoch, print_epoch
-        from tune_mtard.data import load_data_for
+        from tune_mtard.data import load_data
 
         cfg = load_config(args.config, args.overrides, check_files=False)
         if args.batch_size is not None:
             cfg = cfg.with_values({"data.batch_size": args.batch_size})
         _set_threads(args.threads, cfg)
-        data = load_data_for(cfg)
+        data = load_data(cfg)
         if args.train_examples is not None:
             data = dataclasses.replace(data, train=data.train.head(args.train_examples))
         result = bench_epoch(cfg, data, args.epochs, args.warmup_epochs)
@@ -125,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "gpu":
         import torch
 
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.gpu import bench_gpu
         from tune_mtard.benchmarks.gpu_checks import CheckSetup
 
@@ -141,17 +146,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"checks {'all passed' if result['all_checks_passed'] else 'FAILED'}; figures in {args.out}")
         return 0 if result["all_checks_passed"] else 1
     elif args.command == "platform":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.platform import bench_platform, print_platform
 
         result = bench_platform(load_config(args.config, args.overrides, check_files=False), args.epochs, args.repeats)
         print_platform(result)
     elif args.command == "memory":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.memory import bench_memory, print_memory
 
         result = bench_memory(load_config(args.config, args.overrides, check_files=False), args.batch_size,
                               args.gpu_gib)
         print_memory(result)
     elif args.command == "folder":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.folder import bench_folder, print_folder
 
         try:
@@ -166,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               Path(args.workdir) if args.workdir else None)
         print_folder(result)
     else:
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.search import bench_search, print_search
 
         result = bench_search(args.config, args.overrides, args.num_samples, args.max_epochs, args.storage,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for
 from tune_mtard.comparison import CompareRequest, compare
 from tune_mtard.methods import variants
+from tune_mtard.tuning import compare_tuned
 
 
 def build_parser() -> ArgumentParser:
@@ -36,6 +37,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    return compare(CompareRequest(config=args.config, methods=args.methods, seeds=args.seeds, attacks=args.attacks,
+    run = compare if args.tune is None else compare_tuned
+    return run(CompareRequest(config=args.config, methods=args.methods, seeds=args.seeds, attacks=args.attacks,
                                   out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri,
                                   tune=args.tune, tune_epochs=args.tune_epochs, resume=args.resume))

@@ -13,7 +13,8 @@ def build_parser() -> ArgumentParser:
     parser = parser_for("evaluate", "Evaluate a saved model on the first N examples of a split under each attack; "
                                     "print a table and write JSON.")
     parser.add_argument("--config", required=True, help="run config (dataset, arch, attack.epsilon, eval.*)")
-    parser.add_argument("--checkpoint", required=True, help="weights of the model to evaluate (e.g. runs/NAME/student.pt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="weights of the model to evaluate (e.g. runs/NAME/student.pt)")
     parser.add_argument("--attacks", required=True,
                         help="comma-separated, from clean,fgsm,pgd20,cw,aa,square (and transfer_pgd20,transfer_cw "
                              "with --source-checkpoint); clean is always included")

@@ -24,6 +24,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
     from tune_mtard.search.export import ExportRequest, export_trial
 
     exported = export_trial(ExportRequest(experiment=args.experiment, trial=args.trial, out=args.out,

@@ -14,7 +14,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--space", required=True, help="search space: a path, or a file name in ./search_spaces/ "
                                                        "or among the installed spaces (e.g. cifar10.yaml)")
     parser.add_argument("--num-samples", type=int, default=None, help="number of trials (search.num_samples)")
-    parser.add_argument("--max-epochs", type=int, default=None, help="shrink train.epochs (the schedule scales with it)")
+    parser.add_argument("--max-epochs", type=int, default=None,
+                        help="shrink train.epochs (the schedule scales with it)")
     parser.add_argument("--storage", default=None, help="folder for results (search.storage)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (mlflow.tracking_uri)")
     parser.add_argument("--address", default=None, help="connect to an existing Ray cluster (e.g. auto, ray://host:10001)")
@@ -27,6 +28,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
     from tune_mtard.search.driver import SearchRequest, search
 
     return search(SearchRequest(space=args.space, num_samples=args.num_samples, max_epochs=args.max_epochs,

@@ -21,6 +21,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
     from tune_mtard.teachers import TeachersRequest, train_missing
 
     reports = train_missing(TeachersRequest(config=args.config, roles=args.roles, overrides=args.overrides,
@@ -28,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in reports:
         print(f"{r.role:6s} {r.arch:18s} {r.status:7s} clean {r.clean_acc:.4f}  PGD-{r.pgd_steps} {r.pgd_acc:.4f}  "
               f"(test, n={r.n}, eps={r.epsilon:.4g})  {r.path}", flush=True)
-        print(f"       val clean {r.val_clean_acc:.4f}  PGD-{r.pgd_steps} {r.val_pgd_acc:.4f}  loaded with: {r.mapping}",
+        print(f"       val clean {r.val_clean_acc:.4f}  PGD-{r.pgd_steps} {r.val_pgd_acc:.4f}  "
+              f"loaded with: {r.mapping}",
               flush=True)
     return 0

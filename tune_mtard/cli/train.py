@@ -11,7 +11,8 @@ def build_parser() -> ArgumentParser:
     """The ``train`` command's flags (docs/cli.md, "train")."""
     parser = parser_for("train", "One full training run from a run config; writes metrics.json, student.pt, "
                                  "balance_trace.csv and config.yaml and logs one MLflow run.")
-    parser.add_argument("--config", required=True, help="run config (e.g. an exported best_config.yaml) or search space file")
+    parser.add_argument("--config", required=True,
+                        help="run config (e.g. an exported best_config.yaml) or search space file")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
     add_set_flag(parser)
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: mlflow.tracking_uri)")
@@ -25,6 +26,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
     from tune_mtard.training import TrainRequest, train
 
     train(TrainRequest(config=args.config, out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri,

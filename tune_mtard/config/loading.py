@@ -10,49 +10,12 @@ from typing import Any, Iterable
 
 import yaml
 
-from tune_mtard.config.coerce import build, field_type, to_plain
-from tune_mtard.config.schema import Config
-from tune_mtard.config.search import SearchConfig
-from tune_mtard.config.space import check_space, check_spaces, parse_space, parse_spaces
+from tune_mtard.config.coerce import field_type
+from tune_mtard.config.schema import Config, from_dict, set_dotted, to_yaml, with_values  # noqa: F401 (re-exported)
 from tune_mtard.errors import ConfigError
 
 SPACES_PACKAGE = "tune_mtard.search_spaces"  # the repository's search_spaces/ folder, installed in the package
 SPACES_FOLDER = "search_spaces"
-
-
-def from_dict(raw: dict[str, Any], check_files: bool = True) -> Config:
-    """Build and validate a :class:`Config` from a plain dict (the parsed YAML)."""
-    if not isinstance(raw, dict):
-        raise ConfigError("config", "expected a YAML mapping at the top level")
-    raw = copy.deepcopy(raw)
-    space_raw = raw.pop("space", None)
-    spaces_raw = raw.pop("spaces", None)
-    cfg = build(Config, raw, "")
-    if "recipe" not in ((raw.get("teachers") or {}).get("robust") or {}):
-        # A robust teacher is adversarially trained unless the file says otherwise.
-        cfg.teachers.robust.recipe = "trades"
-    if "search" in raw and cfg.search is None:
-        cfg.search = SearchConfig()
-    if space_raw is not None:
-        cfg.space = parse_space(space_raw)
-        if cfg.search is None:
-            cfg.search = SearchConfig()
-    if spaces_raw is not None:
-        cfg.spaces = parse_spaces(spaces_raw)
-    cfg.check(check_files=check_files)
-    if cfg.space:
-        check_space(cfg)
-    if cfg.spaces:
-        check_spaces(cfg)
-    return cfg
-
-
-def with_values(cfg: Config, values: dict[str, Any]) -> Config:
-    """A new validated config: ``cfg`` with dotted keys set (e.g. a trial's sampled values)."""
-    raw = cfg.to_dict(with_search=True)
-    for key, value in values.items():
-        set_dotted(raw, key, value, origin=key)
-    return from_dict(raw, check_files=False)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = (), check_files: bool = True) -> Config:
@@ -156,65 +119,3 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> None:
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value, origin=key)
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any, origin: str) -> None:
-    """Set dotted ``key`` in the raw (YAML) dict; ``space.<config key>[.<param>]`` reaches the space section and
-    ``spaces.<method>[.<config key>[.<param>]]`` one space of the ``spaces`` section."""
-    if key.startswith("space."):
-        raw["space"] = raw.get("space") or {}
-        _set_in_space(raw["space"], key[len("space."):], value)
-        return
-    if key.startswith("spaces."):
-        spaces = raw["spaces"] = raw.get("spaces") or {}
-        method, _, rest = key[len("spaces."):].partition(".")
-        if not rest:
-            spaces[method] = value
-            return
-        spaces[method] = spaces.get(method) or {}
-        if not isinstance(spaces[method], dict):
-            raise ConfigError(f"spaces.{method}", "expected a mapping of dotted config keys to distributions")
-        _set_in_space(spaces[method], rest, value)
-        return
-    parts = key.split(".")
-    node = raw
-    cls: Any = Config
-    for i, part in enumerate(parts):
-        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-        if part not in names:
-            raise ConfigError(origin, "unknown config key")
-        if i == len(parts) - 1:
-            node[part] = value
-            return
-        cls = field_type(cls, part)
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-
-
-def _set_in_space(space: dict[str, Any], rest: str, value: Any) -> None:
-    """``<config key>`` sets a whole distribution of ``space``, ``<config key>.<param>`` one field of it."""
-    for known in sorted(space, key=len, reverse=True):
-        if rest == known:
-            space[known] = value
-            return
-        if rest.startswith(known + ".") and isinstance(space[known], dict):
-            space[known][rest[len(known) + 1:]] = value
-            return
-    space[rest] = value
-
-
-def to_yaml(cfg: Config, with_search: bool = False) -> str:
-    raw = cfg.to_dict(with_search=with_search)
-    if "space" in raw and cfg.space is not None:
-        raw["space"] = _plain_space(cfg.space)
-    if "spaces" in raw and cfg.spaces is not None:
-        raw["spaces"] = {name: {key: None if dist is None else _plain_space({key: dist})[key]
-                                for key, dist in space.items()} for name, space in cfg.spaces.items()}
-    return yaml.safe_dump(raw, sort_keys=False)
-
-
-def _plain_space(space: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Distributions as a space file writes them: the fields that are set."""
-    return {key: {name: v for name, v in to_plain(dist).items() if v is not None and not (name == "log" and v is False)}
-            for key, dist in space.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 
+from tune_mtard.attacks import ATTACKS
 from tune_mtard.errors import ConfigError
 
 
@@ -17,8 +18,6 @@ def require_name(name: str, valid: list[str], key: str, kind: str) -> None:
 
 
 def check_attack_names(names: list[str], key: str) -> None:
-    from tune_mtard.attacks import ATTACKS
-
     for i, name in enumerate(names):
         require_name(name, ATTACKS.names(), f"{key}[{i}]", "attack")
 

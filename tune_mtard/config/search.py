@@ -10,6 +10,9 @@ from typing import Any
 
 from tune_mtard.config.rules import check_attack_names, require
 from tune_mtard.errors import ConfigError
+from tune_mtard.metrics import EPOCH_METRICS
+from tune_mtard.search.samplers import samplers
+from tune_mtard.search.schedulers import SCHEDULERS
 
 
 @dataclass
@@ -20,7 +23,7 @@ class Resources:
 
 @dataclass
 class SchedulerConfig:
-    type: str = "asha"  # asha | fifo
+    type: str = "asha"  # a name of tune_mtard.search.schedulers (asha, fifo)
     grace_period: int = 10
     reduction_factor: float = 3
 
@@ -74,7 +77,6 @@ class SearchConfig:
     def check(self) -> None:
         require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
         require(self.max_concurrent >= 1, "search.max_concurrent", "must be >= 1")
-        from tune_mtard.metrics import EPOCH_METRICS
 
         def reported(name: str, key: str) -> None:
             require(name in EPOCH_METRICS, key,
@@ -96,7 +98,8 @@ class SearchConfig:
         require(self.resources.cpu > 0, "search.resources.cpu", "must be > 0")
         require(self.resources.gpu >= 0, "search.resources.gpu", "must be >= 0")
         s = self.scheduler
-        require(s.type in ("asha", "fifo"), "search.scheduler.type", f"must be asha or fifo, got {s.type!r}")
+        require(s.type in SCHEDULERS, "search.scheduler.type",
+                f"must be one of {', '.join(SCHEDULERS.names())}, got {s.type!r}")
         require(s.grace_period >= 1, "search.scheduler.grace_period", "must be >= 1")
         require(s.reduction_factor > 1, "search.scheduler.reduction_factor", "must be > 1")
         self.check_sampler()
@@ -113,11 +116,8 @@ class SearchConfig:
         require(self.final_eval.n_examples >= 1, "search.final_eval.n_examples", "must be >= 1")
         check_attack_names(self.final_eval.attacks, "search.final_eval.attacks")
 
-
     def check_sampler(self) -> None:
         """``search.sampler.type`` names a registered sampler that can handle the search's objectives."""
-        from tune_mtard.search.samplers import samplers
-
         registry = samplers()
         require(self.sampler.type in registry, "search.sampler.type",
                 f"must be one of {', '.join(registry.names())}, got {self.sampler.type!r}")

@@ -8,16 +8,19 @@ rules that tie keys together (``tau_min <= tau_max``) must hold at every corner 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
-from typing import Any, Iterable, get_type_hints
+from typing import TYPE_CHECKING, Any, Iterable, get_type_hints
 
 from tune_mtard.config.coerce import build, flatten
 from tune_mtard.config.rules import require
-from tune_mtard.config.schema import Config
 from tune_mtard.config.search import Distribution
 from tune_mtard.errors import ConfigError
+from tune_mtard.methods import default_space, variants
+
+if TYPE_CHECKING:
+    # schema builds a Config with the checks here; this module reaches the Config class only through a config
+    from tune_mtard.config.schema import Config
 
 # Past this many corners every pair of keys is checked at its corners, which covers every two-key rule.
 MAX_CORNERS = 4096
@@ -67,12 +70,10 @@ def parse_space(raw: Any, section: str = "space") -> dict[str, Distribution]:
 
 def check_space(cfg: Config) -> None:
     """Space keys are run-config leaves; every value a distribution can sample must make a valid config."""
-    from tune_mtard.config.loading import from_dict, set_dotted
-
     space = cfg.space or {}
-    base = cfg.to_dict()
-    leaves = flatten(base)
-    kinds = leaf_types()
+    run = cfg.run_config()
+    leaves = flatten(run.to_dict())
+    kinds = leaf_types(type(cfg))
     for key, dist in space.items():
         where = f"space.{key}"
         require(key in leaves, where, "not a key of the run config")
@@ -84,19 +85,14 @@ def check_space(cfg: Config) -> None:
         if dist.type == "int":
             require(kind in (int, float), where, f"type int cannot sample {key}, which is {_kind_name(kind)}")
         for value in dist.extremes():
-            raw = copy.deepcopy(base)
-            set_dotted(raw, key, value, origin=where)
             try:
-                from_dict(raw, check_files=False)
+                run.with_values({key: value})
             except ConfigError as exc:
                 raise ConfigError(where, f"value {value!r} is invalid: {exc.message}") from None
     if len(space) > 1:
         for combo in _corners(space):
-            raw = copy.deepcopy(base)
-            for k, v in combo:
-                set_dotted(raw, k, v, origin=f"space.{k}")
             try:
-                from_dict(raw, check_files=False)
+                run.with_values(dict(combo))
             except ConfigError as exc:
                 values = ", ".join(f"{k}={v!r}" for k, v in combo)
                 raise ConfigError(f"space.{exc.key}", f"samples can break a rule of the run config: {exc.message} "
@@ -121,8 +117,6 @@ def parse_spaces(raw: Any) -> dict[str, dict[str, Distribution | None]]:
 def check_spaces(cfg: Config) -> None:
     """Each ``spaces`` entry names a method or variant ``compare --methods`` accepts, and the space it makes is
     one that method can search."""
-    from tune_mtard.methods import variants
-
     names = variants()
     for name in cfg.spaces or {}:
         require(name in names, f"spaces.{name}", f"unknown method {name!r} (valid: {', '.join(names)})")
@@ -133,8 +127,6 @@ def method_space(cfg: Config, variant: str) -> dict[str, Distribution]:
     """What ``compare --tune`` searches for ``variant``: its default space (beside its registration in
     tune_mtard/methods/) with the config's ``spaces.<variant>`` laid over it, key by key: a distribution
     replaces or adds that key, null drops it (docs/configuration.md, "spaces")."""
-    from tune_mtard.methods import default_space
-
     section = f"spaces.{variant}"
     space = parse_space(default_space(variant), section)
     for key, dist in ((cfg.spaces or {}).get(variant) or {}).items():
@@ -151,8 +143,6 @@ def method_space(cfg: Config, variant: str) -> dict[str, Distribution]:
 def method_search_base(cfg: Config, variant: str) -> Config:
     """``cfg``'s run config as ``variant`` runs it, with :func:`method_space` as its space, checked like any
     space (:func:`check_space`) and for keys the variant sets itself; a ConfigError names ``spaces.<variant>.<key>``."""
-    from tune_mtard.methods import variants
-
     section = f"spaces.{variant}"
     space = method_space(cfg, variant)
     fixed = variants()[variant]
@@ -184,13 +174,13 @@ def _kind_name(kind: Any) -> str:
     return {float: "a float", int: "an integer", bool: "a boolean", str: "a string"}.get(kind, "not a number")
 
 
-def leaf_types() -> dict[str, Any]:
-    """Dotted run-config key -> the Python type its values have."""
+def leaf_types(config_class: type) -> dict[str, Any]:
+    """Dotted run-config key -> the Python type its values have (``config_class``: :class:`Config`)."""
     out: dict[str, Any] = {}
 
     def walk(cls: Any, prefix: str) -> None:
         for name, hint in get_type_hints(cls).items():
-            if cls is Config and name in ("search", "space", "spaces"):
+            if cls is config_class and name in ("search", "space", "spaces"):
                 continue
             key = f"{prefix}{name}"
             if dataclasses.is_dataclass(hint):
@@ -198,5 +188,5 @@ def leaf_types() -> dict[str, Any]:
             else:
                 out[key] = hint if hint in (int, float, bool, str) else object
 
-    walk(Config, "")
+    walk(config_class, "")
     return out

@@ -31,6 +31,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from tune_mtard.data.folders import CROPS, PADDED_CROP_PADDING, FolderSplit, Ima
 from tune_mtard.data.splits import DataBundle, Split, carve_validation, generator_for, stratified_holdout, subset
 from tune_mtard.errors import ConfigError
 from tune_mtard.registry import Registry
+
+if TYPE_CHECKING:
+    from tune_mtard.config import Config
 
 Loader = Callable[[Path, bool, int], "tuple[Split, Split]"]
 
@@ -87,22 +91,17 @@ SYNTHETIC_TEST_SIZE = 500
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
 TINY_IMAGENET_CACHE = "tensors.pt"
 TINY_IMAGENET_SIZE = 64
+DEFAULT_VIEW = ImageView()  # how an image folder is read when the config says nothing
 
 
-def load_data_for(cfg) -> DataBundle:
-    """``load_data`` with the ``data.*`` keys and ``seed`` of a :class:`~tune_mtard.config.Config`."""
-    d = cfg.data
-    return load_data(d.dataset, d.root, d.download, d.val_fraction, cfg.seed,
-                     view=ImageView(d.image_size, d.crop, d.loader_workers))
-
-
-def load_data(dataset: str, root: str | Path = "./data", download: bool = False, val_fraction: float = 0.1,
-              seed: int = 0, view: ImageView = ImageView()) -> DataBundle:
+def load_data(dataset: str | Config, root: str | Path = "./data", download: bool = False, val_fraction: float = 0.1,
+              seed: int = 0, view: ImageView = DEFAULT_VIEW) -> DataBundle:
     """Load a dataset into memory (on the CPU), or index an image folder, and split it into train, validation
     and test.
 
     Args:
-        dataset: its registry name (``data.dataset``), e.g. ``"cifar10"``.
+        dataset: its registry name (``data.dataset``), e.g. ``"cifar10"``; or a run config, whose ``data.*``
+            and ``seed`` then give every argument (``load_data(cfg)``, what every command calls).
         root: folder holding the dataset files (unused by ``digits`` and ``synthetic``).
         download: let torchvision download cifar10/cifar100/svhn when their files are missing.
         val_fraction: fraction of the training split held out as validation, in [0, 1); any
@@ -114,6 +113,10 @@ def load_data(dataset: str, root: str | Path = "./data", download: bool = False,
         ConfigError: unknown dataset (key ``data.dataset``), bad ``val_fraction``
             (``data.val_fraction``), or dataset files missing or unreadable (``data.root``).
     """
+    if not isinstance(dataset, str):
+        d = dataset.data
+        return load_data(d.dataset, d.root, d.download, d.val_fraction, dataset.seed,
+                         view=ImageView(d.image_size, d.crop, d.loader_workers))
     if dataset not in DATASETS:
         raise ConfigError("data.dataset", f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if not 0 <= val_fraction < 1:
@@ -161,7 +164,8 @@ def _make_synthetic(root: Path, download: bool, seed: int) -> tuple[Split, Split
     labels = torch.randperm(n, generator=generator) % num_classes
     shifts = torch.randint(-2, 3, (n, 2), generator=generator)
     patterns = torch.stack(
-        [torch.roll(prototypes[label], (int(dy), int(dx)), dims=(1, 2)) for label, (dy, dx) in zip(labels, shifts)]
+        [torch.roll(prototypes[label], (int(dy), int(dx)), dims=(1, 2))
+         for label, (dy, dx) in zip(labels, shifts, strict=True)]
     )
     contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=generator)
     distractors = smooth_fields(n)

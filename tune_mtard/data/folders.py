@@ -175,7 +175,7 @@ class _Batches:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for b in range(self.total):
             rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield list(zip(self.order[rows].tolist(), self.seeds[rows].tolist()))
+            yield list(zip(self.order[rows].tolist(), self.seeds[rows].tolist(), strict=True))
 
 
 def _load(split: FolderSplit, batches: Iterable[list[tuple[int, int]]], workers: int, device: torch.device | None,

@@ -7,14 +7,16 @@ class decorated with :func:`register_method`, in a module imported below.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from tune_mtard.config import Config
-from tune_mtard.methods import adversarial, distillation, mtard, bmtard  # noqa: F401 (they register, in this order)
+from tune_mtard.methods import adversarial, bmtard, distillation, mtard  # noqa: F401 (they register, in this order)
 from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast, trace_row
 from tune_mtard.methods.registry import METHODS, SHARED_SPACE, MethodSpec, Space, register_method
+
+if TYPE_CHECKING:
+    from tune_mtard.config import Config
 
 
 def needed_teachers(method: str) -> tuple[str, ...]:

@@ -3,13 +3,17 @@ natural training, PGD-AT (Madry et al., ICLR 2018) and TRADES (Zhang et al., ICM
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tune_mtard.config import Config
 from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast
 from tune_mtard.methods.registry import register_method
+
+if TYPE_CHECKING:
+    from tune_mtard.config import Config
 
 
 @register_method("natural")

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tune_mtard.attacks import TrainPGD, frozen_parameters, standard_normal
-from tune_mtard.config import Config
 from tune_mtard.metrics import TRACE_COLUMNS
+
+if TYPE_CHECKING:
+    from tune_mtard.config import Config
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 Teachers = dict[str, nn.Module]  # role ("clean", "robust") -> frozen teacher in eval mode

@@ -5,16 +5,18 @@ and/or Normalization Loss Balance (``balance.loss``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS, EntropyBalance, LossBalance
-from tune_mtard.config import Config
 from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
+
+if TYPE_CHECKING:
+    from tune_mtard.config import Config
 
 # What compare --tune searches of each balancer (docs/methods.md, "Tuned comparisons"): the ranges of the digits
 # space. An ablation that switches a balancer off does not search its keys, which would change nothing.

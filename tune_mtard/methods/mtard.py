@@ -3,16 +3,18 @@ from the relative losses."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS
-from tune_mtard.config import Config
 from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
+
+if TYPE_CHECKING:
+    from tune_mtard.config import Config
 
 
 @register_method("mtard", teachers=("clean", "robust"), space={

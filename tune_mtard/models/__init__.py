@@ -29,8 +29,14 @@ decorated with ``@register_model``, and one import line below.
 """
 
 from tune_mtard.models import digits, mobilenet, preact_resnet, resnet, wide_resnet  # noqa: F401 (they register)
-from tune_mtard.models.checkpoints import (AS_SAVED, load_checkpoint, load_mapped, load_state, load_state_dict_file,
-                                           save_checkpoint)
+from tune_mtard.models.checkpoints import (
+                                           AS_SAVED,
+                                           load_checkpoint,
+                                           load_mapped,
+                                           load_state,
+                                           load_state_dict_file,
+                                           save_checkpoint,
+)
 from tune_mtard.models.registry import MODELS, available_models, create_model, register_model
 
 __all__ = ["AS_SAVED", "MODELS", "available_models", "create_model", "load_checkpoint", "load_mapped", "load_state",

@@ -88,7 +88,8 @@ def _take_normalization(model: nn.Module, state: dict[str, Tensor], path: str) -
         raise ConfigError(path, f"its normalisation ({MEAN_KEY} {_values(mean)}, {STD_KEY} {_values(std)}) does not "
                                 f"fit a model with {channels} input channels")
     if declared is not None:
-        if not all(abs(a - b) <= _NORMALIZATION_TOLERANCE for a, b in zip(mean + std, declared[0] + declared[1])):
+        pairs = zip(mean + std, declared[0] + declared[1], strict=False)
+        if not all(abs(a - b) <= _NORMALIZATION_TOLERANCE for a, b in pairs):
             raise ConfigError(path, f"normalises its input with mean {_values(mean)}, std {_values(std)} "
                                     f"({MEAN_KEY} / {STD_KEY}), but the config declares mean {_values(declared[0])}, "
                                     f"std {_values(declared[1])}: fix or drop its normalization")

@@ -42,7 +42,7 @@ class DigitsCNN(nn.Module):
     def __init__(self, widths: Sequence[int], grid: int, hidden: int, num_classes: int, in_channels: int):
         super().__init__()
         layers = _conv_bn_relu(in_channels, widths[0]) + [nn.MaxPool2d(2)]
-        for in_width, out_width in zip(widths[:-1], widths[1:]):
+        for in_width, out_width in zip(widths[:-1], widths[1:], strict=True):
             layers += _conv_bn_relu(in_width, out_width)
         layers.append(_GridPool(grid))
         self.features = nn.Sequential(*layers)

@@ -24,7 +24,8 @@ _PER_KEY_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")
 _NORMALIZER_KEYS = {"normalize.mean": MEAN_KEY, "normalize.std": STD_KEY}
 _WRAPPING_MODULE = "model."
 # The MTARD ResNet-56 (a torchvision-style CIFAR ResNet): projection shortcut `downsample`, classifier `fc`.
-_TORCHVISION_STYLE = ((re.compile(r"^(layer\d+\.\d+\.)downsample\."), r"\1shortcut."), (re.compile(r"^fc\."), "linear."))
+_TORCHVISION_STYLE = ((re.compile(r"^(layer\d+\.\d+\.)downsample\."), r"\1shortcut."),
+                      (re.compile(r"^fc\."), "linear."))
 _RESNET56_STEM_WIDTH = 16
 
 

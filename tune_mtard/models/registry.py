@@ -7,6 +7,7 @@ from typing import Protocol
 
 from torch import nn
 
+from tune_mtard.models.normalization import add_normalization
 from tune_mtard.registry import Registry
 
 ModelFactory = Callable[[int, int], nn.Module]
@@ -47,8 +48,6 @@ def create_model(name: str, num_classes: int, in_channels: int = 3,
     """
     model = MODELS.get(name)(num_classes, in_channels)
     if normalization is not None and len(normalization.mean):
-        from tune_mtard.models.normalization import add_normalization
-
         add_normalization(model, normalization.mean, normalization.std)
     return model
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files
+from tune_mtard import files, tracking
 from tune_mtard.config import absolute_tracking_uri, load_config
 from tune_mtard.errors import ConfigError
 from tune_mtard.search.sensitivity import SensitivityReport, analyze_search, log_sensitivity
@@ -38,6 +38,7 @@ def analyze_experiment(request: AnalyzeRequest) -> Analyzed:
     cfg = load_config(folder / files.SPACE, check_files=False)
     if cfg.search is None or not cfg.space:
         raise ConfigError("--experiment", f"{folder / files.SPACE} has no space section: not a search's")
+    # optuna loads at import of this: only a search folder that is really analyzed needs it
     from tune_mtard.search.study_storage import check_reachable, optuna_storage_url, study_exists
 
     url = optuna_storage_url(cfg, folder)
@@ -59,8 +60,6 @@ def analyze_experiment(request: AnalyzeRequest) -> Analyzed:
 def parent_run(folder: Path, tracking_uri: str) -> tuple[Any, str | None, str]:
     """``(client, run id, "")`` of the search's parent run, or ``(None, None, why)`` when it cannot be reached.
     A local store (sqlite file, folder) that does not exist is not reachable, rather than created empty."""
-    from tune_mtard import tracking
-
     id_file = folder / files.PARENT_RUN_ID
     if not id_file.is_file():
         return None, None, f"no {files.PARENT_RUN_ID} in {folder}"

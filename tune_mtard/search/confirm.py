@@ -18,6 +18,7 @@ from typing import Any
 
 from tune_mtard import atomic, files
 from tune_mtard.config import Config
+from tune_mtard.search.compat import quiet_preset_points
 from tune_mtard.search.trials import TrialSummary, rank_trials, summarize_results
 
 SEED_KEY = "seed"
@@ -68,7 +69,7 @@ def confirm_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, pare
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from tune_mtard.search.compat import quiet_preset_points
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import MlflowTrialRecorder
 
     quiet_preset_points()

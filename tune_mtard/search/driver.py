@@ -23,13 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import atomic, files
+from tune_mtard import atomic, files, tracking
 from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, load_config
+from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError, Interrupted
-from tune_mtard.perf import check_trial_device
-from tune_mtard.search.outcome import Outcome
+from tune_mtard.perf import check_trial_device, release_cuda_memory, resolve_device
+from tune_mtard.search import compat, interrupts
+from tune_mtard.search.compat import largest_node, unreachable_ray_address
+from tune_mtard.search.confirm import confirm_tuner
+from tune_mtard.search.local_ray import ray_session
+from tune_mtard.search.lock import SearchLock, refuse_if_running
+from tune_mtard.search.nodes import check_nodes_see_storage
+from tune_mtard.search.outcome import SearchOutcome, conclude, interrupted
 from tune_mtard.search.resume import check_same_search
+from tune_mtard.search.schedulers import build_scheduler, check_first_rung, fit_to_epochs
+from tune_mtard.search.study_storage import check_database, delete_study, optuna_storage_url
 from tune_mtard.services import check_private, check_search_folder, check_tracking_uri, masked_uri
+from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
 
 @dataclass
@@ -75,17 +85,12 @@ def search_config(request: SearchRequest) -> Config:
     if cfg.search is None or not cfg.space:
         raise ConfigError("--space", f"{request.space} has no space section: it is a run config (use tune_mtard.train)")
     if request.max_epochs is not None and request.max_epochs < cfg.train.epochs:
-        shrunk: dict[str, Any] = {"train.epochs": request.max_epochs}  # milestones are fractions: they scale
-        grace = cfg.search.scheduler.grace_period
-        if grace > request.max_epochs:
-            shrunk["search.scheduler.grace_period"] = request.max_epochs
-            print(f"--max-epochs {request.max_epochs}: ASHA's grace_period {grace} lowered to {request.max_epochs}")
-        cfg = cfg.with_values(shrunk)
-    scheduler = cfg.search.scheduler
-    if scheduler.type == "asha" and scheduler.grace_period > cfg.train.epochs:
-        raise ConfigError("search.scheduler.grace_period", f"({scheduler.grace_period}) must be <= train.epochs "
-                                                           f"({cfg.train.epochs}): ASHA's first rung must be an "
-                                                           "epoch a trial reaches")
+        fitted, note = fit_to_epochs(cfg.search.scheduler, request.max_epochs, "--max-epochs")
+        if note:
+            print(note)
+        cfg = cfg.with_values({"train.epochs": request.max_epochs,  # milestones are fractions: they scale
+                               **{f"search.scheduler.{key}": value for key, value in fitted.items()}})
+    check_first_rung(cfg.search.scheduler, cfg.train.epochs)
     if "://" in cfg.search.storage:
         raise ConfigError("search.storage", f"{cfg.search.storage}: cloud URIs are not supported; use a folder "
                                             "every node mounts at the same path")
@@ -138,7 +143,8 @@ def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None,
                 raise ConfigError("--resume", f"the config differs from the interrupted search's in {key!r}")
         check_same_search(cfg, saved, num_samples)
         if tracking_uri is not None and absolute_tracking_uri(tracking_uri) != saved.mlflow.tracking_uri:
-            raise ConfigError("--tracking-uri", f"the interrupted search records to {masked_uri(saved.mlflow.tracking_uri)}; "
+            raise ConfigError("--tracking-uri", f"the interrupted search records to "
+                                                f"{masked_uri(saved.mlflow.tracking_uri)}; "
                                                 "resume it with the same MLflow store")
     elif started(folder):
         raise ConfigError("name", f"a search named {cfg.name!r} already exists in {folder.parent}; "
@@ -149,7 +155,6 @@ def check_address(address: str | None) -> None:
     """``--address`` must name a reachable cluster: one line and exit 2 within seconds, not minutes of retries."""
     if address is None or address == "local":
         return
-    from tune_mtard.search.compat import unreachable_ray_address
 
     problem = unreachable_ray_address(address)
     if problem is not None:
@@ -158,9 +163,6 @@ def check_address(address: str | None) -> None:
 
 def search(request: SearchRequest) -> int:
     """The ``search`` command: validate, then run (or resume) the search; returns the exit code."""
-    from tune_mtard.search.lock import refuse_if_running
-    from tune_mtard.search.study_storage import check_database
-
     cfg = search_config(request)
     check_address(request.address)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
@@ -185,29 +187,19 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     :class:`~tune_mtard.errors.Interrupted` when a signal stopped it)."""
     import ray
 
-    from tune_mtard.data import load_data_for
-    from tune_mtard.perf import resolve_device
-    from tune_mtard.search.lock import SearchLock
-    from tune_mtard.search.nodes import check_nodes_see_storage
-    from tune_mtard.teachers import check_teacher_files, roles_for
-
     assert cfg.search is not None and cfg.space is not None
     folder = experiment_dir(cfg)
     start = time.perf_counter()
-    data = load_data_for(cfg)
+    data = load_data(cfg)
     roles = roles_for(searched_methods(cfg))
     check_teacher_files(cfg.run_config(), roles)
     resolve_device(cfg.device)  # the driver prepares the teachers there
-    ray_started_here = not ray.is_initialized()
-    if ray_started_here and address is None:
+    local_ray = address is None and not ray.is_initialized()
+    if local_ray:
         check_local_resources(cfg)  # before Ray starts: a local Ray has this machine's CPUs and GPUs
-    if ray_started_here:
-        # Without --address, a local Ray of our own, whatever address file a past `ray start` left behind.
-        ray.init(address=address or "local", include_dashboard=False, logging_level="warning",
-                 log_to_driver=not quiet, configure_logging=True)
-    try:
+    with ray_session(address, log_to_driver=not quiet):
         check_resources(cfg)
-        if not (ray_started_here and address is None):  # a cluster: its other nodes may not see the storage
+        if not local_ray:  # a cluster: its other nodes may not see the storage
             check_nodes_see_storage(cfg.search.storage, cfg.search.resources.cpu, cfg.search.resources.gpu)
         with SearchLock(folder, "--resume" if resume else "name") as lock:
             check_experiment(cfg, resume)  # again, under the lock: another driver may have started it
@@ -217,15 +209,10 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
                 if not resume and not started(folder):  # failed in its own setup: the name stays usable
                     _remove_setup(cfg, folder, lock.created_folder)
                 raise
-    finally:
-        if ray_started_here:
-            ray.shutdown()
 
 
 def check_resources(cfg: Config) -> None:
     """Every trial asks ``search.resources`` of one node: some node of the cluster must have that much."""
-    from tune_mtard.search.compat import largest_node
-
     cpu, gpu = largest_node()
     r = cfg.search.resources
     if r.cpu > cpu or r.gpu > gpu:
@@ -245,8 +232,6 @@ def check_local_resources(cfg: Config) -> None:
 
 def _remove_setup(cfg: Config, folder: Path, created_folder: bool) -> None:
     """What a driver that failed before its search started wrote, so a rerun of the same name starts clean."""
-    from tune_mtard.search.study_storage import delete_study
-
     delete_study(cfg)
     if created_folder:
         shutil.rmtree(folder, ignore_errors=True)
@@ -256,17 +241,12 @@ def _remove_setup(cfg: Config, folder: Path, created_folder: bool) -> None:
 
 
 def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume: bool, quiet: bool,
-                start: float) -> Outcome:
+                start: float) -> SearchOutcome:
     from ray import tune
 
-    from tune_mtard import tracking
-    from tune_mtard.perf import release_cuda_memory, resolve_device
-    from tune_mtard.search import compat, interrupts
-    from tune_mtard.search.outcome import conclude, interrupted
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import log_teachers, start_parent
     from tune_mtard.search.searcher import finished_optuna_trials
-    from tune_mtard.search.study_storage import optuna_storage_url
-    from tune_mtard.teachers import prepare_teachers
     from tune_mtard.trainables.bmtard import train_bmtard
 
     s = cfg.search
@@ -310,8 +290,6 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
             if interrupts.received() is None:
                 def rerun(points: list[dict[str, Any]]):
                     """The seed-confirmation trials, resumed where a killed driver left them."""
-                    from tune_mtard.search.confirm import confirm_tuner
-
                     if resume and (folder / files.CONFIRM_FOLDER / files.TUNER_STATE).exists():
                         confirm = tune.Tuner.restore(str(folder / files.CONFIRM_FOLDER), trainable,
                                                      resume_unfinished=True, resume_errored=False)
@@ -337,14 +315,15 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     pass subclasses of the last two that time them)."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
-        PrunedAwareOptunaSearch, default_point, optuna_distributions,
+        PrunedAwareOptunaSearch,
+        default_point,
+        optuna_distributions,
     )
-    from tune_mtard.search.study_storage import optuna_storage_url
 
     s = cfg.search
     storage = optuna.storages.RDBStorage(optuna_storage_url(cfg, folder))
@@ -359,11 +338,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
         study_name=cfg.name, storage=storage, points_to_evaluate=[point], full_epochs=cfg.train.epochs,
     )
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
-    if s.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.scheduler.grace_period,
-                                  reduction_factor=s.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = build_scheduler(s.scheduler, max_t=cfg.train.epochs)
     recorder = (recorder_class or MlflowTrialRecorder)(cfg.mlflow.tracking_uri, experiment_id, parent_run_id,
                                                        cfg.train.epochs, cfg.name)
     # Reused actors spare each trial a fresh worker process (and its torch import); a trial's state is

@@ -16,6 +16,7 @@ from tune_mtard import files
 from tune_mtard.config import load_config
 from tune_mtard.errors import ConfigError
 from tune_mtard.search.outcome import reproducible_values
+from tune_mtard.search.pareto import front_objectives, front_table, pareto_front, pick_by_clean_weight
 from tune_mtard.search.trials import TrialSummary, best_trial, load_experiment_trials
 
 
@@ -39,9 +40,8 @@ class Exported:
 
 def export_trial(request: ExportRequest) -> Exported:
     """What ``export`` does: write one trial's run config (pinning the teachers), or give the Pareto front."""
-    from tune_mtard.search.pareto import front_objectives, front_table, pareto_front, pick_by_clean_weight
-
-    chosen_by = sum(x is not None and x is not False for x in (request.trial, request.clean_weight, request.pareto or None))
+    choices = (request.trial, request.clean_weight, request.pareto or None)
+    chosen_by = sum(x is not None and x is not False for x in choices)
     if chosen_by > 1:
         raise ConfigError("--trial", "give one of --trial, --clean-weight and --pareto")
     if request.clean_weight is not None and not 0 <= request.clean_weight <= 1:

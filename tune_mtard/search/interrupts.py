@@ -15,6 +15,7 @@ import os
 import signal
 from collections.abc import Iterator
 
+from tune_mtard.errors import Interrupted
 from tune_mtard.search import compat
 
 NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
@@ -56,8 +57,6 @@ def watched() -> Iterator[None]:
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Before ``fit``: SIGTERM raises :class:`~tune_mtard.errors.Interrupted`, so records are closed as KILLED."""
-    from tune_mtard.errors import Interrupted
-
     def raise_interrupted(signum: int, frame) -> None:
         raise Interrupted("SIGTERM")
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from tune_mtard.errors import ConfigError
+from tune_mtard.search.compat import trial_nodes
 
 MARKER = ".tune_mtard-node-check-{}"
 TASK_TIMEOUT_S = 120.0
@@ -41,10 +42,8 @@ def _answer(ref) -> str:
 def check_nodes_see_storage(storage: str, cpu: float, gpu: float) -> None:
     """ConfigError naming ``search.storage`` and each node of the cluster that cannot read a marker the driver
     wrote to ``storage``; the marker (and the storage folder, if this made it) is removed either way."""
-    import ray
+    import ray  # the search stack: only a search on a cluster loads it
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from tune_mtard.search.compat import trial_nodes
 
     folder = Path(storage)
     created = not folder.exists()

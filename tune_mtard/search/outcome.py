@@ -16,15 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_mtard import files
+from tune_mtard import files, tracking
 from tune_mtard.config import Config
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
+from tune_mtard.model_registry import register_student
+from tune_mtard.models import create_model, load_checkpoint
+from tune_mtard.search import confirm as confirmation
+from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
+from tune_mtard.search.study_storage import optuna_storage_url
+from tune_mtard.search.trials import best_trial, load_experiment_trials, summarize_results
 
 Rerun = Callable[[list[dict[str, Any]]], Any]  # runs the confirmation trials; None when a signal stopped them
 
 
 @dataclass
-class Outcome:
+class SearchOutcome:
     """How a search ended: ``finished``, ``no_usable_trial`` or ``interrupted``, with its summary."""
 
     status: str
@@ -38,11 +44,11 @@ def reproducible_values(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
     return {**sampled, "perf.threads": threads}
 
 
-def interrupted(cfg: Config, folder: Path, parent, start: float) -> Outcome:
+def interrupted(cfg: Config, folder: Path, parent, start: float) -> SearchOutcome:
     """Tune saved the interrupted trials as unfinished (resumable) and Optuna keeps them RUNNING for
     ``--resume``; their child runs and the parent run end KILLED."""
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import kill_running_child_runs, record_search
-    from tune_mtard.search.trials import load_experiment_trials
 
     (folder / files.BEST_CONFIG).unlink(missing_ok=True)
     trials = load_experiment_trials(folder)
@@ -50,16 +56,15 @@ def interrupted(cfg: Config, folder: Path, parent, start: float) -> Outcome:
     summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted")
     parent.set_tags({"search_status": "interrupted"})
     analyze(cfg, folder, trials, parent)
-    return Outcome("interrupted", summary, 130)
+    return SearchOutcome("interrupted", summary, 130)
 
 
-def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: float, rerun: Rerun) -> Outcome:
+def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: float, rerun: Rerun) -> SearchOutcome:
     """Pick and record the outcome: the best or confirmed trial's config (teachers pinned) and registered
     student, the parent run's records, the summary."""
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import delete_orphaned_child_runs, record_front, record_search
     from tune_mtard.search.searcher import close_orphaned_optuna_trials
-    from tune_mtard.search.study_storage import optuna_storage_url
-    from tune_mtard.search.trials import best_trial, summarize_results
 
     s = cfg.search
     best_path = folder / files.BEST_CONFIG
@@ -71,7 +76,7 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
     confirmation = None
     if best is not None and s.confirm.top_k > 0:
-        confirmation = confirm(cfg, folder, trials, parent, rerun)
+        confirmation = confirm_top_trials(cfg, folder, trials, parent, rerun)
         if confirmation is None:
             return interrupted(cfg, folder, parent, start)
         if confirmation["winner"] is not None:
@@ -89,19 +94,18 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     else:
         test_metrics: dict[str, float] = {}
         if s.final_eval.top_k > 0:
+            # ray and optuna load at import of these: only a running search needs them
             from tune_mtard.search.final_eval import evaluate_top_trials
 
             results = evaluate_top_trials(cfg, trials, data, parent.client, parent.run_id, folder, first=best.trial_id)
             test_metrics = next((r.metrics for r in results if r.trial_id == best.trial_id), {})
         register(cfg, best, test_metrics, best_path, data, parent)
     print_result(cfg, best, best_path, summary, folder)
-    return Outcome(status, summary, 0 if best is not None else 1)
+    return SearchOutcome(status, summary, 0 if best is not None else 1)
 
 
-def confirm(cfg: Config, folder: Path, trials, parent, rerun: Rerun) -> dict[str, Any] | None:
+def confirm_top_trials(cfg: Config, folder: Path, trials, parent, rerun: Rerun) -> dict[str, Any] | None:
     """The seed confirmation of the ``confirm.top_k`` best trials; None when a signal stopped it."""
-    from tune_mtard.search import confirm as confirmation
-
     chosen = confirmation.candidates(cfg, trials)
     print(f"confirming the {len(chosen)} best trials on {cfg.search.confirm.seeds} more seeds each", flush=True)
     grid = rerun(confirmation.rerun_points(cfg, chosen))
@@ -128,8 +132,7 @@ def confirm(cfg: Config, folder: Path, trials, parent, rerun: Rerun) -> dict[str
 def register(cfg: Config, best, test_metrics: dict[str, float], best_path: Path, data, parent) -> None:
     """The best student as an MLflow Model, registered as ``search.register_as``: a report, not a result, so a
     failure is a warning (the weights stay in the trial's checkpoint and child run)."""
-    from tune_mtard.model_registry import register_student
-    from tune_mtard.models import create_model, load_checkpoint
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.recorder import child_run_id
 
     name = cfg.name if cfg.search.register_as == "auto" else cfg.search.register_as
@@ -155,8 +158,6 @@ def register(cfg: Config, best, test_metrics: dict[str, float], best_path: Path,
 def analyze(cfg: Config, folder: Path, trials, parent) -> None:
     """The search's sensitivity analysis (docs/sensitivity.md), beside best_config.yaml and on the parent run.
     A report, not a result: if it fails, the search still ends as it ended, with a warning."""
-    from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
-
     try:
         report = analyze_search(folder, cfg, trials)
         log_sensitivity(parent.client, parent.run_id, report)
@@ -166,8 +167,6 @@ def analyze(cfg: Config, folder: Path, trials, parent) -> None:
 
 
 def print_result(cfg: Config, best, best_path: Path, summary: dict[str, Any], folder: Path) -> None:
-    from tune_mtard import tracking
-
     full = cfg.train.epochs
     print()
     print(f"search {cfg.name}: {summary['n_trials']} trials, {summary['n_pruned']} stopped early by ASHA, "

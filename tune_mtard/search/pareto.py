@@ -31,12 +31,12 @@ def front_objectives(cfg: Config) -> tuple[list[str], list[str]]:
 
 def _oriented(trial: TrialSummary, objectives: list[str], modes: list[str]) -> list[float]:
     """The trial's objectives, each turned so that larger is better."""
-    return [trial.metric(name) * (1 if mode == "max" else -1) for name, mode in zip(objectives, modes)]
+    return [trial.metric(name) * (1 if mode == "max" else -1) for name, mode in zip(objectives, modes, strict=True)]
 
 
 def dominates(a: list[float], b: list[float]) -> bool:
     """``a`` is at least as good as ``b`` on every objective and better on one (both oriented: larger is better)."""
-    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+    return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
 
 
 def pareto_front(trials: list[TrialSummary], objectives: list[str], modes: list[str],
@@ -86,6 +86,7 @@ def _cell(value: Any) -> str:
 
 def default_trial(trials: list[TrialSummary], cfg: Config) -> TrialSummary | None:
     """The trial that ran the base config's values of the searched keys (the paper's defaults), if any."""
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.searcher import default_point
 
     point, _ = default_point(cfg)

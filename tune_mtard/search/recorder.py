@@ -22,9 +22,16 @@ from tune_mtard import atomic, files, tracking
 from tune_mtard.config import Config, flatten
 from tune_mtard.diagnostics import csv_values, flag_counts, flag_tags
 from tune_mtard.metrics import DIAGNOSTICS, EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
-from tune_mtard.plots import plot_clean_vs_robust, plot_trace
+from tune_mtard.plots import plot_clean_vs_robust, plot_pareto, plot_trace
+from tune_mtard.search.pareto import default_trial, front_objectives, pareto_front, write_pareto_csv
 from tune_mtard.search.trials import (
-    FAILURE_KIND, FAILURE_KINDS, TrialState, TrialSummary, failure_kind, read_divergence, trial_state,
+    FAILURE_KIND,
+    FAILURE_KINDS,
+    TrialState,
+    TrialSummary,
+    failure_kind,
+    read_divergence,
+    trial_state,
 )
 from tune_mtard.trace import write_trace
 
@@ -281,9 +288,6 @@ def record_search(parent: tracking.RunHandle, cfg: Config, folder: Path, trials:
 def record_front(parent: tracking.RunHandle, cfg: Config, folder: Path, trials: list[TrialSummary]) -> list:
     """``pareto.csv`` and ``pareto.png`` of the search's Pareto front, on the parent run; the front's child runs
     tagged ``pareto: true`` so the MLflow UI can filter them. Returns the front."""
-    from tune_mtard.plots import plot_pareto
-    from tune_mtard.search.pareto import default_trial, front_objectives, pareto_front, write_pareto_csv
-
     objectives, modes = front_objectives(cfg)
     front = pareto_front(trials, objectives, modes, cfg.train.epochs)
     write_pareto_csv(front, folder / files.PARETO_CSV, objectives, list(cfg.space or {}))

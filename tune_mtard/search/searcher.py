@@ -27,6 +27,7 @@ from tune_mtard.config.search import SamplerConfig
 from tune_mtard.metrics import EPOCH
 from tune_mtard.search import compat
 from tune_mtard.search.samplers import build_sampler
+from tune_mtard.search.study_storage import study_exists
 from tune_mtard.search.trials import FAILURE_KIND, FAILURE_KINDS, TrialState, trial_state
 
 log = logging.getLogger(__name__)
@@ -269,8 +270,6 @@ def close_orphaned_optuna_trials(storage_url: str, study_name: str, known_trial_
 
 def finished_optuna_trials(storage_url: str, study_name: str) -> set[str]:
     """Ray trial ids whose Optuna trial is told (COMPLETE, PRUNED or FAIL): a resumed search must not rerun them."""
-    from tune_mtard.search.study_storage import study_exists
-
     if not study_exists(storage_url, study_name):
         return set()
     study = optuna.load_study(study_name=study_name, storage=storage_url)

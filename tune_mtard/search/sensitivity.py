@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import Counter
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from typing import Any
 from tune_mtard import atomic, files, tracking
 from tune_mtard.config import Config
 from tune_mtard.plots import plot_slice_by_epochs, pyplot
+from tune_mtard.search.study_storage import optuna_storage_url
 from tune_mtard.search.trials import TrialSummary
 
 MIN_TRIALS = 5  # the fewest trials importances are computed from, however few keys are searched
@@ -98,8 +99,8 @@ def load_points(folder: Path, cfg: Config, trials: list[TrialSummary] | None = N
     view) also leaves out the trials Ray saw fail and gives the epochs each trial ran."""
     import optuna
 
+    # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.searcher import RAY_TRIAL_ATTR
-    from tune_mtard.search.study_storage import optuna_storage_url
 
     failed = {t.trial_id for t in trials or [] if t.failed}
     epochs_run = {t.trial_id: t.epochs for t in trials or []}

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune_mtard.errors import Diverged
 from tune_mtard.files import DIVERGED_JSON
 from tune_mtard.metrics import EPOCH
+from tune_mtard.search.compat import quiet_experiment_analysis, trial_ids
 
 
 class TrialState(str, enum.Enum):
@@ -80,14 +82,21 @@ def best_trial(trials: list[TrialSummary], metric: str, mode: str, full_epochs: 
     return ranked[0] if ranked else None
 
 
+def write_divergence(trial_dir: str | Path, error: Diverged) -> None:
+    """The record a diverged trial leaves in its folder (``diverged.json``: ``step``, ``epoch``), which
+    :func:`read_divergence` reads."""
+    (Path(trial_dir) / DIVERGED_JSON).write_text(json.dumps({"step": error.step, "epoch": error.epoch}))
+
+
 def read_divergence(trial_dir: str | Path) -> dict[str, int] | None:
-    """Where a trial diverged, from the record its trainable left in its folder (None if it did not)."""
+    """Where a trial diverged (:meth:`Diverged.tags`), from the record :func:`write_divergence` left in its
+    folder; None if it did not."""
     path = Path(trial_dir) / DIVERGED_JSON
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return {"diverged_step": int(record["step"]), "diverged_epoch": int(record["epoch"])}
+    return Diverged(int(record["step"]), int(record["epoch"])).tags()
 
 
 # What the machinery around a trial raises when it, not the trial, failed: a lost worker, actor or node, the
@@ -132,10 +141,8 @@ def failure_text(error: BaseException | None, diverged: dict[str, int] | None) -
 
 def summarize_results(grid: Any) -> list[TrialSummary]:
     """The trials of a finished :class:`ray.tune.ResultGrid`."""
-    from tune_mtard.search.compat import trial_ids
-
     summaries = []
-    for trial_id, result in zip(trial_ids(grid), grid):
+    for trial_id, result in zip(trial_ids(grid), grid, strict=True):
         metrics = dict(result.metrics or {})
         checkpoint = result.checkpoint
         diverged = read_divergence(result.path) if result.error is not None else None
@@ -159,8 +166,6 @@ def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
     snapshot an interrupted search left can be older.
     """
     from ray.tune import ExperimentAnalysis
-
-    from tune_mtard.search.compat import quiet_experiment_analysis
 
     with quiet_experiment_analysis():
         analysis = ExperimentAnalysis(str(folder))

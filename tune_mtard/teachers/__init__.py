@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from tune_mtard import atomic
 from tune_mtard.attacks import PGD, Clean
-from tune_mtard.config import AUTO, Config
-from tune_mtard.data import DataBundle
+from tune_mtard.config import AUTO, Config, load_config
+from tune_mtard.data import DataBundle, load_data
 from tune_mtard.errors import ConfigError, TeacherTrainingFailed
 from tune_mtard.evaluation import robust_accuracy
 from tune_mtard.methods import METHODS
@@ -31,6 +31,7 @@ from tune_mtard.metrics import VAL_CLEAN_ACC
 from tune_mtard.models import AS_SAVED, create_model, load_mapped
 from tune_mtard.models.normalization import normalization_of
 from tune_mtard.perf import resolve_device
+from tune_mtard.pipeline import new_trainer, run_pipeline
 from tune_mtard.teachers.cache import exclusive, file_sha256, quality_record_path, read_json, write_json
 from tune_mtard.teachers.recipes import recipe_config, recipe_key, teacher_path, teacher_settings
 
@@ -92,16 +93,20 @@ class TeacherSet:
         robust, clean = self.teachers.get("robust"), self.teachers.get("clean")
         if robust is not None and robust.quality["val_pgd_acc"] < ROBUST_TEACHER_MIN_PGD_ACC:
             found.append(f"warning: the robust teacher {robust.path} has validation PGD accuracy "
-                         f"{robust.quality['val_pgd_acc']:.4f} < {ROBUST_TEACHER_MIN_PGD_ACC}: is it adversarially trained?")
-        if robust is not None and clean is not None and clean.quality["val_clean_acc"] < robust.quality["val_clean_acc"]:
+                         f"{robust.quality['val_pgd_acc']:.4f} < {ROBUST_TEACHER_MIN_PGD_ACC}: "
+                         "is it adversarially trained?")
+        if (robust is not None and clean is not None
+                and clean.quality["val_clean_acc"] < robust.quality["val_clean_acc"]):
             found.append(f"warning: the clean teacher {clean.path} is less accurate on clean validation data "
-                         f"({clean.quality['val_clean_acc']:.4f}) than the robust one ({robust.quality['val_clean_acc']:.4f})")
+                         f"({clean.quality['val_clean_acc']:.4f}) than the robust one "
+                         f"({robust.quality['val_clean_acc']:.4f})")
         return found
 
     def describe(self) -> list[str]:
         return [f"{role} teacher {t.arch}: val clean {t.quality['val_clean_acc']:.4f}, val PGD "
                 f"{t.quality['val_pgd_acc']:.4f} (n={t.quality['n']:.0f})  {t.path}"
-                + ("" if t.mapping == AS_SAVED else f"\n  loaded with: {t.mapping}") for role, t in self.teachers.items()]
+                + ("" if t.mapping == AS_SAVED else f"\n  loaded with: {t.mapping}")
+                for role, t in self.teachers.items()]
 
 
 def check_teacher_files(cfg: Config, roles: Iterable[str], train_missing: bool = False) -> None:
@@ -166,8 +171,6 @@ def train_teacher(cfg: Config, role: str, data: DataBundle, device: torch.device
     A teacher that diverges (:class:`~tune_mtard.errors.Diverged`) or ends at chance accuracy
     (:class:`TeacherTrainingFailed`) is not written.
     """
-    from tune_mtard.pipeline import new_trainer, run_pipeline
-
     teacher = teacher_settings(cfg, role)
     path = teacher_path(cfg, role)
     log(f"training {role} teacher {teacher.arch} ({teacher.recipe}, {teacher.epochs} epochs) -> {path}")
@@ -257,15 +260,12 @@ class TeacherReport:
 
 def train_missing(request: TeachersRequest) -> list[TeacherReport]:
     """The ``teachers`` command: train the named teachers that do not exist yet, and measure each on the test split."""
-    from tune_mtard.config import load_config
-    from tune_mtard.data import load_data_for
-
     roles = [r.strip() for r in request.roles.split(",") if r.strip()]
     for role in roles:
         if role not in ROLES:
             raise ConfigError("--roles", f"unknown role {role!r} (valid: {', '.join(ROLES)})")
     cfg = load_config(request.config, request.overrides, check_files=False).run_config()
-    data = load_data_for(cfg)
+    data = load_data(cfg)
     device = resolve_device(cfg.device)
     teachers = prepare_teachers(cfg, data, device, progress=request.progress, roles=roles, train_missing=True)
     reports = []

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from tune_mtard.config import AUTO, Config, TeacherConfig
-from tune_mtard.config.schema import TrainConfig
+from tune_mtard.config.sections import TrainConfig
 
 RECIPE_MILESTONES = [0.5, 0.75]  # fractions of the teacher's epochs
 RECIPE_GAMMA = 0.1

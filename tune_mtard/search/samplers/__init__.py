@@ -2,7 +2,7 @@
 
 Each sampler is one decorated builder, in this package: ``@register_sampler("name")`` on a function that
 takes the ``search.sampler`` section and the seed and returns an Optuna sampler. Every module of this
-package is imported when the registry is first read, so a sampler added in a new file here is known to
+package is imported with the package, so a sampler added in a new file here is known to
 config validation, the search and the docs with no other file touched.
 
 A search never pickles its sampler (Optuna does not promise that samplers pickle: NSGA-II stopped in
@@ -34,7 +34,7 @@ class SamplerSpec:
     summary: str
 
 
-_SAMPLERS: Registry[SamplerSpec] = Registry("sampler")
+SAMPLERS: Registry[SamplerSpec] = Registry("sampler")
 _loaded = False
 
 
@@ -42,7 +42,7 @@ def register_sampler(name: str, *, multi_objective: bool, summary: str):
     """Decorator: ``build(sampler_config, seed)`` becomes the sampler ``name`` (``search.sampler.type: name``)."""
 
     def add(build: Callable[[SamplerConfig, int], Any]) -> Callable[[SamplerConfig, int], Any]:
-        _SAMPLERS.add(name, SamplerSpec(name, build, multi_objective, summary))
+        SAMPLERS.add(name, SamplerSpec(name, build, multi_objective, summary))
         return build
 
     return add
@@ -55,9 +55,12 @@ def samplers() -> Registry[SamplerSpec]:
         _loaded = True
         for module in pkgutil.iter_modules(__path__):
             importlib.import_module(f"{__name__}.{module.name}")
-    return _SAMPLERS
+    return SAMPLERS
 
 
 def build_sampler(config: SamplerConfig, seed: int | None = None):
     """The Optuna sampler ``config`` names, seeded with ``seed`` (default: ``config.seed``)."""
     return samplers().get(config.type).build(config, config.seed if seed is None else seed)
+
+
+samplers()  # SAMPLERS holds every sampler once this package is imported
