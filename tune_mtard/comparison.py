@@ -51,6 +51,7 @@ class CompareRequest:
     tune: int | None = None  # trials of each method's search first (docs/methods.md, "Tuned comparisons")
     tune_epochs: int | None = None
     resume: bool = False
+    plan: bool = False  # with tune: forecast the cost, run nothing
 
 
 @dataclass
@@ -318,6 +319,8 @@ def compare(request: CompareRequest) -> int:
     from tune_mtard.perf import resolve_device
     from tune_mtard.teachers import prepare_teachers, roles_for
 
+    if request.plan and (request.tune is None or request.resume):
+        raise ConfigError("--plan", "plans a new tuned comparison: it needs --tune N and cannot take --resume")
     if request.tune is not None:
         from tune_mtard.tuning import compare_tuned
 

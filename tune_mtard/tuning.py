@@ -206,6 +206,11 @@ def compare_tuned(request: CompareRequest) -> int:
     from tune_mtard.search import interrupts
 
     plan = plan_tuned(request)
+    if request.plan:  # the cost of it all, nothing run (docs/search.md, "Planning a search")
+        from tune_mtard.search.plan import plan_comparison
+
+        plan_comparison(plan.searches, plan.seeds, plan.base, plan.out)
+        return 0
     try:
         with interrupts.sigterm_as_interrupt():
             return _run(plan)

@@ -42,6 +42,9 @@ class SearchRequest:
     resume: bool = False
     quiet: bool = False
     overrides: list[str] = field(default_factory=list)
+    plan: bool = False  # forecast the cost, run nothing (docs/search.md, "Planning a search")
+    plan_device: str | None = None
+    plan_cluster: str | None = None
 
 
 def resolve_space(space: str) -> Path:
@@ -143,6 +146,8 @@ def search(request: SearchRequest) -> int:
 
     cfg = search_config(request)
     check_address(request.address)
+    if request.plan:
+        return plan(cfg, request)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
     check_experiment(cfg, request.resume, request.tracking_uri)
     if request.resume:
@@ -151,6 +156,19 @@ def search(request: SearchRequest) -> int:
         saved.search.storage = cfg.search.storage
         cfg = saved
     return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet)
+
+
+def plan(cfg: Config, request: SearchRequest) -> int:
+    """``search --plan``: the forecast of a new search, written to ``plan.json``; no trial runs."""
+    from tune_mtard.search.plan import plan_search
+    from tune_mtard.teachers import check_teacher_files, roles_for
+
+    if request.resume:
+        raise ConfigError("--plan", "plans a new search; it cannot be combined with --resume")
+    roles = roles_for(searched_methods(cfg))
+    check_teacher_files(cfg.run_config(), roles)
+    plan_search(cfg, roles, request.plan_device, request.plan_cluster, request.address)
+    return 0
 
 
 def run_search(cfg: Config, resume: bool = False, address: str | None = None, quiet: bool = False) -> int:
