@@ -23,6 +23,7 @@ TEACHERS_JSON = "teachers.json"  # the teacher files the search used (path, sha2
 PARETO_CSV = "pareto.csv"  # the front of full-budget trials (docs/search.md, "Pareto front")
 PARETO_PNG = "pareto.png"
 PLAN_JSON = "plan.json"  # search --plan: the forecast of its epochs, device-hours and wall time
+BUDGET_JSON = "budget.json"  # search.budget: the limits, what each session spent, the trials it stopped
 CONFIRM_FOLDER = "confirm"  # the Ray experiment of the seed-confirmation trials
 CONFIRM_CSV = "confirm.csv"  # each candidate's value on every seed
 TUNER_STATE = "tuner.pkl"  # written by Ray Tune when a search starts: the search exists from then on

@@ -47,6 +47,14 @@ class ConfirmConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """Stop the search once either is spent (docs/search.md, "Budget"); None: no limit."""
+
+    device_hours: float | None = None  # GPU-hours (or CPU core-hours) of trials, as search --plan counts them
+    wall_hours: float | None = None  # wall time of the search's sessions
+
+
+@dataclass
 class SearchConfig:
     """How a search runs (docs/search.md); ``space`` says what it samples."""
 
@@ -64,6 +72,7 @@ class SearchConfig:
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     register_as: str = "auto"  # the registered MLflow model of the best student; auto: the search's name; "": none
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def objective_modes(self) -> list[str]:
         """One mode per objective (``max`` where ``modes`` is not given)."""
@@ -105,6 +114,10 @@ class SearchConfig:
         require(self.final_eval.top_k >= 0, "search.final_eval.top_k", "must be >= 0")
         require(self.final_eval.n_examples >= 1, "search.final_eval.n_examples", "must be >= 1")
         check_attack_names(self.final_eval.attacks, "search.final_eval.attacks")
+        for key in ("device_hours", "wall_hours"):
+            value = getattr(self.budget, key)
+            require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                    f"search.budget.{key}", f"must be a number > 0 (or left out), got {value!r}")
 
 
 @dataclass

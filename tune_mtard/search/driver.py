@@ -154,6 +154,7 @@ def search(request: SearchRequest) -> int:
         # The interrupted search's own config rules (its MLflow store too), except where it is stored.
         saved = load_config(experiment_dir(cfg) / files.SPACE, check_files=False)
         saved.search.storage = cfg.search.storage
+        saved.search.budget = cfg.search.budget  # --resume with a larger budget continues
         cfg = saved
     return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet)
 
@@ -281,6 +282,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                                      finished=finished),
                 {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
             )
+            start_budget_session(cfg, folder, resume)
             if resume:
                 with compat.quiet_experiment_analysis():
                     tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
@@ -312,15 +314,29 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     return outcome
 
 
+def start_budget_session(cfg: Config, folder: Path, resume: bool) -> None:
+    """``budget.json`` for this session: the limits and what the trials of earlier sessions spent."""
+    from tune_mtard.search.budget import start_session
+    from tune_mtard.search.trials import load_experiment_trials
+
+    from tune_mtard.search.budget import read_reached
+    from tune_mtard.search.compat import reopen_search_generator
+
+    if resume and read_reached(folder):  # the budget ended the last session: Tune marked the search finished
+        reopen_search_generator(folder)
+    trials = load_experiment_trials(folder) if resume else []
+    start_session(cfg, folder, sum(float(t.metrics.get("time_total_s") or 0) for t in trials), resume)
+
+
 def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_run_id: str, quiet: bool,
               recorder_class: type | None = None, searcher_class: type | None = None):
     """The Tuner of a new search: the Optuna searcher, the scheduler and the MLflow recorder (a benchmark may
     pass subclasses of the last two that time them)."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from tune_mtard.search.budget import BudgetedASHA, BudgetedFIFO, BudgetMeter, BudgetStopper
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
         PrunedAwareOptunaSearch, default_point, optuna_distributions, optuna_storage_url,
@@ -340,18 +356,22 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     # A multi-objective study gets one direction per objective; ASHA still stops on search.metric (the
     # searcher is given its space, so Tune's metric and mode below do not overwrite its objectives).
     metric, mode = (list(s.objectives), s.objective_modes()) if s.objectives else (s.metric, s.mode)
+    # One meter for the budget's scheduler, stopper, searcher and recorder, even without a budget yet: a
+    # --resume may set one (docs/search.md, "Budget").
+    meter = BudgetMeter(folder)
     searcher = (searcher_class or PrunedAwareOptunaSearch)(
         space=optuna_distributions(cfg.space), metric=metric, mode=mode, sampler=sampler,
         study_name=cfg.name, storage=storage, points_to_evaluate=[point], full_epochs=cfg.train.epochs,
+        budget=meter,
     )
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
     if s.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.scheduler.grace_period,
-                                  reduction_factor=s.scheduler.reduction_factor)
+        scheduler = BudgetedASHA(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.scheduler.grace_period,
+                                 reduction_factor=s.scheduler.reduction_factor, meter=meter)
     else:
-        scheduler = FIFOScheduler()
+        scheduler = BudgetedFIFO(meter=meter)
     recorder = (recorder_class or MlflowTrialRecorder)(cfg.mlflow.tracking_uri, experiment_id, parent_run_id,
-                                                       cfg.train.epochs, cfg.name)
+                                                       cfg.train.epochs, cfg.name, budget=meter)
     # Reused actors spare each trial a fresh worker process (and its torch import); a trial's state is
     # its own all the same, since the Trainer seeds every RNG and builds every model anew.
     return tune.Tuner(
@@ -359,7 +379,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=s.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder],
+            name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder], stop=BudgetStopper(folder),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0 if quiet else 1,

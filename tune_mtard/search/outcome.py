@@ -44,10 +44,14 @@ def interrupted(cfg: Config, folder: Path, parent, start: float) -> Outcome:
     from tune_mtard.search.recorder import kill_running_child_runs, record_search
     from tune_mtard.search.trials import load_experiment_trials
 
+    from tune_mtard.search.budget import budget_outcome
+
     (folder / files.BEST_CONFIG).unlink(missing_ok=True)
     trials = load_experiment_trials(folder)
     kill_running_child_runs(parent.client, parent.run_id)
-    summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted")
+    budget = budget_outcome(cfg, folder, trials, parent)
+    summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted",
+                            extra={"budget": budget} if budget else None)
     parent.set_tags({"search_status": "interrupted"})
     analyze(cfg, folder, trials, parent)
     return Outcome("interrupted", summary, 130)
@@ -58,16 +62,21 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     student, the parent run's records, the summary."""
     from tune_mtard.search.recorder import delete_orphaned_child_runs, record_front, record_search
     from tune_mtard.search.searcher import close_orphaned_optuna_trials
-    from tune_mtard.search.trials import best_trial, summarize_results
+    from tune_mtard.search.trials import best_trial, rank_at_epoch, summarize_results
+
+    from tune_mtard.search.budget import budget_outcome
 
     s = cfg.search
     best_path = folder / files.BEST_CONFIG
     best_path.unlink(missing_ok=True)  # only a finished search has one
-    trials = summarize_results(grid)
+    trials = summarize_results(grid, s.metric)
     trial_ids = {t.trial_id for t in trials}
     close_orphaned_optuna_trials(folder, cfg.name, trial_ids)
     delete_orphaned_child_runs(parent.client, parent.run_id, trial_ids)
     best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
+    budget = budget_outcome(cfg, folder, trials, parent)
+    if budget and budget["compared_at_epoch"] is not None:
+        best = next(iter(rank_at_epoch(trials, s.metric, s.mode, budget["compared_at_epoch"])), None)
     confirmation = None
     if best is not None and s.confirm.top_k > 0:
         confirmation = confirm(cfg, folder, trials, parent, rerun)
@@ -78,8 +87,8 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     if best is not None:
         cfg.run_config().with_values({**reproducible_values(cfg, best.sampled), **teachers.pins()}).dump(best_path)
     status = "finished" if best is not None else "no_usable_trial"
-    summary = record_search(parent, cfg, folder, trials, best, time.perf_counter() - start, status,
-                            extra={"confirm": confirmation} if confirmation else None)
+    extra = {**({"confirm": confirmation} if confirmation else {}), **({"budget": budget} if budget else {})}
+    summary = record_search(parent, cfg, folder, trials, best, time.perf_counter() - start, status, extra=extra)
     parent.set_tags({"search_status": status})
     record_front(parent, cfg, folder, trials)
     analyze(cfg, folder, trials, parent)
@@ -174,6 +183,12 @@ def print_result(cfg: Config, best, best_path: Path, summary: dict[str, Any], fo
           f"{summary['n_trials'] * full} epochs, {summary['wall_time_s']:.0f}s")
     for failure in summary["failed_trials"]:
         print(f"  failed: trial {failure['trial_id']}: {failure['reason']}")
+    budget = summary.get("budget") or {}
+    if budget.get("reached"):
+        compared = budget["compared_at_epoch"]
+        print(f"  budget reached ({budget['reached']} {budget['limits'][budget['reached']]:g}): no trial started after "
+              f"it, {len(budget['stopped_trials'])} stopped by it"
+              + (f"; trials compared at epoch {compared}" if compared is not None else ""))
     if best is None:
         print(f"no usable trial: every trial failed or diverged, so there is no best config; see the trials' "
               f"records above and the Ray Tune logs in {folder}", file=sys.stderr)

@@ -29,11 +29,13 @@ from tune_mtard.costs import TrainingCosts, validations
 from tune_mtard.errors import ConfigError
 from tune_mtard.search.schedule_model import DRAWS, SimulatedSearch, asha_rungs, random_values, simulate
 
-# Fixed costs no plan can time without running a trial, measured on the 2-core CPU of docs/performance.md
-# with the digits space (a search's wall time less its trials' loop time; docs/search.md, "Planning a search").
-TRIAL_LAUNCH_S = 4.1  # a trial's start and wrap-up: its worker, the object-store transfer, its records
-REPORT_S = 0.15  # one reported epoch besides its checkpoint: diagnostics, Tune's and the recorder's handling
-CONCLUDE_S = 12.0  # after the last trial: ranking, trials.csv, plots, sensitivity analysis, registration
+# Fixed costs no plan can time without running a trial, measured on the 2-core CPU of docs/performance.md from
+# the README's digits search of 2026-12-03 (12 trials, load average 20 from other work; docs/search.md,
+# "Planning a search"): the gap between a trial's last report and the next trial's start on its lane plus the
+# first epoch's extra time (the Trainer built), and the time from the last trial's end to the process's exit.
+TRIAL_LAUNCH_S = 3.2  # a trial's start and wrap-up: its worker, the object-store transfer, its records
+REPORT_S = 0.15  # one reported epoch besides its validation and checkpoint: diagnostics, Tune's and MLflow's handling
+CONCLUDE_S = 48.0  # after the last trial: ranking, trials.csv, plots, sensitivity analysis, model registration
 
 
 @dataclass

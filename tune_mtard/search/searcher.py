@@ -20,7 +20,7 @@ from tune_mtard.config import Config, Distribution
 from tune_mtard.files import OPTUNA_DB
 from tune_mtard.metrics import EPOCH
 from tune_mtard.search import compat
-from tune_mtard.search.trials import TrialState, trial_state
+from tune_mtard.search.trials import BUDGET, STOPPED_BY, TrialState, trial_state
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,9 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     finished are then neither reported to nor told again.
     """
 
-    def __init__(self, *args: Any, full_epochs: int, **kwargs: Any):
+    def __init__(self, *args: Any, full_epochs: int, budget=None, **kwargs: Any):
         self.full_epochs = full_epochs
+        self.budget = budget  # a BudgetMeter: which trials the budget stopped (docs/search.md, "Budget")
         self._reported_epochs: dict[str, set[int]] = {}
         self._pending_tells: dict[str, tuple[TrialState, float | list[float] | None]] = {}
         super().__init__(*args, **kwargs)
@@ -105,6 +106,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
                 compat.completed_trials(self).add(trial_id)
 
     def suggest(self, trial_id: str) -> dict | None:
+        if self.budget is not None and self.budget.spent_on_file():
+            return None  # no new trial once the budget is spent; a --resume with a larger one asks again
         params = super().suggest(trial_id)
         ot_trial = compat.optuna_trials(self).get(trial_id)
         if ot_trial is not None:
@@ -150,6 +153,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         study = compat.optuna_study(self)
         for trial_id, (state, value) in list(self._pending_tells.items()):
             try:
+                if self.budget is not None and self.budget.stopped(trial_id):
+                    compat.optuna_trials(self)[trial_id].set_user_attr(STOPPED_BY, BUDGET)
                 study.tell(compat.optuna_trials(self)[trial_id], value, state=_OPTUNA_STATES[state])
             except Exception as exc:  # e.g. told already by the driver a resumed search replaces
                 log.warning("optuna tell for %s failed: %s", trial_id, exc)
@@ -169,6 +174,16 @@ def close_orphaned_optuna_trials(experiment_dir: Path, study_name: str, known_tr
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             closed += 1
     return closed
+
+
+def close_budget_stopped_trials(experiment_dir: Path, study_name: str, trial_ids: set[str]) -> None:
+    """Optuna trials of Ray trials the budget kept from starting: PRUNED, with ``stopped_by: budget``."""
+    study = optuna.load_study(study_name=study_name, storage=optuna_storage_url(experiment_dir))
+    storage = compat.study_storage(study)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get(RAY_TRIAL_ATTR) in trial_ids:
+            storage.set_trial_user_attr(compat.storage_trial_id(t), STOPPED_BY, BUDGET)
+            study.tell(t.number, state=optuna.trial.TrialState.PRUNED)
 
 
 def finished_optuna_trials(experiment_dir: Path, study_name: str) -> set[str]:
