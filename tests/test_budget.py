@@ -90,6 +90,12 @@ def test_resume_with_a_larger_budget_continues_the_search(budget_search):
     after = ray_reports(budget_search["folder"])
     assert before < set(after) and len(after) == NUM_SAMPLES
     assert summary["n_trials"] == NUM_SAMPLES
+    # ASHA's fidelity of the whole search (rungs 1 and 2 of 3 epochs), in the summary, sensitivity.md and MLflow.
+    fidelity = summary["asha_fidelity"]
+    assert fidelity["rungs"] == [1, 2] and fidelity["sentence"]
+    assert "## ASHA's fidelity" in (budget_search["folder"] / "sensitivity.md").read_text()
+    _, parents, _ = mlflow_runs(budget_search["root"], budget_search["name"])
+    assert parents[0].data.tags["asha_fidelity"] == fidelity["sentence"]
 
 
 def trial(tid: str, history: dict[int, float]) -> TrialSummary:

@@ -9,6 +9,7 @@ analysis.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -168,6 +169,13 @@ def analyze(cfg: Config, folder: Path, trials, parent) -> None:
     try:
         report = analyze_search(folder, cfg, trials)
         log_sensitivity(parent.client, parent.run_id, report)
+        if report.fidelity is not None:  # ASHA's fidelity joins the summary (docs/sensitivity.md)
+            summary_path = folder / files.SUMMARY_JSON
+            summary = json.loads(summary_path.read_text())
+            summary_path.write_text(json.dumps({**summary, "asha_fidelity": report.fidelity}, indent=2))
+            parent.log_artifacts([summary_path])
+            if report.fidelity["sentence"]:
+                print(f"ASHA's fidelity: {report.fidelity['sentence']}", flush=True)
     except Exception as exc:
         print(f"warning: the sensitivity analysis failed ({type(exc).__name__}: {exc}); rerun it with "
               f"python -m tune_mtard.analyze --experiment {folder}", file=sys.stderr)
