@@ -54,6 +54,8 @@ def test_early_ranks_that_held_say_so_and_too_few_trials_give_no_number():
     assert few["spearman"] == {} and "too few" in few["sentence"]
 
 
-def test_a_search_without_asha_has_no_fidelity():
+def test_a_search_without_asha_or_without_a_rung_below_its_epochs_has_no_fidelity():
     cfg = load_config("digits.yaml", ["search.scheduler.type=fifo"], check_files=False)
     assert asha_fidelity({"a": {30: 0.5}}, cfg) is None
+    short = load_config("digits.yaml", ["train.epochs=3", "search.scheduler.grace_period=10"], check_files=False)
+    assert asha_fidelity({"a": {3: 0.5}}, short) is None

@@ -44,13 +44,16 @@ def value_at(values: dict[int, float], milestone: float) -> float | None:
 
 def asha_fidelity(histories: dict[str, dict[int, float]], cfg: Config) -> dict[str, Any] | None:
     """Per rung below the last, Spearman's correlation with the final values over the trials that reached the
-    last rung (``histories``: trial id -> epoch -> search.metric). None when the search has no ASHA."""
+    last rung (``histories``: trial id -> epoch -> search.metric). None when the search has no ASHA, or no rung
+    below ``train.epochs``."""
     from tune_mtard.search.schedule_model import asha_rungs
 
     s = cfg.search
     if s.scheduler.type != "asha":
         return None
     rungs = asha_rungs(s.scheduler.grace_period, s.scheduler.reduction_factor, cfg.train.epochs)
+    if not rungs:  # grace_period beyond train.epochs: ASHA stopped no trial early, there is nothing to judge
+        return None
     last = rungs[-1]
     at_last = {tid: values for tid, values in histories.items() if values and max(values) >= last}
     final = {tid: values[max(values)] for tid, values in at_last.items()}
