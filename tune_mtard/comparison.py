@@ -58,6 +58,7 @@ class CompareRequest:
     tune: int | None = None  # trials of each method's search first (docs/methods.md, "Tuned comparisons")
     tune_epochs: int | None = None
     resume: bool = False
+    plan: bool = False  # with tune: forecast the cost, run nothing
 
 
 @dataclass
@@ -314,6 +315,8 @@ def base_config(request: CompareRequest) -> Config:
 def compare(request: CompareRequest) -> int:
     """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records
     (``--tune`` is :func:`tune_mtard.tuning.compare_tuned`)."""
+    if request.plan and (request.tune is None or request.resume):
+        raise ConfigError("--plan", "plans a new tuned comparison: it needs --tune N and cannot take --resume")
     base, methods, seeds, configs, out = plan_comparison(request)
     attacks = final_attacks(base)
     data = load_data(base)

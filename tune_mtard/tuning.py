@@ -49,6 +49,7 @@ from tune_mtard.search import driver, interrupts
 from tune_mtard.search.driver import check_experiment, check_local_resources, started
 from tune_mtard.search.local_ray import ray_session
 from tune_mtard.search.lock import SearchLock, refuse_if_running
+from tune_mtard.search.plan import plan_tuned_comparison
 from tune_mtard.search.schedulers import describe_scheduler, fit_to_epochs
 from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
@@ -213,6 +214,9 @@ def check_out(plan: TunedPlan) -> None:
 def compare_tuned(request: CompareRequest) -> int:
     """``compare --tune N``: each method's search, then its best config on every seed; returns the exit code."""
     plan = plan_tuned(request)
+    if request.plan:  # the cost of it all, nothing run (docs/search.md, "Planning a search")
+        plan_tuned_comparison(plan.searches, plan.seeds, plan.base, plan.out)
+        return 0
     try:
         with interrupts.sigterm_as_interrupt():
             return _run(plan)

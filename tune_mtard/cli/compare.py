@@ -31,6 +31,8 @@ def build_parser() -> ArgumentParser:
                         help="epochs of each search's trials, ASHA's max_t (default: train.epochs)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted tuned comparison in --out, without redoing finished searches")
+    parser.add_argument("--plan", action="store_true",
+                        help="with --tune: forecast each search's and the seed runs' cost into plan.json; nothing runs")
     return parser
 
 
@@ -40,4 +42,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = compare if args.tune is None else compare_tuned
     return run(CompareRequest(config=args.config, methods=args.methods, seeds=args.seeds, attacks=args.attacks,
                                   out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri,
-                                  tune=args.tune, tune_epochs=args.tune_epochs, resume=args.resume))
+                                  tune=args.tune, tune_epochs=args.tune_epochs, resume=args.resume,
+                                  plan=args.plan))

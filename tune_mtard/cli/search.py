@@ -21,6 +21,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--address", default=None, help="connect to an existing Ray cluster (e.g. auto, ray://host:10001)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
     parser.add_argument("--no-progress", action="store_true", help="quiet: no Ray Tune status tables")
+    parser.add_argument("--plan", action="store_true", help="forecast epochs, device-hours and wall time into "
+                                                            "plan.json; no trial runs")
+    parser.add_argument("--plan-device", default=None, help="with --plan: a device of this machine to time (cuda), "
+                                                            "or NAME=STEPS_PER_S for one elsewhere (a100=14.5)")
+    parser.add_argument("--plan-cluster", default=None, help="with --plan: the cluster's size, CPUS,GPUS (32,4)")
     add_set_flag(parser)
     return parser
 
@@ -33,4 +38,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     return search(SearchRequest(space=args.space, num_samples=args.num_samples, max_epochs=args.max_epochs,
                                 storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
-                                resume=args.resume, quiet=args.no_progress, overrides=args.overrides))
+                                resume=args.resume, quiet=args.no_progress, overrides=args.overrides, plan=args.plan,
+                                plan_device=args.plan_device, plan_cluster=args.plan_cluster))

@@ -20,6 +20,13 @@ class Resources:
     cpu: float = 4
     gpu: float = 0.5  # a fraction shares one card between trials
 
+    def device_share(self) -> tuple[float, str]:
+        """What one trial holds of the devices, and the unit device-hours are counted in: GPUs when it asks for
+        any (a trial with ``gpu: 0.5`` for an hour spends 0.5 GPU-hours), else CPU cores."""
+        if self.gpu > 0:
+            return self.gpu, "GPU-hours"
+        return self.cpu, "CPU core-hours"
+
 
 @dataclass
 class SchedulerConfig:
@@ -51,6 +58,14 @@ class ConfirmConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """Stop the search once either is spent (docs/search.md, "Budget"); None: no limit."""
+
+    device_hours: float | None = None  # GPU-hours (or CPU core-hours) of trials, as search --plan counts them
+    wall_hours: float | None = None  # wall time of the search's sessions
+
+
+@dataclass
 class SearchConfig:
     """How a search runs (docs/search.md); ``space`` says what it samples."""
 
@@ -69,6 +84,7 @@ class SearchConfig:
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     register_as: str = "auto"  # the registered MLflow model of the best student; auto: the search's name; "": none
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def objective_modes(self) -> list[str]:
         """One mode per objective (``max`` where ``modes`` is not given)."""
@@ -115,6 +131,10 @@ class SearchConfig:
         require(self.final_eval.top_k >= 0, "search.final_eval.top_k", "must be >= 0")
         require(self.final_eval.n_examples >= 1, "search.final_eval.n_examples", "must be >= 1")
         check_attack_names(self.final_eval.attacks, "search.final_eval.attacks")
+        for key in ("device_hours", "wall_hours"):
+            value = getattr(self.budget, key)
+            require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                    f"search.budget.{key}", f"must be a number > 0 (or left out), got {value!r}")
 
     def check_sampler(self) -> None:
         """``search.sampler.type`` names a registered sampler that can handle the search's objectives."""

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -191,3 +192,23 @@ def trial_ids(grid: Any) -> list[str]:
     report has none.
     """
     return [trial.trial_id for trial in grid._experiment_analysis.trials]
+
+
+def reopen_search_generator(experiment_dir: Path) -> bool:
+    """Let a restored search propose trials again after a Stopper's ``stop_all`` ended it (a spent budget,
+    docs/search.md, "Budget"): Tune marks its ``SearchGenerator`` finished then, and saves that as ``finished``
+    in the newest ``search_gen_state-*.json`` (a cloudpickle of ``SearchGenerator.get_state()``; private
+    format, checked with Ray 2.60.0). Returns whether a state was reopened."""
+    import ray.cloudpickle as cloudpickle
+
+    states = sorted(Path(experiment_dir).glob("search_gen_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return False
+    state = cloudpickle.loads(states[-1].read_bytes())
+    if not state.get("finished"):
+        return False
+    state["finished"] = False
+    tmp = states[-1].with_name(f".{states[-1].name}.tmp")
+    tmp.write_bytes(cloudpickle.dumps(state))
+    tmp.replace(states[-1])
+    return True

@@ -29,15 +29,18 @@ from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError, Interrupted
 from tune_mtard.perf import check_trial_device, release_cuda_memory, resolve_device
 from tune_mtard.search import compat, interrupts
-from tune_mtard.search.compat import largest_node, unreachable_ray_address
+from tune_mtard.search.compat import largest_node, reopen_search_generator, unreachable_ray_address
 from tune_mtard.search.confirm import confirm_tuner
 from tune_mtard.search.local_ray import ray_session
 from tune_mtard.search.lock import SearchLock, refuse_if_running
 from tune_mtard.search.nodes import check_nodes_see_storage
 from tune_mtard.search.outcome import SearchOutcome, conclude, interrupted
+from tune_mtard.search.plan import plan_search
 from tune_mtard.search.resume import check_same_search
 from tune_mtard.search.schedulers import build_scheduler, check_first_rung, fit_to_epochs
+from tune_mtard.search.space_methods import searched_methods
 from tune_mtard.search.study_storage import check_database, delete_study, optuna_storage_url
+from tune_mtard.search.trials import load_experiment_trials
 from tune_mtard.services import check_private, check_search_folder, check_tracking_uri, masked_uri
 from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
@@ -55,6 +58,9 @@ class SearchRequest:
     resume: bool = False
     quiet: bool = False
     overrides: list[str] = field(default_factory=list)
+    plan: bool = False  # forecast the cost, run nothing (docs/search.md, "Planning a search")
+    plan_device: str | None = None
+    plan_cluster: str | None = None
 
 
 def resolve_space(space: str) -> Path:
@@ -109,12 +115,6 @@ def started(folder: Path) -> bool:
     return (folder / files.TUNER_STATE).exists() and (folder / files.SPACE).exists()
 
 
-def searched_methods(cfg: Config) -> set[str]:
-    """The methods some trial will train: the base config's and, when ``method`` is searched, its choices."""
-    dist = (cfg.space or {}).get("method")
-    return {cfg.method} | set(dist.choices if dist is not None and dist.choices else [])
-
-
 # Where the driver's machine keeps the data and the teacher cache: a driver resuming from another working
 # folder (or machine) takes its own, relative ones resolved against its working folder.
 DRIVER_PATHS = ("data.root", "teachers.cache_dir")
@@ -165,6 +165,8 @@ def search(request: SearchRequest) -> int:
     """The ``search`` command: validate, then run (or resume) the search; returns the exit code."""
     cfg = search_config(request)
     check_address(request.address)
+    if request.plan:
+        return plan(cfg, request)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
     check_experiment(cfg, request.resume, request.tracking_uri, request.num_samples)
     if request.resume:
@@ -175,11 +177,22 @@ def search(request: SearchRequest) -> int:
                                                        f"{saved.search.optuna_storage or files.OPTUNA_DB}; "
                                                        "resume it with the same database")
         saved.search.storage = cfg.search.storage
+        saved.search.budget = cfg.search.budget  # --resume with a larger budget continues
         cfg = saved
     check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
     check_search_folder(experiment_dir(cfg), "--storage" if request.storage else "search.storage")
     check_database(cfg, request.resume)
     return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet)
+
+
+def plan(cfg: Config, request: SearchRequest) -> int:
+    """``search --plan``: the forecast of a new search, written to ``plan.json``; no trial runs."""
+    if request.resume:
+        raise ConfigError("--plan", "plans a new search; it cannot be combined with --resume")
+    roles = roles_for(searched_methods(cfg))
+    check_teacher_files(cfg.run_config(), roles)
+    plan_search(cfg, roles, request.plan_device, request.plan_cluster, request.address)
+    return 0
 
 
 def run_search(cfg: Config, resume: bool = False, address: str | None = None, quiet: bool = False) -> int:
@@ -280,6 +293,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                                      finished=finished),
                 {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
             )
+            start_budget_session(cfg, folder, resume)
             if resume:
                 with compat.quiet_experiment_analysis():
                     tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
@@ -309,6 +323,17 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     return outcome
 
 
+def start_budget_session(cfg: Config, folder: Path, resume: bool) -> None:
+    """``budget.json`` for this session: the limits and what the trials of earlier sessions spent."""
+    # ray.tune loads at import of this: only a search that runs needs it
+    from tune_mtard.search.budget import read_reached, start_session
+
+    if resume and read_reached(folder):  # the budget ended the last session: Tune marked the search finished
+        reopen_search_generator(folder)
+    trials = load_experiment_trials(folder) if resume else []
+    start_session(cfg, folder, sum(float(t.metrics.get("time_total_s") or 0) for t in trials), resume)
+
+
 def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_run_id: str, quiet: bool,
               recorder_class: type | None = None, searcher_class: type | None = None):
     """The Tuner of a new search: the Optuna searcher, the scheduler and the MLflow recorder (a benchmark may
@@ -318,6 +343,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     from ray.tune.search import ConcurrencyLimiter
 
     # ray and optuna load at import of these: only a running search needs them
+    from tune_mtard.search.budget import BudgetMeter, BudgetStopper, with_budget
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
         PrunedAwareOptunaSearch,
@@ -333,14 +359,18 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     # A multi-objective study gets one direction per objective; ASHA still stops on search.metric (the
     # searcher is given its space, so Tune's metric and mode below do not overwrite its objectives).
     metric, mode = (list(s.objectives), s.objective_modes()) if s.objectives else (s.metric, s.mode)
+    # One meter for the budget's scheduler, stopper, searcher and recorder, even without a budget yet: a
+    # --resume may set one (docs/search.md, "Budget").
+    meter = BudgetMeter(folder)
     searcher = (searcher_class or PrunedAwareOptunaSearch)(
         space=optuna_distributions(cfg.space), metric=metric, mode=mode, sampler_config=s.sampler,
         study_name=cfg.name, storage=storage, points_to_evaluate=[point], full_epochs=cfg.train.epochs,
+        budget=meter,
     )
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
-    scheduler = build_scheduler(s.scheduler, max_t=cfg.train.epochs)
+    scheduler = with_budget(build_scheduler(s.scheduler, max_t=cfg.train.epochs), meter, cfg.search.budget)
     recorder = (recorder_class or MlflowTrialRecorder)(cfg.mlflow.tracking_uri, experiment_id, parent_run_id,
-                                                       cfg.train.epochs, cfg.name)
+                                                       cfg.train.epochs, cfg.name, budget=meter)
     # Reused actors spare each trial a fresh worker process (and its torch import); a trial's state is
     # its own all the same, since the Trainer seeds every RNG and builds every model anew.
     return tune.Tuner(
@@ -348,7 +378,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=s.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder],
+            name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder], stop=BudgetStopper(folder),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0 if quiet else 1,

@@ -9,6 +9,7 @@ analysis.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from tune_mtard.models import create_model, load_checkpoint
 from tune_mtard.search import confirm as confirmation
 from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
 from tune_mtard.search.study_storage import optuna_storage_url
-from tune_mtard.search.trials import best_trial, load_experiment_trials, summarize_results
+from tune_mtard.search.trials import best_trial, load_experiment_trials, rank_at_epoch, summarize_results
 
 Rerun = Callable[[list[dict[str, Any]]], Any]  # runs the confirmation trials; None when a signal stopped them
 
@@ -48,12 +49,15 @@ def interrupted(cfg: Config, folder: Path, parent, start: float) -> SearchOutcom
     """Tune saved the interrupted trials as unfinished (resumable) and Optuna keeps them RUNNING for
     ``--resume``; their child runs and the parent run end KILLED."""
     # ray and optuna load at import of these: only a running search needs them
+    from tune_mtard.search.budget import budget_outcome
     from tune_mtard.search.recorder import kill_running_child_runs, record_search
 
     (folder / files.BEST_CONFIG).unlink(missing_ok=True)
     trials = load_experiment_trials(folder)
     kill_running_child_runs(parent.client, parent.run_id)
-    summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted")
+    budget = budget_outcome(cfg, folder, trials, parent)
+    summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted",
+                            extra={"budget": budget} if budget else None)
     parent.set_tags({"search_status": "interrupted"})
     analyze(cfg, folder, trials, parent)
     return SearchOutcome("interrupted", summary, 130)
@@ -63,17 +67,21 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     """Pick and record the outcome: the best or confirmed trial's config (teachers pinned) and registered
     student, the parent run's records, the summary."""
     # ray and optuna load at import of these: only a running search needs them
+    from tune_mtard.search.budget import budget_outcome
     from tune_mtard.search.recorder import delete_orphaned_child_runs, record_front, record_search
     from tune_mtard.search.searcher import close_orphaned_optuna_trials
 
     s = cfg.search
     best_path = folder / files.BEST_CONFIG
     best_path.unlink(missing_ok=True)  # only a finished search has one
-    trials = summarize_results(grid)
+    trials = summarize_results(grid, s.metric)
     trial_ids = {t.trial_id for t in trials}
     close_orphaned_optuna_trials(optuna_storage_url(cfg, folder), cfg.name, trial_ids)
     delete_orphaned_child_runs(parent.client, parent.run_id, trial_ids)
     best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
+    budget = budget_outcome(cfg, folder, trials, parent)
+    if budget and budget["compared_at_epoch"] is not None:
+        best = next(iter(rank_at_epoch(trials, s.metric, s.mode, budget["compared_at_epoch"])), None)
     confirmation = None
     if best is not None and s.confirm.top_k > 0:
         confirmation = confirm_top_trials(cfg, folder, trials, parent, rerun)
@@ -84,8 +92,8 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     if best is not None:
         cfg.run_config().with_values({**reproducible_values(cfg, best.sampled), **teachers.pins()}).dump(best_path)
     status = "finished" if best is not None else "no_usable_trial"
-    summary = record_search(parent, cfg, folder, trials, best, time.perf_counter() - start, status,
-                            extra={"confirm": confirmation} if confirmation else None)
+    extra = {**({"confirm": confirmation} if confirmation else {}), **({"budget": budget} if budget else {})}
+    summary = record_search(parent, cfg, folder, trials, best, time.perf_counter() - start, status, extra=extra)
     parent.set_tags({"search_status": status})
     record_front(parent, cfg, folder, trials)
     analyze(cfg, folder, trials, parent)
@@ -161,6 +169,13 @@ def analyze(cfg: Config, folder: Path, trials, parent) -> None:
     try:
         report = analyze_search(folder, cfg, trials)
         log_sensitivity(parent.client, parent.run_id, report)
+        if report.fidelity is not None:  # ASHA's fidelity joins the summary (docs/sensitivity.md)
+            summary_path = folder / files.SUMMARY_JSON
+            summary = json.loads(summary_path.read_text())
+            summary_path.write_text(json.dumps({**summary, "asha_fidelity": report.fidelity}, indent=2))
+            parent.log_artifacts([summary_path])
+            if report.fidelity["sentence"]:
+                print(f"ASHA's fidelity: {report.fidelity['sentence']}", flush=True)
     except Exception as exc:
         print(f"warning: the sensitivity analysis failed ({type(exc).__name__}: {exc}); rerun it with "
               f"python -m tune_mtard.analyze --experiment {folder}", file=sys.stderr)
@@ -174,6 +189,12 @@ def print_result(cfg: Config, best, best_path: Path, summary: dict[str, Any], fo
           f"{summary['n_trials'] * full} epochs, {summary['wall_time_s']:.0f}s")
     for failure in summary["failed_trials"]:
         print(f"  failed: trial {failure['trial_id']}: {failure['reason']}")
+    budget = summary.get("budget") or {}
+    if budget.get("reached"):
+        compared = budget["compared_at_epoch"]
+        print(f"  budget reached ({budget['reached']} {budget['limits'][budget['reached']]:g}): no trial started after "
+              f"it, {len(budget['stopped_trials'])} stopped by it"
+              + (f"; trials compared at epoch {compared}" if compared is not None else ""))
     if best is None:
         print(f"no usable trial: every trial failed or diverged, so there is no best config; see the trials' "
               f"records above and the Ray Tune logs in {folder}", file=sys.stderr)

@@ -25,8 +25,10 @@ from tune_mtard.metrics import DIAGNOSTICS, EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC,
 from tune_mtard.plots import plot_clean_vs_robust, plot_pareto, plot_trace
 from tune_mtard.search.pareto import default_trial, front_objectives, pareto_front, write_pareto_csv
 from tune_mtard.search.trials import (
+    BUDGET,
     FAILURE_KIND,
     FAILURE_KINDS,
+    STOPPED_BY,
     TrialState,
     TrialSummary,
     failure_kind,
@@ -61,13 +63,14 @@ class MlflowTrialRecorder(Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, full_epochs: int,
-                 search_name: str, extra_tags: dict[str, str] | None = None):
+                 search_name: str, extra_tags: dict[str, str] | None = None, budget=None):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.full_epochs = full_epochs
         self.search_name = search_name
         self.extra_tags = dict(extra_tags or {})  # on every child run this recorder creates
+        self.budget = budget  # a BudgetMeter: a trial it stopped ends KILLED, tagged stopped_by: budget
         self._client = None
         self._run_ids: dict[str, str] = {}
         self._logged_epochs: dict[str, set[int]] = {}
@@ -114,8 +117,10 @@ class MlflowTrialRecorder(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id = self.run_id(trial)
         epoch = int(result.get(EPOCH, result.get("training_iteration", 0)))
-        if "node_id" in result:
+        nodes = self.__dict__.setdefault("_nodes", {})  # run id -> node tagged: once per trial, again if it moved
+        if "node_id" in result and nodes.get(run_id) != result["node_id"]:
             tracking.set_tags(self.client, run_id, {"node_id": result["node_id"]})
+            nodes[run_id] = result["node_id"]
         if epoch in self._logged_epochs[run_id]:
             return
         tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items() if k in REPORTED}, step=epoch)
@@ -125,14 +130,16 @@ class MlflowTrialRecorder(Callback):
         run_id = self.run_id(trial)
         epochs = int((trial.last_result or {}).get(EPOCH, 0))
         state = trial_state(epochs, self.full_epochs, failed=False)
+        by_budget = self.budget is not None and self.budget.stopped(trial.trial_id)
         tracking.set_tags(self.client, run_id, {"epochs_run": epochs, "trial_state": state.value,
+                                                **({STOPPED_BY: BUDGET} if by_budget else {}),
                                                 **flag_tags(trial.last_result or {})})
         if self._finished_runs.get(run_id) != epochs:
             try:
                 self._log_trial_files(trial, run_id)
             except Exception as exc:  # a missing checkpoint must not lose the rest of the records
                 log.warning("could not log the files of trial %s: %s", trial.trial_id, exc)
-        self.client.set_terminated(run_id, tracking.FINISHED)
+        self.client.set_terminated(run_id, tracking.KILLED if by_budget else tracking.FINISHED)
         self._finished_runs[run_id] = epochs
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -230,14 +237,15 @@ def log_teachers(parent: tracking.RunHandle, teachers) -> None:
 
 
 def write_trials_csv(trials: list[TrialSummary], path: Path, space_keys: list[str], full_epochs: int) -> None:
-    columns = ["trial_id", "state", "epochs", *VALIDATION, *DIAGNOSTICS, "failure", "failure_kind", *space_keys]
+    columns = ["trial_id", "state", "epochs", *VALIDATION, *DIAGNOSTICS, "failure", "failure_kind", STOPPED_BY,
+               *space_keys]
     with atomic.open_atomic(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for t in trials:
             state = t.state(full_epochs).value if t.finished else "RUNNING"
             writer.writerow([t.trial_id, state, t.epochs] + [t.metrics.get(k, "") for k in VALIDATION]
-                            + list(csv_values(t.metrics).values()) + [t.failure, t.failure_kind]
+                            + list(csv_values(t.metrics).values()) + [t.failure, t.failure_kind, t.stopped_by]
                             + [t.sampled.get(k, "") for k in space_keys])
 
 

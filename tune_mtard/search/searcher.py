@@ -28,7 +28,7 @@ from tune_mtard.metrics import EPOCH
 from tune_mtard.search import compat
 from tune_mtard.search.samplers import build_sampler
 from tune_mtard.search.study_storage import study_exists
-from tune_mtard.search.trials import FAILURE_KIND, FAILURE_KINDS, TrialState, trial_state
+from tune_mtard.search.trials import BUDGET, FAILURE_KIND, FAILURE_KINDS, STOPPED_BY, TrialState, trial_state
 
 log = logging.getLogger(__name__)
 TELL_ATTEMPTS = 3  # per snapshot; a trial still untold stays pending for the next one
@@ -97,9 +97,10 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     (see :func:`state_without_sampler`).
     """
 
-    def __init__(self, *args: Any, sampler_config: SamplerConfig, full_epochs: int, **kwargs: Any):
+    def __init__(self, *args: Any, sampler_config: SamplerConfig, full_epochs: int, budget=None, **kwargs: Any):
         self.sampler_config = sampler_config
         self.full_epochs = full_epochs
+        self.budget = budget  # a BudgetMeter: which trials the budget stopped (docs/search.md, "Budget")
         self._reported_epochs: dict[str, set[int]] = {}
         self._pending_tells: dict[str, tuple[TrialState, float | list[float] | None]] = {}
         super().__init__(*args, sampler=build_sampler(sampler_config), **kwargs)
@@ -123,6 +124,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
                 compat.completed_trials(self).add(trial_id)
 
     def suggest(self, trial_id: str) -> dict | None:
+        if self.budget is not None and self.budget.spent_on_file():
+            return None  # no new trial once the budget is spent; a --resume with a larger one asks again
         params = super().suggest(trial_id)
         ot_trial = compat.optuna_trials(self).get(trial_id)
         if ot_trial is not None:
@@ -179,6 +182,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             try:
                 if trial_id in FAILURE_KINDS:  # noted by the recorder when the trial failed
                     ot_trial.set_user_attr(FAILURE_KIND, FAILURE_KINDS[trial_id])
+                if self.budget is not None and self.budget.stopped(trial_id):
+                    ot_trial.set_user_attr(STOPPED_BY, BUDGET)
                 compat.optuna_study(self).tell(ot_trial, value, state=_OPTUNA_STATES[state])
                 return True
             except Exception as exc:
@@ -266,6 +271,16 @@ def close_orphaned_optuna_trials(storage_url: str, study_name: str, known_trial_
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             closed += 1
     return closed
+
+
+def close_budget_stopped_trials(storage_url: str, study_name: str, trial_ids: set[str]) -> None:
+    """Optuna trials of Ray trials the budget kept from starting: PRUNED, with ``stopped_by: budget``."""
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    storage = compat.study_storage(study)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get(RAY_TRIAL_ATTR) in trial_ids:
+            storage.set_trial_user_attr(compat.storage_trial_id(t), STOPPED_BY, BUDGET)
+            study.tell(t.number, state=optuna.trial.TrialState.PRUNED)
 
 
 def finished_optuna_trials(storage_url: str, study_name: str) -> set[str]:

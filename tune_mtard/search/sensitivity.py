@@ -30,6 +30,7 @@ from typing import Any
 from tune_mtard import atomic, files, tracking
 from tune_mtard.config import Config
 from tune_mtard.plots import plot_slice_by_epochs, pyplot
+from tune_mtard.search.fidelity import asha_fidelity
 from tune_mtard.search.study_storage import optuna_storage_url
 from tune_mtard.search.trials import TrialSummary
 
@@ -77,6 +78,7 @@ class SensitivityReport:
     regions: dict[str, str] = field(default_factory=dict)  # key -> its best region, in words
     note: str = ""  # why there are no importances, when there are none
     files: list[Path] = field(default_factory=list)
+    fidelity: dict[str, Any] | None = None  # ASHA's fidelity (tune_mtard/search/fidelity.py); None without ASHA
 
     @property
     def n_trials(self) -> int:
@@ -147,6 +149,7 @@ def analyze_search(folder: str | Path, cfg: Config, trials: list[TrialSummary] |
                                full_epochs=cfg.train.epochs, needed=min_trials(len(params)),
                                reached=dict(sorted(Counter(p.epochs for p in points).items())))
     report.epoch = compared_epoch(points, report.needed)
+    report.fidelity = asha_fidelity({p.trial_id: p.values for p in points}, cfg)
     compared = [p for p in points if report.epoch in p.values]
     report.compared = [p.trial_id for p in compared]
     for stale in [files.SENSITIVITY_MD, files.IMPORTANCES_PNG, files.CONTOUR_PNG, files.SLICE_PNG.format("*")]:
@@ -192,6 +195,10 @@ def log_sensitivity(client: Any, run_id: str, report: SensitivityReport) -> None
     tracking.log_metrics(client, run_id, {f"importance.{k}": v for k, v in report.importances.items()}, step=0)
     tracking.set_tags(client, run_id, {"sensitivity.epoch": "" if report.epoch is None else report.epoch,
                                        "sensitivity.trials_compared": len(report.compared)})
+    if report.fidelity is not None:
+        tracking.log_metrics(client, run_id, {f"asha_fidelity.rung_{rung}": rho for rung, rho in
+                                              report.fidelity["spearman"].items() if math.isfinite(rho)}, step=0)
+        tracking.set_tags(client, run_id, {"asha_fidelity": report.fidelity["sentence"]})
 
 
 @contextlib.contextmanager
@@ -341,6 +348,12 @@ def render_markdown(report: SensitivityReport) -> str:
         lines += ["## Best region of each key", "", f"The values of the top quartile: the {n_top} best of the "
                   f"{len(report.compared)} trials compared.", ""]
         lines += [f"- `{key}`: {report.regions[key]}" for key in report.importances] + [""]
+    if report.fidelity is not None:
+        f = report.fidelity
+        rhos = ", ".join(f"rung {rung}: {rho:.2f}" for rung, rho in f["spearman"].items())
+        lines += ["## ASHA's fidelity", "", f"Spearman correlation of each rung's {report.metric} with the final one, "
+                  f"over the {f['n_trials']} trials that reached the last rung (epoch {f['last_rung']:g})"
+                  + (f": {rhos}." if rhos else "."), "", f["sentence"], ""]
     lines += ["## Files", ""]
     for path in report.files:
         lines.append(f"- `{path.name}`: {_describe(path.name, report)}")

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune_mtard import atomic
 from tune_mtard.errors import Diverged
 from tune_mtard.files import DIVERGED_JSON
 from tune_mtard.metrics import EPOCH
 from tune_mtard.search.compat import quiet_experiment_analysis, trial_ids
+
+STOPPED_BY = "stopped_by"  # a trial stopped by the search's budget: MLflow tag, Optuna user attribute, CSV column
+BUDGET = "budget"
 
 
 class TrialState(str, enum.Enum):
@@ -51,6 +55,8 @@ class TrialSummary:
     failure: str = ""
     diverged: dict[str, int] | None = None  # {"diverged_step": S, "diverged_epoch": E}
     finished: bool = True  # False for a trial an interrupted search left running or pending
+    stopped_by: str = ""  # BUDGET for a trial the search's budget stopped
+    history: dict[int, float] = field(default_factory=dict)  # epoch -> search.metric, where it is known
 
     def metric(self, name: str) -> float:
         value = self.metrics.get(name)
@@ -85,7 +91,27 @@ def best_trial(trials: list[TrialSummary], metric: str, mode: str, full_epochs: 
 def write_divergence(trial_dir: str | Path, error: Diverged) -> None:
     """The record a diverged trial leaves in its folder (``diverged.json``: ``step``, ``epoch``), which
     :func:`read_divergence` reads."""
-    (Path(trial_dir) / DIVERGED_JSON).write_text(json.dumps({"step": error.step, "epoch": error.epoch}))
+    atomic.write_text(Path(trial_dir) / DIVERGED_JSON, json.dumps({"step": error.step, "epoch": error.epoch}))
+
+def equal_budget_epoch(trials: list[TrialSummary], full_epochs: int) -> int | None:
+    """Where a search that its budget stopped compares its trials (docs/search.md, "Budget"): None when some
+    trial ran ``full_epochs`` (the usual ranking holds), else the deepest epoch that two usable trials both
+    reported (one, when only one trial is usable)."""
+    usable = [t for t in trials if not t.failed and t.history]
+    if not usable or any(t.epochs >= full_epochs for t in usable):
+        return None
+    reached = sorted((max(t.history) for t in usable), reverse=True)
+    return reached[1] if len(reached) > 1 else reached[0]
+
+
+def rank_at_epoch(trials: list[TrialSummary], metric: str, mode: str, epoch: int) -> list[TrialSummary]:
+    """The trials that reported ``epoch``, best first by their value there (equal budget, each), then the rest
+    by :func:`rank_trials`."""
+    sign = -1 if mode == "max" else 1
+    at = sorted((t for t in trials if not t.failed and not math.isnan(t.history.get(epoch, math.nan))),
+                key=lambda t: sign * t.history[epoch])
+    chosen = {t.trial_id for t in at}
+    return at + [t for t in rank_trials(trials, metric, mode, epoch) if t.trial_id not in chosen]
 
 
 def read_divergence(trial_dir: str | Path) -> dict[str, int] | None:
@@ -139,8 +165,14 @@ def failure_text(error: BaseException | None, diverged: dict[str, int] | None) -
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
-def summarize_results(grid: Any) -> list[TrialSummary]:
-    """The trials of a finished :class:`ray.tune.ResultGrid`."""
+def _history(frame: Any, metric: str) -> dict[int, float]:
+    if frame is None or EPOCH not in frame or metric not in frame:
+        return {}
+    return {int(e): float(v) for e, v in zip(frame[EPOCH], frame[metric], strict=False) if e == e and v == v}
+
+
+def summarize_results(grid: Any, metric: str | None = None) -> list[TrialSummary]:
+    """The trials of a finished :class:`ray.tune.ResultGrid` (with each one's ``metric`` per epoch, if named)."""
     summaries = []
     for trial_id, result in zip(trial_ids(grid), grid, strict=True):
         metrics = dict(result.metrics or {})
@@ -155,6 +187,7 @@ def summarize_results(grid: Any) -> list[TrialSummary]:
             checkpoint_dir=checkpoint.path if checkpoint is not None else None,
             failure=failure_text(result.error, diverged),
             diverged=diverged,
+            history=_history(result.metrics_dataframe, metric) if metric else {},
         ))
     return summaries
 
