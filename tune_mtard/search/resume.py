@@ -3,7 +3,8 @@
 A resumed search is the saved one: Ray Tune restores its sampler, scheduler, trial count and retry
 budget from its own pickled state, so a changed ``search.*`` or ``space.*`` key, or ``--num-samples``,
 would be silently ignored. Each is refused instead (exit 2, naming the key); only where the search is
-stored (``search.storage``, ``--storage``) may differ, since that is how the folder is found.
+stored (``search.storage``, ``--storage``) may differ, since that is how the folder is found, and the budget
+(``search.budget.*``), which every session reads again, so a larger one really continues the search.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tune_mtard.config.loading import to_yaml
 from tune_mtard.errors import ConfigError
 
 WHERE_IT_IS = ("search.storage",)  # not part of the search: where its folder is
+APPLIED_ON_RESUME = "search.budget."  # read again by every session (docs/search.md, "Budget")
 
 
 def search_keys(cfg: Config) -> dict[str, Any]:
@@ -25,7 +27,7 @@ def search_keys(cfg: Config) -> dict[str, Any]:
     keys = flatten(raw.get("search") or {}, "search.")
     for name, dist in (raw.get("space") or {}).items():
         keys.update(flatten(dist, f"space.{name}.") if isinstance(dist, dict) else {f"space.{name}": dist})
-    return {k: v for k, v in keys.items() if k not in WHERE_IT_IS}
+    return {k: v for k, v in keys.items() if k not in WHERE_IT_IS and not k.startswith(APPLIED_ON_RESUME)}
 
 
 def check_same_search(cfg: Config, saved: Config, num_samples_flag: int | None) -> None:
