@@ -92,7 +92,8 @@ def test_plan_adds_the_teachers_a_search_would_train_and_trains_none(space_file,
 
 def test_plan_for_a_device_elsewhere_scales_the_compute_by_its_given_speed(space_file, tmp_path, ray_address):
     result = run_plan(space_file, tmp_path, ray_address, "--plan-device", "a100=1000", "--plan-cluster", "64,8",
-                      "--set", "search.resources.gpu=0.5", "--set", "search.max_concurrent=4")
+                      "--set", "search.resources.gpu=0.5", "--set", "search.max_concurrent=4",
+                      "--set", "device=auto")  # a GPU search: device cpu with GPUs reserved is exit 2 (issue 21)
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads((tmp_path / "results" / "planned" / "plan.json").read_text())
     assert plan["measured"]["device"] == "a100"
