@@ -464,14 +464,15 @@ def test_a_tell_that_fails_on_a_locked_study_stays_pending_and_is_told_once_the_
     import optuna
 
     from tune_mtard.config import Distribution
+    from tune_mtard.config.search import SamplerConfig
     from tune_mtard.search import searcher as searching
 
-    storage = optuna.storages.RDBStorage(searching.optuna_storage_url(tmp_path),
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}",
                                          engine_kwargs={"connect_args": {"timeout": 1}})
     search = searching.PrunedAwareOptunaSearch(
         space=searching.optuna_distributions({"balance.beta": Distribution(type="float", low=0.5, high=3.0)}),
-        metric="val_w_robust_acc", mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="locked",
-        storage=storage, full_epochs=2)
+        metric="val_w_robust_acc", mode="max", sampler_config=SamplerConfig(type="random", seed=0),
+        study_name="locked", storage=storage, full_epochs=2)
     assert search.suggest("t1") is not None
     search.on_trial_complete("t1", {"epoch": 2, "val_w_robust_acc": 0.7})
 
