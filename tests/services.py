@@ -79,6 +79,17 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(top, ignore_errors=True)
 
 
+def stop_group(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM to the process group the test started (by its PID), SIGKILL if it has not ended in time."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, 15)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
+
+
 def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -109,13 +120,7 @@ def mlflow_server(folder: Path) -> Iterator[tuple[str, Path]]:
         _wait_http(f"{uri}/health", process, log)
         yield uri, artifacts
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+        stop_group(process, timeout_s=30)
 
 
 @contextlib.contextmanager
@@ -145,13 +150,7 @@ def ray_cluster_with_blind_worker(storage: Path) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         for process in reversed(processes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, 15)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-                process.wait()
+            stop_group(process, timeout_s=60)
         shutil.rmtree(temp, ignore_errors=True)
 
 
