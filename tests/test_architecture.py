@@ -401,3 +401,61 @@ def test_an_import_inside_a_function_says_why_it_is_there():
         if not lines[above].lstrip().startswith("#"):
             unexplained.append(where)
     assert unexplained == []
+
+
+def test_a_method_declares_its_own_config_keys(tmp_path):
+    """A method's ``settings`` become ``baselines.<key>`` with its default and rule, and its space may search it;
+    no central config section is touched. Run in a fresh interpreter: the schema makes its ``baselines``
+    section once, from the methods registered when the config is imported (as every module of methods/ is)."""
+    script = tmp_path / "own_setting.py"
+    script.write_text(textwrap.dedent("""
+        import torch.nn.functional as F
+
+        from tune_mtard.methods.base import Objective
+        from tune_mtard.methods.registry import Setting, register_method
+
+        @register_method("scaled-ce", settings={"scaled_ce_factor": Setting(2.0, lambda v: v > 0, "must be > 0")},
+                         space={"baselines.scaled_ce_factor": {"type": "float", "low": 1.0, "high": 4.0}})
+        class ScaledCE(Objective):
+            def step(self, x, y):
+                loss_nat = self.cfg.baselines.scaled_ce_factor * F.cross_entropy(self.student(x).float(), y)
+                return loss_nat, self.trace(x.device, loss_nat=loss_nat, w_adv=0.0, w_nat=1.0)
+
+        from tune_mtard.config import Config, from_dict
+        from tune_mtard.errors import ConfigError
+        from tune_mtard.methods import default_space
+
+        cfg = Config()
+        print("default", cfg.baselines.scaled_ce_factor, cfg.baselines.trades_beta)
+        raw = cfg.to_dict()
+        raw["method"] = "scaled-ce"
+        raw["baselines"]["scaled_ce_factor"] = 3.5
+        print("set", from_dict(raw, check_files=False).baselines.scaled_ce_factor)
+        raw["baselines"]["scaled_ce_factor"] = -1.0
+        try:
+            from_dict(raw, check_files=False)
+        except ConfigError as exc:
+            print("refused", exc)
+        print("space", sorted(default_space("scaled-ce")))
+        try:
+            register_method("late", settings={"late_key": Setting(1.0, bool, "must be true")})(ScaledCE)
+        except ValueError as exc:
+            print("late", exc)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "default 2.0 6.0" in lines and "set 3.5" in lines
+    assert "refused baselines.scaled_ce_factor: must be > 0" in lines
+    assert "space ['baselines.scaled_ce_factor', 'train.lr', 'train.weight_decay']" in lines
+    assert any(line.startswith("late method 'late': registered after the config schema was built") for line in lines)
+
+
+def test_two_methods_cannot_own_one_key_nor_search_anothers():
+    from tune_mtard.methods import Objective, Setting, register_method
+
+    with pytest.raises(ValueError, match="baselines.trades_beta is already method 'trades'"):
+        register_method("trades-again", settings={"trades_beta": Setting(1.0, bool, "x")})(Objective)
+    with pytest.raises(ValueError, match="searches baselines.ard_alpha, which is not one of its settings"):
+        borrowed = {"baselines.ard_alpha": {"type": "float", "low": 0.1, "high": 1.0}}
+        register_method("borrower", space=borrowed)(Objective)

@@ -8,7 +8,7 @@ registries (:mod:`tune_mtard.registry`). :class:`~tune_mtard.config.schema.Confi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Union
 
@@ -17,6 +17,7 @@ from tune_mtard.config.rules import check_attack_names, require, require_name
 from tune_mtard.data import DATASETS
 from tune_mtard.data.folders import CROPS
 from tune_mtard.methods import METHODS
+from tune_mtard.methods.registry import method_settings
 from tune_mtard.models import available_models
 
 
@@ -184,18 +185,24 @@ class BalanceConfig:
         require(0 <= self.weight_lr <= 1, "balance.weight_lr", f"must be in [0, 1], got {self.weight_lr:g}")
 
 
-@dataclass
-class BaselinesConfig:
-    """Settings of the comparison methods (``method`` other than b-mtard, docs/methods.md)."""
-
-    trades_beta: float = 6.0
-    ard_temperature: float = 30.0
-    ard_alpha: float = 1.0
+def _baselines_section() -> type:
+    """The ``baselines`` section: the config keys the methods own, each declared beside its method's class
+    (``register_method(..., settings=...)``, tune_mtard/methods/registry.py) with its default and rule."""
+    owned = method_settings()
 
     def check(self) -> None:
-        require(self.trades_beta >= 0, "baselines.trades_beta", "must be >= 0")
-        require(self.ard_temperature > 0, "baselines.ard_temperature", "must be > 0")
-        require(0 <= self.ard_alpha <= 1, "baselines.ard_alpha", "must be in [0, 1]")
+        for name, (_, setting) in owned.items():
+            require(setting.rule(getattr(self, name)), f"baselines.{name}", setting.must)
+
+    fields = [(name, type(setting.default), field(default=setting.default)) for name, (_, setting) in owned.items()]
+    return make_dataclass("BaselinesConfig", fields, namespace={
+        "check": check, "__module__": __name__,
+        "__doc__": "Settings of the methods that have their own (docs/methods.md): "
+                   + ", ".join(f"{name} ({method})" for name, (method, _) in owned.items()) + ".",
+    })
+
+
+BaselinesConfig = _baselines_section()
 
 
 @dataclass

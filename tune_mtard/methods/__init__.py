@@ -2,18 +2,23 @@
 
 Every method runs in the same loop (:mod:`tune_mtard.engine`) with the same call shape, PGD and trace
 columns, so ``compare`` runs them all alike. ``METHODS`` is the one list of them: adding a method is one
-class decorated with :func:`register_method`, in a module imported below.
+class decorated with :func:`register_method`, in a module of this package (every module of it is imported
+with the package, in name order, so a method in a new file is known with no other file touched).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from tune_mtard.methods import adversarial, bmtard, distillation, mtard  # noqa: F401 (they register, in this order)
 from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast, trace_row
-from tune_mtard.methods.registry import METHODS, SHARED_SPACE, MethodSpec, Space, register_method
+from tune_mtard.methods.registry import METHODS, SHARED_SPACE, MethodSpec, Setting, Space, register_method
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # each method module registers its own
+    importlib.import_module(f"{__name__}.{_module}")
 
 if TYPE_CHECKING:
     from tune_mtard.config import Config
@@ -47,5 +52,5 @@ def build_objective(cfg: Config, student: nn.Module, teachers: Teachers,
     return spec.objective(cfg, student, teachers, autocast)
 
 
-__all__ = ["METHODS", "SHARED_SPACE", "MethodSpec", "Objective", "Space", "Teachers", "build_objective",
+__all__ = ["METHODS", "SHARED_SPACE", "MethodSpec", "Objective", "Setting", "Space", "Teachers", "build_objective",
            "default_space", "needed_teachers", "register_method", "trace_row", "variants"]

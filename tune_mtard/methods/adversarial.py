@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tune_mtard.methods.base import Autocast, Objective, Teachers, no_autocast
-from tune_mtard.methods.registry import register_method
+from tune_mtard.methods.registry import Setting, register_method
 
 if TYPE_CHECKING:
     from tune_mtard.config import Config
@@ -39,7 +39,9 @@ class PGDAT(Objective):
         return loss_adv, self.trace(x.device, loss_adv=loss_adv, w_adv=1.0, w_nat=0.0)
 
 
-@register_method("trades", space={
+@register_method("trades", settings={
+    "trades_beta": Setting(6.0, lambda beta: beta >= 0, "must be >= 0"),
+}, space={
     "baselines.trades_beta": {"type": "float", "low": 0.5, "high": 12.0, "log": True},
 })
 class TRADES(Objective):

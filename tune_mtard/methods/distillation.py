@@ -10,13 +10,16 @@ import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS
 from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, no_autocast, soft_kl
-from tune_mtard.methods.registry import register_method
+from tune_mtard.methods.registry import Setting, register_method
 
 if TYPE_CHECKING:
     from tune_mtard.config import Config
 
 
-@register_method("ard", teachers=("robust",), space={
+@register_method("ard", teachers=("robust",), settings={
+    "ard_temperature": Setting(30.0, lambda t: t > 0, "must be > 0"),
+    "ard_alpha": Setting(1.0, lambda alpha: 0 <= alpha <= 1, "must be in [0, 1]"),
+}, space={
     "baselines.ard_temperature": {"type": "float", "low": 1.0, "high": 50.0, "log": True},
     "baselines.ard_alpha": {"type": "float", "low": 0.5, "high": 1.0},
 })
