@@ -297,6 +297,18 @@ def test_bad_set_overrides_name_the_key(tmp_path, item, key):
     assert info.value.key == key
 
 
+def test_typed_flags_are_set_as_they_are_after_the_overrides(tmp_path):
+    """A command's typed flags are never read again as YAML (a folder called ``1e3`` stays a folder name, not the
+    number 1000), win over ``--set`` and are validated with the rest; an error in one names the flag."""
+    flags = {"search.storage": ("--storage", "1e3"), "search.num_samples": ("--num-samples", 5)}
+    cfg = load_config(write(tmp_path, EVERY_KEY_YAML), ["search.num_samples=3"], check_files=False, flags=flags)
+    assert cfg.search.storage == str((Path.cwd() / "1e3").resolve()) and cfg.search.num_samples == 5
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, EVERY_KEY_YAML), check_files=False,
+                    flags={"search.num_samples": ("--num-samples", 0)})
+    assert info.value.key == "--num-samples"
+
+
 def test_parse_override_splits_at_the_first_equals_sign():
     assert parse_override("a.b=c=d") == ("a.b", "c=d")
     assert parse_override("a.b=") == ("a.b", "")

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from tune_mtard import atomic, files, tracking
 from tune_mtard.attacks import ATTACKS, attack_title
-from tune_mtard.config import Config, absolute_tracking_uri, load_config, to_yaml
+from tune_mtard.config import Config, load_config, to_yaml
 from tune_mtard.data import DataBundle, load_data
 from tune_mtard.errors import ConfigError, RunFailed
 from tune_mtard.methods import variants
@@ -303,11 +303,10 @@ def plan_comparison(request: CompareRequest) -> tuple[Config, list[str], list[in
 def base_config(request: CompareRequest) -> Config:
     """The config file with ``--set``, ``--attacks`` and ``--tracking-uri`` applied, validated; its run config is
     the comparison's base config (its ``search`` and ``spaces`` sections serve ``--tune``)."""
-    base = load_config(request.config, request.overrides, check_files=False)
-    if request.attacks is not None:
-        base = base.with_values({"eval.final_attacks": parse_attack_names(request.attacks)})
+    flags = {"eval.final_attacks": ("--attacks", parse_attack_names(request.attacks))} if request.attacks else {}
     if request.tracking_uri:
-        base.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
+        flags["mlflow.tracking_uri"] = ("--tracking-uri", request.tracking_uri)
+    base = load_config(request.config, request.overrides, check_files=False, flags=flags)
     check_tracking_uri(base.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
     return base
 
@@ -323,10 +322,7 @@ def compare(request: CompareRequest) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / files.RUN_CONFIG, to_yaml(base))
-    client = tracking.client_for(base.mlflow.tracking_uri)
-    experiment = tracking.experiment_id(client, base.mlflow.experiment)
-    with tracking.open_run(client, experiment, f"{base.name}-compare",
-                           tags={"tune_mtard.command": "compare", "tune_mtard.out": str(out)}) as parent:
+    with tracking.command_run(base.mlflow, f"{base.name}-compare", "compare", out) as parent:
         parent.log_params(comparison_params(base, methods, seeds, attacks))
         print(f"compare {base.name}: {', '.join(methods)} x seeds {', '.join(map(str, seeds))} on "
               f"{base.data.dataset}, {base.train.epochs} epochs each on {resolve_device(base.device)}; output in "
@@ -342,7 +338,7 @@ def compare(request: CompareRequest) -> int:
             summary = summarize(results, [m for m in methods if any(r.method == m for r in results)])
             return summary, markdown_table(summary, attacks, seeds, n_test, base.attack.epsilon, base.eval.clean_weight)
 
-        results = run_seeds(configs, data, teachers.models, out, parent, experiment, base.seed, attacks, tabulate)
+        results = run_seeds(configs, data, teachers.models, out, parent, base.seed, attacks, tabulate)
         failed = record_comparison(parent, base, out, results, *tabulate(results))
     return report_failures(failed, len(results))
 
@@ -361,7 +357,7 @@ def comparison_params(base: Config, methods: Sequence[str], seeds: Sequence[int]
 
 
 def run_seeds(configs: dict[tuple[str, int], Config], data: DataBundle, teachers: dict[str, nn.Module], out: Path,
-              parent, experiment: str, data_seed: int, attacks: Sequence[str], tabulate,
+              parent: tracking.RunHandle, data_seed: int, attacks: Sequence[str], tabulate,
               done: Sequence[SeedRun] = (), tags: dict[str, dict[str, str]] | None = None) -> list[SeedRun]:
     """Every (method, seed) of ``configs`` that ``done`` lacks, in order, through :func:`run_one`; the tables
     (``tabulate(results)`` -> summary rows and markdown) are rewritten after every run, so a comparison cut
@@ -370,7 +366,8 @@ def run_seeds(configs: dict[tuple[str, int], Config], data: DataBundle, teachers
     todo = {key: cfg for key, cfg in configs.items() if not any((r.method, r.seed) == key for r in done)}
     for i, ((method, seed), cfg) in enumerate(todo.items(), start=1):
         print(f"[{i}/{len(todo)}] {method} seed {seed}", flush=True)
-        result = run_one(method, seed, cfg, data, teachers, out, parent.client, experiment, parent.run_id, data_seed,
+        result = run_one(method, seed, cfg, data, teachers, out, parent.client, parent.experiment_id, parent.run_id,
+                         data_seed,
                          (tags or {}).get(method))
         results.append(result)
         if result.status == FINISHED:

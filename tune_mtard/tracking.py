@@ -23,6 +23,8 @@ from tune_mtard.services import mask_secrets, masked_uri
 if TYPE_CHECKING:  # mlflow takes over a second to import: commands that reject bad input never pay it
     from mlflow.tracking import MlflowClient
 
+    from tune_mtard.config.sections import MlflowConfig
+
 MAX_PARAM_LENGTH = 6000
 _BATCH = 900  # MLflow accepts at most 1000 entries per log_batch
 
@@ -145,6 +147,8 @@ class RunHandle:
     client: MlflowClient
     run_id: str
     failed: bool = False
+    reopened: bool = False  # a resume continues this run: its params and first records are already there
+    experiment_id: str = ""  # the experiment it is in (where a command opens the runs under it)
 
     def log_params(self, values: dict[str, Any]) -> None:
         log_params(self.client, self.run_id, values)
@@ -160,6 +164,24 @@ class RunHandle:
 
     def logged_steps(self, metric: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+
+
+@contextlib.contextmanager
+def command_run(mlflow: MlflowConfig, name: str, command: str, folder: Path, folder_tag: str = "tune_mtard.out",
+                id_file: Path | None = None, resume: bool = False) -> Iterator[RunHandle]:
+    """The run of one command (``train``, ``compare``, ``search``...): in the experiment ``mlflow.experiment``
+    of ``mlflow.tracking_uri`` (created if needed), tagged with the command and its output folder.
+
+    On ``resume`` the run named by ``id_file`` (when it exists) is continued rather than a new one opened;
+    ``handle.reopened`` says which. The run ends as :func:`open_run` ends it.
+    """
+    client = client_for(mlflow.tracking_uri)
+    experiment = experiment_id(client, mlflow.experiment)
+    reopen = id_file.read_text().strip() if resume and id_file is not None and id_file.is_file() else None
+    with open_run(client, experiment, name, reopen=reopen,
+                  tags={"tune_mtard.command": command, folder_tag: str(folder)}) as run:
+        run.reopened, run.experiment_id = reopen is not None, experiment
+        yield run
 
 
 @contextlib.contextmanager

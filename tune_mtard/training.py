@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tune_mtard import atomic, files, tracking
-from tune_mtard.config import Config, absolute_tracking_uri, load_config
+from tune_mtard.config import Config, load_config
 from tune_mtard.config.rules import check_model_name
 from tune_mtard.data import load_data
 from tune_mtard.engine import EpochResult
@@ -57,11 +57,10 @@ def plan_training(request: TrainRequest) -> TrainPlan:
     """Check everything the run needs before anything is written or logged; ConfigError (exit 2) otherwise."""
     if request.register is not None:
         check_model_name(request.register, "--register")
-    cfg = load_config(request.config, request.overrides).run_config()
+    flags = {"mlflow.tracking_uri": ("--tracking-uri", request.tracking_uri)} if request.tracking_uri else {}
+    cfg = load_config(request.config, request.overrides, flags=flags).run_config()
 
     resolve_device(cfg.device)
-    if request.tracking_uri:
-        cfg.mlflow.tracking_uri = absolute_tracking_uri(request.tracking_uri)
     out = Path(request.out or Path("runs") / cfg.name).resolve()
     check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
     problem = unwritable_folder(out)
@@ -97,13 +96,9 @@ def train(request: TrainRequest) -> dict[str, Any]:
         print(line, flush=True)
     trainer = new_trainer(cfg, data, teachers.models, out, resume=p.resume)
     out.mkdir(parents=True, exist_ok=True)
-    client = tracking.client_for(cfg.mlflow.tracking_uri)
-    experiment = tracking.experiment_id(client, cfg.mlflow.experiment)
     id_file = out / files.RUN_ID
-    reopen = id_file.read_text().strip() if p.resume and id_file.is_file() else None
-    with tracking.open_run(client, experiment, cfg.name, reopen=reopen,
-                           tags={"tune_mtard.command": "train", "tune_mtard.out": str(out)}) as run:
-        if reopen is None:
+    with tracking.command_run(cfg.mlflow, cfg.name, "train", out, id_file=id_file, resume=p.resume) as run:
+        if not run.reopened:
             run.log_params(cfg.flat())
             run.log_metrics(teachers.quality_metrics(), step=0)
             atomic.write_text(id_file, run.run_id)
@@ -112,7 +107,7 @@ def train(request: TrainRequest) -> dict[str, Any]:
         result = run_pipeline(trainer, data, out, run=run, progress=p.progress, on_epoch=_print_epoch)
         if request.register:
             scores = {k: v for k, v in result.metrics.items() if k.startswith(("val_", "test_"))}
-            registered = register_student(client, run.run_id, result.trainer.student, data, request.register,
+            registered = register_student(run.client, run.run_id, result.trainer.student, data, request.register,
                                           {"run_id": run.run_id, "config": (out / files.RUN_CONFIG).read_text(),
                                            **scores})
             run.set_tags({"registered_model": registered.model_uri})

@@ -240,12 +240,9 @@ def _run(plan: TunedPlan) -> int:
                                                   for m, cfg in plan.searches.items()}}
             atomic.write_text(out / files.RUN_CONFIG, to_yaml(base))
             atomic.write_text(state_file, json.dumps(state, indent=2))
-        client = tracking.client_for(base.mlflow.tracking_uri)
-        experiment = tracking.experiment_id(client, base.mlflow.experiment)
         id_file = out / files.PARENT_RUN_ID
-        reopen = id_file.read_text().strip() if plan.resume and id_file.is_file() else None
-        with tracking.open_run(client, experiment, f"{base.name}-compare-tuned", reopen=reopen, tags={
-                "tune_mtard.command": "compare", "tune_mtard.out": str(out)}) as parent:
+        with tracking.command_run(base.mlflow, f"{base.name}-compare-tuned", "compare", out, id_file=id_file,
+                                  resume=plan.resume) as parent:
             atomic.write_text(id_file, parent.run_id)
             parent.log_params({**comparison_params(base, plan.methods, plan.seeds, plan.attacks),
                                "compare.tune": plan.tune, "compare.tune_epochs": plan.tune_epochs,
@@ -268,10 +265,10 @@ def _run(plan: TunedPlan) -> int:
 
             done = read_results(out / files.COMPARISON_CSV) if plan.resume else []
             if plan.resume:
-                _delete_killed_runs(client, experiment, parent.run_id)
+                _delete_killed_runs(parent.client, parent.experiment_id, parent.run_id)
             tags = {m: {"compare.search_run_id": o.parent_run_id, "compare.search_dir": str(plan.folder(m))}
                     for m, o in outcomes.items()}
-            results = run_seeds(configs, data, teachers.models, out, parent, experiment, base.seed, plan.attacks,
+            results = run_seeds(configs, data, teachers.models, out, parent, base.seed, plan.attacks,
                                 tabulate, done, tags)
             failed = record_comparison(parent, base, out, results, *tabulate(results))
             no_result = [m for m, o in outcomes.items() if o.best is None]

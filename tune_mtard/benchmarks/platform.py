@@ -104,9 +104,7 @@ def _ray_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dic
     s = cfg.search
     folder.mkdir(parents=True)
     timing_file = folder / "trial_timing.json"
-    client = tracking.client_for(cfg.mlflow.tracking_uri)
-    experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
-    with tracking.open_run(client, experiment_id, cfg.name) as parent:
+    with tracking.command_run(cfg.mlflow, cfg.name, "bench platform", folder) as parent:
         start_parent(parent, cfg, folder)
         trainable = tune.with_resources(
             tune.with_parameters(_timed_trial, base=cfg.run_config(), data=data, teachers=teachers,
@@ -114,7 +112,7 @@ def _ray_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dic
             {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
         )
         recorder_class, searcher_class = _timed_hooks()
-        tuner = new_tuner(cfg, trainable, folder, experiment_id, parent.run_id, quiet=True,
+        tuner = new_tuner(cfg, trainable, folder, parent.experiment_id, parent.run_id, quiet=True,
                           recorder_class=recorder_class, searcher_class=searcher_class)
         for key in DRIVER_SECONDS:
             DRIVER_SECONDS[key] = 0.0

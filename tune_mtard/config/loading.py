@@ -18,8 +18,14 @@ SPACES_PACKAGE = "tune_mtard.search_spaces"  # the repository's search_spaces/ f
 SPACES_FOLDER = "search_spaces"
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = (), check_files: bool = True) -> Config:
-    """Read a YAML config (a path, or a name :func:`find_config_file` finds), apply overrides, validate."""
+def load_config(path: str | Path, overrides: Iterable[str] = (), check_files: bool = True,
+                flags: dict[str, tuple[str, Any]] | None = None) -> Config:
+    """Read a YAML config (a path, or a name :func:`find_config_file` finds), apply overrides, validate.
+
+    ``overrides`` are ``--set KEY=VALUE`` strings (VALUE read as YAML); ``flags`` the values of a command's typed
+    flags, ``{config key: (flag, value)}``, set as they are (never read again as YAML) after the overrides, so a
+    flag wins; an error in one names the flag. The config is validated once, with everything applied.
+    """
     path = find_config_file(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -30,7 +36,16 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), check_files: bo
         raise ConfigError(str(path), f"cannot be read ({exc.strerror})") from None
     check_sections_named(raw, path)
     apply_overrides(raw, overrides)
-    return resolve_paths(from_dict(raw, check_files=check_files))
+    for key, (flag, value) in (flags or {}).items():
+        set_dotted(raw, key, value, origin=flag)
+    try:
+        cfg = from_dict(raw, check_files=check_files)
+    except ConfigError as exc:
+        named = {key: flag for key, (flag, _) in (flags or {}).items()}
+        if exc.key in named:
+            raise ConfigError(named[exc.key], exc.message) from None
+        raise
+    return resolve_paths(cfg)
 
 
 def check_sections_named(raw: Any, path: Path) -> None:

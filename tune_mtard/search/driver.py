@@ -76,18 +76,15 @@ def search_config(request: SearchRequest) -> Config:
 
     ``--max-epochs`` below ASHA's ``grace_period`` lowers the grace period to it (and says so).
     """
-    overrides = list(request.overrides)
-    if request.num_samples is not None:
-        if request.num_samples < 1:
-            raise ConfigError("--num-samples", "must be >= 1")
-        overrides.append(f"search.num_samples={request.num_samples}")
-    if request.storage is not None:
-        overrides.append(f"search.storage={request.storage}")
-    if request.tracking_uri is not None:
-        overrides.append(f"mlflow.tracking_uri={request.tracking_uri}")
+    if request.num_samples is not None and request.num_samples < 1:
+        raise ConfigError("--num-samples", "must be >= 1")
     if request.max_epochs is not None and request.max_epochs < 1:
         raise ConfigError("--max-epochs", "must be >= 1")
-    cfg = load_config(resolve_space(request.space), overrides)
+    flags = {"search.num_samples": ("--num-samples", request.num_samples),
+             "search.storage": ("--storage", request.storage),
+             "mlflow.tracking_uri": ("--tracking-uri", request.tracking_uri)}
+    cfg = load_config(resolve_space(request.space), request.overrides,
+                      flags={key: flag for key, flag in flags.items() if flag[1] is not None})
     if cfg.search is None or not cfg.space:
         raise ConfigError("--space", f"{request.space} has no space section: it is a run config (use tune_mtard.train)")
     if request.max_epochs is not None and request.max_epochs < cfg.train.epochs:
@@ -100,7 +97,6 @@ def search_config(request: SearchRequest) -> Config:
     if "://" in cfg.search.storage:
         raise ConfigError("search.storage", f"{cfg.search.storage}: cloud URIs are not supported; use a folder "
                                             "every node mounts at the same path")
-    cfg.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
     check_trial_device(cfg.device, cfg.search.resources.gpu)
     return cfg
 
@@ -277,13 +273,9 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
         # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         compat.tolerate_deleted_checkpoints()
-        client = tracking.client_for(cfg.mlflow.tracking_uri)
-        experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
-        id_file = folder / files.PARENT_RUN_ID
-        reopen = id_file.read_text().strip() if resume and id_file.is_file() else None
-        with tracking.open_run(client, experiment_id, cfg.name, reopen=reopen, tags={
-                "tune_mtard.command": "search", "tune_mtard.experiment_dir": str(folder)}) as parent:
-            if reopen is None:
+        with tracking.command_run(cfg.mlflow, cfg.name, "search", folder, folder_tag="tune_mtard.experiment_dir",
+                                  id_file=folder / files.PARENT_RUN_ID, resume=resume) as parent:
+            if not parent.reopened:
                 start_parent(parent, cfg, folder)
             log_teachers(parent, teachers)
             # A resumed trial that the killed driver had already finished only reports its last epoch again.
@@ -298,7 +290,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                 with compat.quiet_experiment_analysis():
                     tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
             else:
-                tuner = new_tuner(cfg, trainable, folder, experiment_id, parent.run_id, quiet)
+                tuner = new_tuner(cfg, trainable, folder, parent.experiment_id, parent.run_id, quiet)
             with interrupts.watched():
                 grid = tuner.fit()
             if interrupts.received() is None:
@@ -308,7 +300,8 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                         confirm = tune.Tuner.restore(str(folder / files.CONFIRM_FOLDER), trainable,
                                                      resume_unfinished=True, resume_errored=False)
                     else:
-                        confirm = confirm_tuner(cfg, trainable, folder, experiment_id, parent.run_id, points, quiet)
+                        confirm = confirm_tuner(cfg, trainable, folder, parent.experiment_id, parent.run_id, points,
+                                                quiet)
                     with interrupts.watched():
                         result = confirm.fit()
                     return None if interrupts.received() else result

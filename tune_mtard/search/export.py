@@ -76,7 +76,7 @@ def export_trial(request: ExportRequest) -> Exported:
     if trial.failed:
         raise ConfigError("--trial", f"trial {trial.trial_id} failed ({trial.failure}): it has no result to export")
     out = Path(request.out) if request.out else folder / default_name
-    cfg.run_config().with_values({**reproducible_values(cfg, trial.sampled), **teacher_pins(folder)}).dump(out)
+    trial.run_config(cfg, {**reproducible_values(cfg, trial.sampled), **teacher_pins(folder)}).dump(out)
     return Exported(trial, out, cfg.search.metric, full)
 
 

@@ -19,7 +19,6 @@ from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
 from tune_mtard.evaluation import final_test_metrics
 from tune_mtard.files import FINAL_EVAL_CSV, STUDENT
-from tune_mtard.models import create_model, load_checkpoint
 from tune_mtard.perf import resolve_device
 from tune_mtard.search.recorder import child_run_id
 from tune_mtard.search.trials import TrialSummary, rank_trials
@@ -44,11 +43,9 @@ def evaluate_trial(cfg: Config, trial: TrialSummary, data: DataBundle, device: t
     settings; ``search.final_eval`` gives the attacks and the number of test examples.
     """
     final = cfg.search.final_eval
-    trial_cfg = cfg.run_config().with_values(
-        {**trial.sampled, "eval.final_attacks": list(final.attacks), "eval.final_n_examples": final.n_examples})
-    model = create_model(trial_cfg.student.arch, data.num_classes, data.in_channels)
-    load_checkpoint(model, Path(trial.checkpoint_dir) / STUDENT)
-    model.to(device).eval()
+    trial_cfg = trial.run_config(cfg, {"eval.final_attacks": list(final.attacks),
+                                       "eval.final_n_examples": final.n_examples})
+    model = trial.load_student(trial_cfg, data).to(device).eval()
     return final_test_metrics(trial_cfg, model, data, device)
 
 

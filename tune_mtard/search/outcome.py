@@ -21,7 +21,6 @@ from tune_mtard import files, tracking
 from tune_mtard.config import Config
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
 from tune_mtard.model_registry import register_student
-from tune_mtard.models import create_model, load_checkpoint
 from tune_mtard.search import confirm as confirmation
 from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
 from tune_mtard.search.study_storage import optuna_storage_url
@@ -90,7 +89,7 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
         if confirmation["winner"] is not None:
             best = next(t for t in trials if t.trial_id == confirmation["winner"])
     if best is not None:
-        cfg.run_config().with_values({**reproducible_values(cfg, best.sampled), **teachers.pins()}).dump(best_path)
+        best.run_config(cfg, {**reproducible_values(cfg, best.sampled), **teachers.pins()}).dump(best_path)
     status = "finished" if best is not None else "no_usable_trial"
     extra = {**({"confirm": confirmation} if confirmation else {}), **({"budget": budget} if budget else {})}
     summary = record_search(parent, cfg, folder, trials, best, time.perf_counter() - start, status, extra=extra)
@@ -147,9 +146,7 @@ def register(cfg: Config, best, test_metrics: dict[str, float], best_path: Path,
     if not name or best.checkpoint_dir is None:
         return
     try:
-        model = create_model(cfg.run_config().with_values(best.sampled).student.arch, data.num_classes,
-                             data.in_channels)
-        load_checkpoint(model, Path(best.checkpoint_dir) / files.STUDENT)
+        model = best.load_student(best.run_config(cfg), data)
         experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
         run_id = child_run_id(parent.client, experiment_id, parent.run_id, best.trial_id) or parent.run_id
         tags = {"trial_id": best.trial_id, "search": cfg.name, "config": best_path.read_text(),

@@ -12,13 +12,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tune_mtard import atomic
 from tune_mtard.errors import Diverged
-from tune_mtard.files import DIVERGED_JSON
+from tune_mtard.files import DIVERGED_JSON, STUDENT
 from tune_mtard.metrics import EPOCH
+from tune_mtard.models import create_model, load_checkpoint
 from tune_mtard.search.compat import quiet_experiment_analysis, trial_ids
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tune_mtard.config import Config
+    from tune_mtard.data import DataBundle
 
 STOPPED_BY = "stopped_by"  # a trial stopped by the search's budget: MLflow tag, Optuna user attribute, CSV column
 BUDGET = "budget"
@@ -64,6 +71,18 @@ class TrialSummary:
 
     def state(self, full_epochs: int) -> TrialState:
         return trial_state(self.epochs, full_epochs, self.failed)
+
+    def run_config(self, search: Config, extra: dict[str, Any] | None = None) -> Config:
+        """The config this trial ran: the search's run config with the trial's sampled values (then ``extra``)."""
+        return search.run_config().with_values({**self.sampled, **(extra or {})})
+
+    def load_student(self, run_config: Config, data: DataBundle) -> nn.Module:
+        """The trial's student at its last checkpoint, built as ``run_config`` (its :meth:`run_config`) says."""
+        if self.checkpoint_dir is None:
+            raise ValueError(f"trial {self.trial_id} has no checkpoint")
+        model = create_model(run_config.student.arch, data.num_classes, data.in_channels)
+        load_checkpoint(model, Path(self.checkpoint_dir) / STUDENT)
+        return model
 
     @property
     def failure_kind(self) -> str:
