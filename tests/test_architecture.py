@@ -61,6 +61,54 @@ def test_the_library_never_imports_a_command_or_a_benchmark():
     assert offenders == []
 
 
+# The layers, lowest first (docs/architecture.md, "Layers"): a module imports only from its own layer and those below.
+LAYERS = ("core", "search", "workflows", "commands")
+# The one way down-up: the config validates search.sampler.type and search.scheduler.type against the search's
+# registries, whose packages import nothing of the search but the registry (docs/architecture.md, "Layers").
+UPWARD_ALLOWED = {("tune_mtard/config/search.py", "tune_mtard.search.samplers"),
+                  ("tune_mtard/config/search.py", "tune_mtard.search.schedulers")}
+
+
+def layer_of(path: Path) -> str:
+    parts = path.relative_to(ROOT).parts
+    if is_command(path) or is_benchmark(path):
+        return "commands"
+    if parts[:2] == ("tune_mtard", "workflows"):
+        return "workflows"
+    if parts[:2] == ("tune_mtard", "search") or parts[0] == "trainables":
+        return "search"
+    return "core"
+
+
+def layer_of_module(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] != "tune_mtard" or len(parts) < 2:
+        return None
+    if parts[1] in ("cli", "benchmarks"):
+        return "commands"
+    return {"workflows": "workflows", "search": "search", "trainables": "search"}.get(parts[1], "core")
+
+
+def test_each_layer_imports_only_from_itself_and_the_layers_below():
+    """Core (engine, methods, balance, attacks, data, models, config, records), then search, then workflows, then
+    the commands: the core never imports the search or a workflow, the search never imports a workflow."""
+    offenders = []
+    for path, source in modules().items():
+        if path in SHIMS:
+            continue
+        own = LAYERS.index(layer_of(path))
+        rel = str(path.relative_to(ROOT))
+        above = sorted(name for name in imported(source)
+                       if (found := layer_of_module(name)) is not None and LAYERS.index(found) > own
+                       and not any(name == allowed or name.startswith(allowed + ".")
+                                   for where, allowed in UPWARD_ALLOWED if where == rel))
+        if above:
+            offenders.append(f"{path.relative_to(ROOT)} ({layer_of(path)}): {above}")
+    assert not offenders, "imports from a higher layer:\n" + "\n".join(offenders)
+    assert layer_of(PACKAGE / "workflows" / "train.py") == "workflows"
+    assert layer_of(ROOT / "trainables" / "bmtard.py") == "search" and layer_of(PACKAGE / "engine.py") == "core"
+
+
 def test_no_command_imports_another():
     for path, source in modules().items():
         if path.parent != PACKAGE / "cli" or path.name in ("__init__.py", "common.py"):
@@ -231,7 +279,7 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
     # is 0.1; a loss the loop ignored, or a step that did not reach the weights, stays near chance.
     assert history[-1]["val_clean_acc"] > 0.6
 
-    from tune_mtard.comparison import parse_methods
+    from tune_mtard.workflows.compare import parse_methods
 
     assert parse_methods("clean-ce-twice,b-mtard") == ["clean-ce-twice", "b-mtard"]
 
@@ -239,7 +287,7 @@ def test_a_method_is_one_decorated_class(tiny_config, tiny_digits, monkeypatch):
 def test_an_attack_is_one_decorated_factory_with_its_table_title(tiny_config, monkeypatch):
     """Registered, it is valid in ``eval.final_attacks`` and the comparison table titles its columns."""
     import tune_mtard.attacks as attacks
-    from tune_mtard.comparison import column_titles
+    from tune_mtard.workflows.compare import column_titles
 
     monkeypatch.setattr(attacks.ATTACKS, "_entries", dict(attacks.ATTACKS._entries))
     monkeypatch.setattr(attacks, "_TITLES", dict(attacks._TITLES))

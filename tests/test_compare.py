@@ -11,12 +11,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tune_mtard import comparison as comparison_lib
 from tune_mtard import pipeline
 from tune_mtard.cli import compare
 from tune_mtard.cli.common import run
 from tune_mtard.config import load_config
 from tune_mtard.engine import Trainer
+from tune_mtard.workflows import compare as comparison_lib
 
 METHODS = ["natural", "pgd-at", "b-mtard"]
 EPOCHS = 4

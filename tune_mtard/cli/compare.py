@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for
-from tune_mtard.comparison import CompareRequest, compare
 from tune_mtard.methods import variants
-from tune_mtard.tuning import compare_tuned
+from tune_mtard.workflows.compare import CompareRequest, compare
+from tune_mtard.workflows.tuned_compare import compare_tuned
 
 
 def build_parser() -> ArgumentParser:

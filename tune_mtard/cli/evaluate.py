@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tune_mtard.cli.common import ArgumentParser, add_set_flag, parser_for, progress_wanted
-from tune_mtard.model_eval import DEFAULT_SQUARE_QUERIES, SPLITS, EvaluateRequest, evaluate
+from tune_mtard.workflows.evaluate import DEFAULT_SQUARE_QUERIES, SPLITS, EvaluateRequest, evaluate
 
 
 def build_parser() -> ArgumentParser:

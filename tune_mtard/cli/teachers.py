@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
-    from tune_mtard.teachers import TeachersRequest, train_missing
+    from tune_mtard.workflows.teachers import TeachersRequest, train_missing
 
     reports = train_missing(TeachersRequest(config=args.config, roles=args.roles, overrides=args.overrides,
                                             progress=progress_wanted(args.no_progress)))

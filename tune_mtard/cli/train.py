@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
-    from tune_mtard.training import TrainRequest, train
+    from tune_mtard.workflows.train import TrainRequest, train
 
     train(TrainRequest(config=args.config, out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri,
                        resume=args.resume, progress=progress_wanted(args.no_progress), register=args.register))

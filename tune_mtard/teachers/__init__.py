@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from tune_mtard import atomic
 from tune_mtard.attacks import PGD, Clean
-from tune_mtard.config import AUTO, Config, load_config
-from tune_mtard.data import DataBundle, load_data
+from tune_mtard.config import AUTO, Config
+from tune_mtard.data import DataBundle
 from tune_mtard.errors import ConfigError, TeacherTrainingFailed
 from tune_mtard.evaluation import robust_accuracy
 from tune_mtard.methods import METHODS
@@ -42,8 +42,8 @@ ROBUST_TEACHER_MIN_PGD_ACC = 0.10
 CHANCE_FACTOR = 1.5
 Log = Callable[[str], None]
 
-__all__ = ["ROLES", "Teacher", "TeacherSet", "TeacherTrainingFailed", "check_teacher_files", "prepare_teachers",
-           "recipe_config", "recipe_key", "roles_for", "teacher_path", "train_missing"]
+__all__ = ["ROLES", "Teacher", "TeacherSet", "TeacherTrainingFailed", "check_teacher_files", "measure_accuracy",
+           "prepare_teachers", "recipe_config", "recipe_key", "roles_for", "teacher_path"]
 
 
 def roles_for(methods: Iterable[str]) -> tuple[str, ...]:
@@ -126,7 +126,7 @@ def check_teacher_files(cfg: Config, roles: Iterable[str], train_missing: bool =
                                                           f"{file_sha256(path)}, the config pins {teacher.sha256}")
 
 
-def _accuracy(cfg: Config, model: nn.Module, split, device: torch.device) -> tuple[float, float]:
+def measure_accuracy(cfg: Config, model: nn.Module, split, device: torch.device) -> tuple[float, float]:
     """Clean and PGD (``eval.pgd_steps``) accuracy on the first ``eval.n_examples`` examples of ``split``."""
     part = split.head(cfg.eval.n_examples)
     x, y = part.floats().to(device), part.labels.to(device)
@@ -140,7 +140,7 @@ def _accuracy(cfg: Config, model: nn.Module, split, device: torch.device) -> tup
 
 def measure_quality(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> dict[str, float]:
     """Clean and PGD accuracy on the validation split: what the teacher cache records and warns on."""
-    clean, robust = _accuracy(cfg, model, data.val, device)
+    clean, robust = measure_accuracy(cfg, model, data.val, device)
     return {"val_clean_acc": clean, "val_pgd_acc": robust, "n": float(min(len(data.val), cfg.eval.n_examples))}
 
 
@@ -224,56 +224,3 @@ def prepare_teachers(cfg: Config, data: DataBundle, device: torch.device | None 
         found.teachers[role] = Teacher(role, teacher_settings(cfg, role).arch, path.resolve(), sha256, model,
                                        _quality(cfg, path, sha256, model, data, device), trained, mapping)
     return found
-
-
-def teacher_accuracy(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> dict[str, float]:
-    """Clean and PGD accuracy on the test split, as the ``teachers`` command reports it."""
-    clean, robust = _accuracy(cfg, model, data.test, device)
-    return {"clean_acc": clean, "pgd_acc": robust}
-
-
-@dataclass
-class TeachersRequest:
-    """What the ``teachers`` command asks for (docs/cli.md, "teachers")."""
-
-    config: str
-    roles: str = "clean,robust"
-    overrides: list[str] = field(default_factory=list)
-    progress: bool = False
-
-
-@dataclass
-class TeacherReport:
-    role: str
-    arch: str
-    status: str  # "exists" or "trained"
-    path: Path
-    clean_acc: float
-    pgd_acc: float
-    pgd_steps: int
-    n: int  # test examples measured on
-    epsilon: float
-    val_clean_acc: float
-    val_pgd_acc: float
-    mapping: str  # what loading mapped of the file's keys
-
-
-def train_missing(request: TeachersRequest) -> list[TeacherReport]:
-    """The ``teachers`` command: train the named teachers that do not exist yet, and measure each on the test split."""
-    roles = [r.strip() for r in request.roles.split(",") if r.strip()]
-    for role in roles:
-        if role not in ROLES:
-            raise ConfigError("--roles", f"unknown role {role!r} (valid: {', '.join(ROLES)})")
-    cfg = load_config(request.config, request.overrides, check_files=False).run_config()
-    data = load_data(cfg)
-    device = resolve_device(cfg.device)
-    teachers = prepare_teachers(cfg, data, device, progress=request.progress, roles=roles, train_missing=True)
-    reports = []
-    for role, teacher in teachers.teachers.items():
-        accuracy = teacher_accuracy(cfg, teacher.model.to(device), data, device)
-        reports.append(TeacherReport(role, teacher.arch, "trained" if teacher.trained else "exists", teacher.path,
-                                     accuracy["clean_acc"], accuracy["pgd_acc"], cfg.eval.pgd_steps,
-                                     min(cfg.eval.n_examples, len(data.test)), cfg.attack.epsilon,
-                                     teacher.quality["val_clean_acc"], teacher.quality["val_pgd_acc"], teacher.mapping))
-    return reports
-

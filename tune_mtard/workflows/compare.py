@@ -313,7 +313,7 @@ def base_config(request: CompareRequest) -> Config:
 
 def compare(request: CompareRequest) -> int:
     """The ``compare`` command: every (method, seed) run, the table, the files and the MLflow records
-    (``--tune`` is :func:`tune_mtard.tuning.compare_tuned`)."""
+    (``--tune`` is :func:`tune_mtard.workflows.tuned_compare.compare_tuned`)."""
     if request.plan and (request.tune is None or request.resume):
         raise ConfigError("--plan", "plans a new tuned comparison: it needs --tune N and cannot take --resume")
     base, methods, seeds, configs, out = plan_comparison(request)

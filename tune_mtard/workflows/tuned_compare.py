@@ -7,7 +7,7 @@ Optuna study, MLflow experiment and parent run, records and ``best_config.yaml``
 (its default space beside its registration in ``tune_mtard/methods/``, or the config's ``spaces`` entry).
 Every method gets the same budget: N trials, the same sampler and seed, scheduler, resources and ``max_t``
 (``--tune-epochs``). Then each method's best config is trained on the comparison's seeds and evaluated on
-the test split exactly as ``compare`` does (:mod:`tune_mtard.comparison`), and the table gains each
+the test split exactly as ``compare`` does (:mod:`tune_mtard.workflows.compare`), and the table gains each
 method's tuned values and the budget its search spent. ``--resume`` continues an interrupted tuned
 comparison: finished searches are not run again, interrupted ones continue, finished runs are kept.
 """
@@ -23,21 +23,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tune_mtard import atomic, files, tracking
-from tune_mtard.comparison import (
-    CompareRequest,
-    SeedRun,
-    base_config,
-    comparison_params,
-    final_attacks,
-    markdown_table,
-    parse_methods,
-    parse_seeds,
-    read_results,
-    record_comparison,
-    report_failures,
-    run_seeds,
-    summarize,
-)
 from tune_mtard.config import Config, flatten, from_dict, load_config, to_yaml
 from tune_mtard.config.coerce import build, to_plain
 from tune_mtard.config.search import SchedulerConfig, SearchConfig
@@ -52,6 +37,21 @@ from tune_mtard.search.lock import SearchLock, refuse_if_running
 from tune_mtard.search.plan import plan_tuned_comparison
 from tune_mtard.search.schedulers import describe_scheduler, fit_to_epochs
 from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
+from tune_mtard.workflows.compare import (
+    CompareRequest,
+    SeedRun,
+    base_config,
+    comparison_params,
+    final_attacks,
+    markdown_table,
+    parse_methods,
+    parse_seeds,
+    read_results,
+    record_comparison,
+    report_failures,
+    run_seeds,
+    summarize,
+)
 
 # The search section of a config that has none: the digits space's (docs/methods.md, "Tuned comparisons").
 DEFAULT_SEARCH: dict[str, Any] = {
