@@ -262,8 +262,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     with interrupts.sigterm_as_interrupt():
         teachers = prepare_teachers(cfg.run_config(), data, resolve_device(cfg.device),
                                     progress=not quiet and sys.stderr.isatty(), roles=roles)
-        for line in teachers.describe() + teachers.warnings():
-            print(line, flush=True)
+        teachers.announce()
         atomic.write_text(folder / files.TEACHERS_JSON, json.dumps(
             {"pins": teachers.pins(), "quality": teachers.quality_metrics()}, indent=2))
         # The trials get CPU copies, and the driver's card memory goes back before they start.

@@ -102,6 +102,11 @@ class TeacherSet:
                          f"({robust.quality['val_clean_acc']:.4f})")
         return found
 
+    def announce(self) -> None:
+        """What every command prints once its teachers are ready: each teacher's quality, then any warning."""
+        for line in self.describe() + self.warnings():
+            print(line, flush=True)
+
     def describe(self) -> list[str]:
         return [f"{role} teacher {t.arch}: val clean {t.quality['val_clean_acc']:.4f}, val PGD "
                 f"{t.quality['val_pgd_acc']:.4f} (n={t.quality['n']:.0f})  {t.path}"

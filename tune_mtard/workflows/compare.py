@@ -11,11 +11,13 @@ run with one child run per method and seed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import statistics
 import sys
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Sequence
@@ -39,7 +41,7 @@ from tune_mtard.metrics import (
 from tune_mtard.perf import resolve_device
 from tune_mtard.pipeline import new_trainer, run_pipeline
 from tune_mtard.services import check_tracking_uri
-from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
+from tune_mtard.teachers import TeacherSet, check_teacher_files, prepare_teachers, roles_for
 
 FINISHED, FAILED = "FINISHED", "FAILED"
 
@@ -322,17 +324,11 @@ def compare(request: CompareRequest) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / files.RUN_CONFIG, to_yaml(base))
-    with tracking.command_run(base.mlflow, f"{base.name}-compare", "compare", out) as parent:
-        parent.log_params(comparison_params(base, methods, seeds, attacks))
-        print(f"compare {base.name}: {', '.join(methods)} x seeds {', '.join(map(str, seeds))} on "
-              f"{base.data.dataset}, {base.train.epochs} epochs each on {resolve_device(base.device)}; output in "
-              f"{out}; MLflow parent run {parent.run_id}", flush=True)
-        teachers = prepare_teachers(base, data, resolve_device(base.device), progress=False,
-                                    roles=roles_for({c.method for c in configs.values()}))
-        parent.log_metrics(teachers.quality_metrics(), step=0)
-        for line in teachers.describe() + teachers.warnings():
-            print(line, flush=True)
-        n_test = min(base.eval.final_n_examples or len(data.test), len(data.test))
+    header = (f"compare {base.name}: {', '.join(methods)} x seeds {', '.join(map(str, seeds))} on "
+              f"{base.data.dataset}, {base.train.epochs} epochs each on {resolve_device(base.device)}")
+    with comparison_run(base, data, out, f"{base.name}-compare", comparison_params(base, methods, seeds, attacks),
+                        header, {c.method for c in configs.values()}) as (parent, teachers):
+        n_test = test_examples(base, data)
 
         def tabulate(results: Sequence[SeedRun]) -> tuple[list[dict[str, Any]], str]:
             summary = summarize(results, [m for m in methods if any(r.method == m for r in results)])
@@ -341,6 +337,29 @@ def compare(request: CompareRequest) -> int:
         results = run_seeds(configs, data, teachers.models, out, parent, base.seed, attacks, tabulate)
         failed = record_comparison(parent, base, out, results, *tabulate(results))
     return report_failures(failed, len(results))
+
+
+@contextlib.contextmanager
+def comparison_run(base: Config, data: DataBundle, out: Path, name: str, params: dict[str, Any], header: str,
+                   methods: Iterable[str], id_file: Path | None = None,
+                   resume: bool = False) -> Iterator[tuple[tracking.RunHandle, TeacherSet]]:
+    """The parent run of a comparison (``compare``, or ``compare --tune`` with ``id_file`` to resume it): opened,
+    its params logged, the ``header`` line printed with the output folder and run id, then the teachers of
+    ``methods`` prepared, recorded and announced."""
+    with tracking.command_run(base.mlflow, name, "compare", out, id_file=id_file, resume=resume) as parent:
+        if id_file is not None:
+            atomic.write_text(id_file, parent.run_id)
+        parent.log_params(params)
+        print(f"{header}; output in {out}; MLflow parent run {parent.run_id}", flush=True)
+        teachers = prepare_teachers(base, data, resolve_device(base.device), progress=False, roles=roles_for(methods))
+        parent.log_metrics(teachers.quality_metrics(), step=0)
+        teachers.announce()
+        yield parent, teachers
+
+
+def test_examples(base: Config, data: DataBundle) -> int:
+    """How many test examples the final evaluation of each run measures."""
+    return min(base.eval.final_n_examples or len(data.test), len(data.test))
 
 
 def final_attacks(base: Config) -> list[str]:

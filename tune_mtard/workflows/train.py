@@ -92,8 +92,7 @@ def train(request: TrainRequest) -> dict[str, Any]:
     data = load_data(cfg)
     device = resolve_device(cfg.device)
     teachers = prepare_teachers(cfg, data, device, progress=p.progress)
-    for line in teachers.describe() + teachers.warnings():
-        print(line, flush=True)
+    teachers.announce()
     trainer = new_trainer(cfg, data, teachers.models, out, resume=p.resume)
     out.mkdir(parents=True, exist_ok=True)
     id_file = out / files.RUN_ID

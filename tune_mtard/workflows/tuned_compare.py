@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tune_mtard import atomic, files, tracking
+from tune_mtard import atomic, files
 from tune_mtard.config import Config, flatten, from_dict, load_config, to_yaml
 from tune_mtard.config.coerce import build, to_plain
 from tune_mtard.config.search import SchedulerConfig, SearchConfig
@@ -36,12 +36,13 @@ from tune_mtard.search.local_ray import ray_session
 from tune_mtard.search.lock import SearchLock, refuse_if_running
 from tune_mtard.search.plan import plan_tuned_comparison
 from tune_mtard.search.schedulers import describe_scheduler, fit_to_epochs
-from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
+from tune_mtard.teachers import check_teacher_files, roles_for
 from tune_mtard.workflows.compare import (
     CompareRequest,
     SeedRun,
     base_config,
     comparison_params,
+    comparison_run,
     final_attacks,
     markdown_table,
     parse_methods,
@@ -51,6 +52,7 @@ from tune_mtard.workflows.compare import (
     report_failures,
     run_seeds,
     summarize,
+    test_examples,
 )
 
 # The search section of a config that has none: the digits space's (docs/methods.md, "Tuned comparisons").
@@ -240,25 +242,17 @@ def _run(plan: TunedPlan) -> int:
                                                   for m, cfg in plan.searches.items()}}
             atomic.write_text(out / files.RUN_CONFIG, to_yaml(base))
             atomic.write_text(state_file, json.dumps(state, indent=2))
-        id_file = out / files.PARENT_RUN_ID
-        with tracking.command_run(base.mlflow, f"{base.name}-compare-tuned", "compare", out, id_file=id_file,
-                                  resume=plan.resume) as parent:
-            atomic.write_text(id_file, parent.run_id)
-            parent.log_params({**comparison_params(base, plan.methods, plan.seeds, plan.attacks),
-                               "compare.tune": plan.tune, "compare.tune_epochs": plan.tune_epochs,
-                               **flatten(to_plain(plan.search), "compare.search.")})
-            print(f"compare {base.name} --tune {plan.tune}: {', '.join(plan.methods)}, each searched with "
+        params = {**comparison_params(base, plan.methods, plan.seeds, plan.attacks), "compare.tune": plan.tune,
+                  "compare.tune_epochs": plan.tune_epochs, **flatten(to_plain(plan.search), "compare.search.")}
+        header = (f"compare {base.name} --tune {plan.tune}: {', '.join(plan.methods)}, each searched with "
                   f"{plan.tune} trials of {plan.tune_epochs} epochs, then trained on seeds "
-                  f"{', '.join(map(str, plan.seeds))} for {base.train.epochs} epochs on {resolve_device(base.device)}; "
-                  f"output in {out}; MLflow parent run {parent.run_id}", flush=True)
-            teachers = prepare_teachers(base, data, resolve_device(base.device), progress=False,
-                                        roles=roles_for({cfg.method for cfg in plan.searches.values()}))
-            parent.log_metrics(teachers.quality_metrics(), step=0)
-            for line in teachers.describe() + teachers.warnings():
-                print(line, flush=True)
+                  f"{', '.join(map(str, plan.seeds))} for {base.train.epochs} epochs on {resolve_device(base.device)}")
+        with comparison_run(base, data, out, f"{base.name}-compare-tuned", params, header,
+                            {cfg.method for cfg in plan.searches.values()}, id_file=out / files.PARENT_RUN_ID,
+                            resume=plan.resume) as (parent, teachers):
             outcomes = run_searches(plan, state, state_file, parent)
             configs = final_configs(plan, outcomes)
-            n_test = min(base.eval.final_n_examples or len(data.test), len(data.test))
+            n_test = test_examples(base, data)
 
             def tabulate(results: Sequence[SeedRun]) -> tuple[list[dict[str, Any]], str]:
                 return tuned_table(plan, outcomes, results, n_test)
