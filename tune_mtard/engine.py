@@ -23,6 +23,7 @@ import torch.nn as nn
 from tune_mtard.attacks import PGD, Clean
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle, iterate_batches, num_batches
+from tune_mtard.distributed import Workers, synchronise_batch_norm, training_shard
 from tune_mtard.errors import Diverged
 from tune_mtard.evaluation import progress_bar, robust_accuracy
 from tune_mtard.methods import Objective, Teachers, build_objective, needed_teachers
@@ -100,8 +101,12 @@ class Trainer:
     """One student trained by one objective; ``state_dict`` holds everything a resume needs."""
 
     def __init__(self, cfg: Config, data: DataBundle, teachers: Teachers | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, workers: Workers | None = None, sync_batch_norm: bool = True):
+        """``workers``: this process is one of several training the run together (tune_mtard/distributed.py),
+        each on its shard of every batch; ``sync_batch_norm`` then gives BatchNorm the global batch's
+        statistics (docs/scale.md, "Workers")."""
         self.cfg = cfg
+        self.workers = workers if workers is not None and workers.size > 1 else None
         self.device = device or resolve_device(cfg.device)
         self.perf = PerfOptions.resolve(cfg, self.device, data_bytes(data))
         self.data = data.to(self.device) if self.perf.data_on_device else data
@@ -110,6 +115,10 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.student = create_model(cfg.student.arch, data.num_classes, data.in_channels,
                                     cfg.student.normalization).to(self.device)
+        if self.workers is not None:
+            if sync_batch_norm:
+                synchronise_batch_norm(self.student)
+            self.workers.broadcast_module(self.student)
         if self.perf.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
         self.model = self._compiled(self.student) if self.perf.compile else self.student
@@ -194,6 +203,8 @@ class Trainer:
         self._watch.start_epoch()
         rows = []
         for x, y in batches:
+            if self.workers is not None and len(x) < self.workers.size:
+                continue  # a last batch smaller than the worker count: no worker may be left without rows
             rows.append(self.train_step(x, y))
         epoch_rows = torch.stack(rows).to("cpu", torch.float64)
         bad_step = self._watch.first_bad_step()  # read once per epoch, with the trace rows
@@ -210,7 +221,8 @@ class Trainer:
 
         metrics: dict[str, float] = {EPOCH: self.epoch}
         if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.train.epochs:
-            metrics.update(self.validate())
+            if self.workers is None or self.workers.is_first:  # the others train on; validation moves no RNG
+                metrics.update(self.validate())
             means = epoch_rows.nanmean(0)
             for name in EPOCH_MEANS:
                 metrics[name] = float(means[TRACE_COLUMNS.index(name)])
@@ -233,10 +245,17 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a batch; returns its trace row, still on the device."""
+        shard = None if self.workers is None else self.workers.shard(len(x))
+        if shard is not None:
+            x, y = x[shard.start:shard.stop], y[shard.start:shard.stop]
         x, y = self._to_input(x), y.to(self.device, non_blocking=True)
-        loss, row = self.objective.step(x, y)
+        with training_shard(self.workers, shard):
+            loss, row = self.objective.step(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if shard is not None:
+            self.workers.average_gradients(self.student.parameters(), shard)
+            row = self.workers.mean_row(shard, row)
         self.optimizer.step()
         self._watch.observe(loss, row, self.objective.traced)
         return row

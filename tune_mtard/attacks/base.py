@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tune_mtard.distributed import global_noise
+
 # The reference's training attack starts from x + 0.001 * N(0, I) (docs/algorithm.md, step 1).
 TRAIN_PGD_NOISE = 0.001
 # Confidence of the CW loss in the TRADES / MTARD evaluation scripts' CW-inf attack.
@@ -116,9 +118,11 @@ def standard_normal(like: Tensor) -> Tensor:
     """N(0, I) noise of ``like``'s shape, dtype and device, drawn in NCHW order.
 
     ``torch.randn_like`` keeps a channels_last tensor's memory format and fills it in memory order, so each
-    pixel would get another draw than in NCHW and a channels_last run another random start.
+    pixel would get another draw than in NCHW and a channels_last run another random start. In a step of a
+    multi-worker run, the rows of the global batch's noise that this worker trains (tune_mtard/distributed.py).
     """
-    return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+    sharded = global_noise(like)
+    return sharded if sharded is not None else torch.randn(like.shape, dtype=like.dtype, device=like.device)
 
 
 def input_gradient(model: nn.Module, loss_fn: LossFn, images: Tensor, labels: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS, EntropyBalance, LossBalance
+from tune_mtard.distributed import global_mean
 from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
 
@@ -76,19 +77,19 @@ class BMTARD(Objective):
         log_p_nat = torch.log(p_nat + LOG_EPS)
         loss_adv = soft_kl(p_adv, log_p_adv, s_adv)
         loss_nat = soft_kl(p_nat, log_p_nat, s_nat)
-        # 4. Entropy-Based Balance
-        entropy_adv = (p_adv * log_p_adv).mean()
-        entropy_nat = (p_nat * log_p_nat).mean()
+        # 4. Entropy-Based Balance (the balancers' inputs are the global batch's when several workers train it)
+        entropy_adv, entropy_nat = global_mean((p_adv * log_p_adv).mean(), (p_nat * log_p_nat).mean())
         if b.entropy:
             tau_adv, tau_nat = self.entropy_balance.update(entropy_adv, entropy_nat)
         # 5. Normalization Loss Balance
+        batch_loss_adv, batch_loss_nat = global_mean(loss_adv.detach(), loss_nat.detach())
         if b.loss:
-            w_adv, w_nat = self.loss_balance.update(loss_adv.detach(), loss_nat.detach())
+            w_adv, w_nat = self.loss_balance.update(batch_loss_adv, batch_loss_nat)
         else:
             w_adv, w_nat = self.loss_balance.w_adv, self.loss_balance.w_nat
         # 6. the weighted loss, with this step's weights as constants
         loss = w_adv.to(loss_adv.device) * loss_adv + w_nat.to(loss_nat.device) * loss_nat
-        trace = self.trace(x.device, loss_adv=loss_adv, loss_nat=loss_nat, entropy_adv=entropy_adv,
+        trace = self.trace(x.device, loss_adv=batch_loss_adv, loss_nat=batch_loss_nat, entropy_adv=entropy_adv,
                        entropy_nat=entropy_nat, tau_adv=tau_adv, tau_nat=tau_nat, w_adv=w_adv, w_nat=w_nat)
         return loss, trace
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tune_mtard.balance import LOG_EPS
+from tune_mtard.distributed import global_mean
 from tune_mtard.methods.base import KL_MEAN_LR_SPACE, Autocast, Objective, Teachers, no_autocast, soft_kl
 from tune_mtard.methods.registry import register_method
 
@@ -48,17 +49,18 @@ class MTARD(Objective):
         log_p_adv, log_p_nat = torch.log(p_adv + LOG_EPS), torch.log(p_nat + LOG_EPS)
         loss_adv = soft_kl(p_adv, log_p_adv, s_adv)
         loss_nat = soft_kl(p_nat, log_p_nat, s_nat)
+        batch_loss_adv, batch_loss_nat = global_mean(loss_adv.detach(), loss_nat.detach())  # across workers
         if self.loss_adv_0 is None:
-            self.loss_adv_0, self.loss_nat_0 = loss_adv.detach().clone(), loss_nat.detach().clone()
+            self.loss_adv_0, self.loss_nat_0 = batch_loss_adv.clone(), batch_loss_nat.clone()
         self.w_nat = self.w_nat.to(x.device)
-        r_adv = (loss_adv.detach() / self.loss_adv_0) ** self.cfg.balance.beta
-        r_nat = (loss_nat.detach() / self.loss_nat_0) ** self.cfg.balance.beta
+        r_adv = (batch_loss_adv / self.loss_adv_0) ** self.cfg.balance.beta
+        r_nat = (batch_loss_nat / self.loss_nat_0) ** self.cfg.balance.beta
         self.w_nat = self.w_nat - self.lr * (self.w_nat - r_nat / (r_adv + r_nat))
         w_nat, w_adv = self.w_nat, 1 - self.w_nat
         loss = w_adv * loss_adv + w_nat * loss_nat
-        trace = self.trace(x.device, loss_adv=loss_adv, loss_nat=loss_nat, entropy_adv=(p_adv * log_p_adv).mean(),
-                       entropy_nat=(p_nat * log_p_nat).mean(), tau_adv=self.tau, tau_nat=self.tau,
-                       w_adv=w_adv, w_nat=w_nat)
+        entropy_adv, entropy_nat = global_mean((p_adv * log_p_adv).mean(), (p_nat * log_p_nat).mean())
+        trace = self.trace(x.device, loss_adv=batch_loss_adv, loss_nat=batch_loss_nat, entropy_adv=entropy_adv,
+                           entropy_nat=entropy_nat, tau_adv=self.tau, tau_nat=self.tau, w_adv=w_adv, w_nat=w_nat)
         return loss, trace
 
     def set_lr_scale(self, scale: float) -> None:
