@@ -10,6 +10,7 @@ import torch
 
 from tune_mtard.config import from_dict, load_config
 from tune_mtard.diagnostics import (
+    Diagnostician,
     csv_values,
     diagnose,
     diagnose_epochs,
@@ -171,6 +172,22 @@ def test_a_tensor_trace_gives_the_same_diagnosis_as_its_columns():
     assert trace_columns(tensor) == columns
     assert diagnose(tensor, config()) == diagnose(columns, config())
     assert diagnose(torch.empty(0, len(TRACE_HEADER)), config()).epoch == 0
+
+
+def test_diagnosing_epoch_by_epoch_reads_each_row_once_and_judges_as_the_whole_trace_does():
+    """A trial's diagnostician sees the trace grow by an epoch at a time; each epoch's diagnosis equals the one
+    the whole trace up to that epoch gives (the first epoch's gap and the balancers' first moves are kept)."""
+    for columns, cfg in ((softer_robust_teacher(), config()),
+                         (trace(4, tau_adv=1.0, w_adv=lambda e, s: 0.95 if e else 0.5,
+                                w_nat=lambda e, s: 0.05 if e else 0.5), config())):
+        tensor = torch.tensor([[columns[name][i] for name in TRACE_HEADER] for i in range(len(columns["step"]))],
+                              dtype=torch.float64)
+        diagnostician = Diagnostician(cfg)
+        for end in range(STEPS, len(tensor) + 1, STEPS):
+            assert diagnostician.latest(tensor[:end]) == diagnose(tensor[:end], cfg)
+            assert diagnostician.seen == end
+        assert diagnostician.latest(tensor) == diagnose(tensor, cfg)  # no new rows: the same, nothing re-read
+        assert [d.epoch for d in Diagnostician(cfg).update(columns)] == [d.epoch for d in diagnose_epochs(tensor, cfg)]
 
 
 def test_reported_metrics_become_tags_csv_cells_and_summary_counts():

@@ -21,7 +21,7 @@ from ray import tune
 from tune_mtard import files
 from tune_mtard.config import Config
 from tune_mtard.data import DataBundle
-from tune_mtard.diagnostics import diagnose
+from tune_mtard.diagnostics import Diagnostician
 from tune_mtard.engine import Trainer
 from tune_mtard.errors import Diverged
 from tune_mtard.models import create_model, load_state, save_checkpoint
@@ -146,10 +146,11 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
     node_id = ray.get_runtime_context().get_node_id()
     resumed = _resume(trainer)
     resumed_from_epoch = trainer.epoch  # 0 for a fresh start: shows in the results that a restart continued
+    diagnostician = Diagnostician(cfg)  # reads each trace row once over the trial
 
     def report(t: Trainer, metrics: dict[str, float]) -> None:
         # The paper's balance failure signatures, judged on the trace so far (docs/sensitivity.md).
-        metrics = {**metrics, **diagnose(t.trace, cfg).metrics()}
+        metrics = {**metrics, **diagnostician.latest(t.trace).metrics()}
         with tempfile.TemporaryDirectory() as folder:
             t.save(Path(folder) / files.TRIAL_STATE)
             save_checkpoint(t.student, Path(folder) / files.STUDENT)

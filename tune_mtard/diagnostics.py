@@ -88,41 +88,65 @@ def entropy_gaps(trace: Any) -> dict[int, float]:
     return {epoch: _gap(columns, rows) for epoch, rows in epoch_spans(columns).items()}
 
 
+BALANCER_COLUMNS = ("tau_adv", "tau_nat", "w_adv", "w_nat")
+
+
+class Diagnostician:
+    """Diagnoses a trace's epochs as they end, reading each row once: :meth:`update` with the trace so far
+    judges only the rows added since the last call, keeping what the judgement needs of the earlier ones
+    (the first epoch's gap, the first row's balancer values and whether each has moved since). A trial calls
+    it at every epoch, so its cost over a trial is linear in the trace, not quadratic."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.seen = 0  # rows of the trace already judged
+        self.first_epoch: int | None = None
+        self.first_gap = math.nan
+        self.first_values: dict[str, float] = {}
+        self.moved = dict.fromkeys(BALANCER_COLUMNS, False)  # changed from the first row by the last epoch's end
+        self.last = Diagnosis(epoch=0)  # the latest epoch's diagnosis
+
+    def latest(self, trace: Any) -> Diagnosis:
+        """The diagnosis of the trace's last epoch, judging only the rows added since the last call."""
+        self.update(trace)
+        return self.last
+
+    def update(self, trace: Any) -> list[Diagnosis]:
+        """The diagnosis of every epoch the trace holds past the rows already judged (whole epochs, in order)."""
+        if isinstance(trace, Mapping):
+            columns = {name: [float(v) for v in trace[name][self.seen:]] for name in TRACE_HEADER}
+        else:
+            columns = trace_columns(trace[self.seen:])
+        self.seen += len(columns[EPOCH])
+        found = []
+        for epoch, rows in epoch_spans(columns).items():
+            if self.first_epoch is None:
+                self.first_epoch, self.first_gap = epoch, _gap(columns, rows)
+                self.first_values = {name: columns[name][rows[0]] for name in BALANCER_COLUMNS}
+            for name in BALANCER_COLUMNS:
+                self.moved[name] = self.moved[name] or any(columns[name][i] != self.first_values[name] for i in rows)
+            found.append(self._judge(columns, epoch, rows))
+        self.last = found[-1] if found else self.last
+        return found
+
+    def _judge(self, columns: Mapping[str, Sequence[float]], epoch: int, rows: range) -> Diagnosis:
+        gap = _gap(columns, rows)
+        persists, held = _gap_persists(columns, rows, gap, self.first_gap, epoch == self.first_epoch,
+                                       self.moved["tau_adv"] or self.moved["tau_nat"], self.cfg)
+        dominates, dominant = _loss_dominates(columns, rows, self.moved["w_adv"] or self.moved["w_nat"],
+                                              self.cfg.diagnostics.dominant_weight)
+        return Diagnosis(epoch=epoch, entropy_gap=gap, entropy_gap_persists=persists, loss_dominates=dominates,
+                         held_at_bound=held, dominant_loss=dominant)
+
+
 def diagnose(trace: Any, cfg: Config) -> Diagnosis:
     """The diagnostics of the trace's last epoch: what a trial reports with that epoch's metrics."""
-    columns = trace_columns(trace)
-    spans = epoch_spans(columns)
-    if not spans:
-        return Diagnosis(epoch=0)
-    return _diagnose_epoch(columns, spans, list(spans)[-1], _first_changes(columns), cfg)
+    return Diagnostician(cfg).latest(trace)
 
 
 def diagnose_epochs(trace: Any, cfg: Config) -> list[Diagnosis]:
     """The diagnostics of every epoch, each judged on the trace up to its end (as it was at that report)."""
-    columns = trace_columns(trace)
-    spans = epoch_spans(columns)
-    changes = _first_changes(columns)
-    return [_diagnose_epoch(columns, spans, epoch, changes, cfg) for epoch in spans]
-
-
-def _first_changes(columns: Mapping[str, Sequence[float]]) -> dict[str, int]:
-    """For each balancer column, the first row whose value differs from the first row's (len: none does)."""
-    return {name: next((i for i, v in enumerate(columns[name]) if v != columns[name][0]), len(columns[name]))
-            for name in ("tau_adv", "tau_nat", "w_adv", "w_nat")}
-
-
-def _diagnose_epoch(columns: Mapping[str, Sequence[float]], spans: dict[int, range], epoch: int,
-                    changes: dict[str, int], cfg: Config) -> Diagnosis:
-    rows = spans[epoch]
-    moved = {name: first < rows[-1] + 1 for name, first in changes.items()}  # changed by the epoch's end
-    first_epoch = next(iter(spans))
-    gap = _gap(columns, rows)
-    persists, held = _gap_persists(columns, rows, gap, _gap(columns, spans[first_epoch]), epoch == first_epoch,
-                                   moved["tau_adv"] or moved["tau_nat"], cfg)
-    dominates, dominant = _loss_dominates(columns, rows, moved["w_adv"] or moved["w_nat"],
-                                          cfg.diagnostics.dominant_weight)
-    return Diagnosis(epoch=epoch, entropy_gap=gap, entropy_gap_persists=persists, loss_dominates=dominates,
-                     held_at_bound=held, dominant_loss=dominant)
+    return Diagnostician(cfg).update(trace)
 
 
 def _gap_persists(columns: Mapping[str, Sequence[float]], rows: range, gap: float, first_gap: float,
