@@ -1,6 +1,6 @@
 """Real services the tests start themselves on free loopback ports and stop after: a PostgreSQL server
 (initdb + pg_ctl from Debian's packages, as a throwaway non-root user) and an ``mlflow server`` with
-proxied artifacts. Nothing here reaches the network."""
+proxied artifacts, and optuna-dashboard on a study. Nothing here reaches the network."""
 
 from __future__ import annotations
 
@@ -101,6 +101,22 @@ def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float 
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"the server did not answer {url} in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def optuna_dashboard(storage: str, folder: Path) -> Iterator[str]:
+    """``optuna-dashboard STORAGE`` (the client users open on a study) on a free loopback port; yields its URL."""
+    port = free_port()
+    log = folder / "optuna-dashboard.log"
+    cmd = [str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as out:
+        process = subprocess.Popen(cmd, cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/api/studies", process, log)
+        yield url
+    finally:
+        stop_group(process, timeout_s=30)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -19,7 +20,15 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from searchkit import EPOCHS, NUM_SAMPLES, SPEC_TRACE_HEADER, child_env, ray_reports, ray_trial_ids, search_args
-from services import free_port, mlflow_server, postgres_bin, postgres_server, ray_cluster_with_blind_worker, ray_env
+from services import (
+    free_port,
+    mlflow_server,
+    optuna_dashboard,
+    postgres_bin,
+    postgres_server,
+    ray_cluster_with_blind_worker,
+    ray_env,
+)
 
 from tune_mtard.cli import search
 from tune_mtard.cli.common import run
@@ -237,8 +246,15 @@ def test_the_study_names_its_objectives_by_their_metrics(metric, tmp_path):
     PrunedAwareOptunaSearch(space=space, metric=metric, mode="max" if isinstance(metric, str) else ["max", "max"],
                             study_name="named", storage=optuna.storages.RDBStorage(url),
                             sampler_config=SamplerConfig(type="random", seed=0), full_epochs=EPOCHS)
-    assert optuna.load_study(study_name="named", storage=url).metric_names == (
-        [metric] if isinstance(metric, str) else metric)
+    names = [metric] if isinstance(metric, str) else metric
+    assert optuna.load_study(study_name="named", storage=url).metric_names == names
+    # What a user opens on the study: optuna-dashboard shows the objectives by these names, not "Objective 0".
+    with optuna_dashboard(url, tmp_path) as dashboard:
+        with urllib.request.urlopen(f"{dashboard}/api/studies", timeout=30) as answer:
+            study_id = next(s["study_id"] for s in json.load(answer)["study_summaries"]
+                            if s["study_name"] == "named")
+        with urllib.request.urlopen(f"{dashboard}/api/studies/{study_id}", timeout=30) as answer:
+            assert json.load(answer)["objective_names"] == names
 
 
 # ---- every node checked before the first trial ------------------------------------------------------------
