@@ -507,3 +507,13 @@ def test_two_methods_cannot_own_one_key_nor_search_anothers():
     with pytest.raises(ValueError, match="searches baselines.ard_alpha, which is not one of its settings"):
         borrowed = {"baselines.ard_alpha": {"type": "float", "low": 0.1, "high": 1.0}}
         register_method("borrower", space=borrowed)(Objective)
+
+
+def test_every_package_folder_is_in_the_installed_package_list():
+    """pyproject.toml names its packages: a new folder left off the list would be missing from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    found |= {"tune_mtard.trainables", "tune_mtard.search_spaces"}
+    assert listed == found, f"missing: {sorted(found - listed)}; stale: {sorted(listed - found)}"
