@@ -1,5 +1,5 @@
-"""The search's storage as one filesystem (docs/cluster.md, "Object storage"): a folder, or any URI pyarrow's
-filesystems understand (``s3://bucket/prefix``, ``gs://...``, ``file:///...``).
+"""The search's storage as one filesystem (docs/cluster.md, "Every node is checked first"): a folder, or any
+URI pyarrow's filesystems understand (``s3://bucket/prefix``, ``gs://...``, ``file:///...``).
 
 Ray Tune already moves its checkpoints through ``pyarrow.fs``; the files tune_mtard itself reads and writes
 in the storage go through the same kind of filesystem here, never through a local ``Path`` of a remote
