@@ -128,3 +128,23 @@ def test_a_folder_the_check_made_is_removed_after(tmp_path, ray_address):
     storage = tmp_path / "results"
     check_nodes_see_storage(str(storage), 1, 0)
     assert not storage.exists()
+
+
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_a_divergence_record_and_an_error_file_round_trip_through_the_trials_storage(where, tmp_path, endpoint):
+    """What a diverged or failed trial leaves in its folder reaches the driver through Ray's filesystem of
+    the storage, whichever it is."""
+    from tune_mtard.errors import Diverged
+    from tune_mtard.search.storage_fs import folder_on
+    from tune_mtard.search.trials import error_file_text, read_divergence, write_divergence
+
+    if where == "folder":
+        fs, path = pafs.LocalFileSystem(), str(tmp_path / "search" / "trial_0")
+    else:
+        fs, path = pafs.S3FileSystem(endpoint_override=endpoint, **KEYS), f"{BUCKET}/records/search/trial_0"
+    trial_dir = folder_on(fs, path)
+    assert read_divergence(trial_dir) is None and error_file_text(trial_dir) == "error"
+    write_divergence(trial_dir, Diverged(17, 2))
+    trial_dir.write_text("error.txt", "Traceback (most recent call last):\n  ...\nValueError: bad lr\n\n")
+    assert read_divergence(trial_dir) == Diverged(17, 2).tags()
+    assert error_file_text(trial_dir) == "ValueError: bad lr"

@@ -114,6 +114,12 @@ class Storage:
             self.fs.delete_dir(self.path(relative))
 
 
+def folder_on(fs: Any, path: str) -> Storage:
+    """A folder Ray Tune names by its filesystem and path there (``trial.storage.storage_filesystem`` and
+    ``trial.path``, ``Result.filesystem`` and ``Result.path``)."""
+    return Storage(fs, path.rstrip("/"), path)
+
+
 def open_storage(storage: str, options: Mapping[str, Any] | None = None, key: str = "search.storage") -> Storage:
     """The filesystem and folder ``storage`` names; ConfigError naming ``key`` when pyarrow knows no filesystem
     for it (a folder is made absolute against the working folder)."""
