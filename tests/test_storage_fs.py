@@ -148,3 +148,17 @@ def test_a_divergence_record_and_an_error_file_round_trip_through_the_trials_sto
     trial_dir.write_text("error.txt", "Traceback (most recent call last):\n  ...\nValueError: bad lr\n\n")
     assert read_divergence(trial_dir) == Diverged(17, 2).tags()
     assert error_file_text(trial_dir) == "ValueError: bad lr"
+
+
+def test_a_file_in_the_bucket_is_handed_to_a_path_reader_as_a_temporary_copy_removed_after(endpoint, tmp_path):
+    bucket = open_storage(f"s3://{BUCKET}/copies", {"endpoint_override": endpoint.removeprefix("http://"),
+                                                    "scheme": "http", **KEYS})
+    bucket.write_bytes("checkpoint_000001/student.pt", b"weights")
+    with bucket.child("checkpoint_000001").local_file("student.pt") as copy:
+        assert copy.name == "student.pt" and copy.read_bytes() == b"weights"
+    assert not copy.exists() and bucket.exists("checkpoint_000001/student.pt")
+    folder = open_storage(str(tmp_path))
+    folder.write_bytes("student.pt", b"weights")
+    with folder.local_file("student.pt") as itself:
+        assert itself == tmp_path / "student.pt"
+    assert itself.exists()  # a folder's own file, never removed

@@ -47,7 +47,8 @@ def evaluate_trial(cfg: Config, trial: TrialSummary, data: DataBundle, device: t
     trial_cfg = cfg.run_config().with_values(
         {**trial.sampled, "eval.final_attacks": list(final.attacks), "eval.final_n_examples": final.n_examples})
     model = create_model(trial_cfg.student.arch, data.num_classes, data.in_channels)
-    load_checkpoint(model, Path(trial.checkpoint_dir) / STUDENT)
+    with trial.checkpoint.local_file(STUDENT) as weights:
+        load_checkpoint(model, weights)
     model.to(device).eval()
     return final_test_metrics(trial_cfg, model, data, device)
 
@@ -77,7 +78,7 @@ def evaluate_top_trials(cfg: Config, trials: list[TrialSummary], data: DataBundl
     for rank, trial in enumerate(ranked, start=1):
         if len(results) >= s.final_eval.top_k:
             break
-        if trial.checkpoint_dir is None or not (Path(trial.checkpoint_dir) / STUDENT).is_file():
+        if trial.checkpoint is None or not trial.checkpoint.exists(STUDENT):
             log.warning("final evaluation: trial %s (rank %d) has no saved student; skipped", trial.trial_id, rank)
             continue
         try:

@@ -144,12 +144,13 @@ def register(cfg: Config, best, test_metrics: dict[str, float], best_path: Path,
     from tune_mtard.search.recorder import child_run_id
 
     name = cfg.name if cfg.search.register_as == "auto" else cfg.search.register_as
-    if not name or best.checkpoint_dir is None:
+    if not name or best.checkpoint is None:
         return
     try:
         model = create_model(cfg.run_config().with_values(best.sampled).student.arch, data.num_classes,
                              data.in_channels)
-        load_checkpoint(model, Path(best.checkpoint_dir) / files.STUDENT)
+        with best.checkpoint.local_file(files.STUDENT) as weights:
+            load_checkpoint(model, weights)
         experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
         run_id = child_run_id(parent.client, experiment_id, parent.run_id, best.trial_id) or parent.run_id
         tags = {"trial_id": best.trial_id, "search": cfg.name, "config": best_path.read_text(),

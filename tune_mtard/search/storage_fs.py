@@ -10,10 +10,13 @@ location. An S3-compatible server is reached through the standard AWS environmen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tune_mtard.errors import ConfigError
@@ -72,6 +75,18 @@ class Storage:
 
     def read_text(self, relative: str) -> str:
         return self.read_bytes(relative).decode()
+
+    @contextlib.contextmanager
+    def local_file(self, relative: str) -> Iterator[Path]:
+        """The file as a local path, for a reader that takes one: itself in a folder, else a temporary copy
+        (removed after)."""
+        if self.is_local:
+            yield Path(self.path(relative))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / relative.rsplit("/", 1)[-1]
+            copy.write_bytes(self.read_bytes(relative))
+            yield copy
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Whole or not at all: an object store's upload appears only once it is complete; in a folder, a

@@ -51,7 +51,7 @@ class TrialSummary:
     failed: bool
     epochs: int
     metrics: dict[str, Any] = field(default_factory=dict)
-    checkpoint_dir: str | None = None
+    checkpoint: Storage | None = None  # the folder of the trial's last checkpoint, wherever the storage is
     failure: str = ""
     diverged: dict[str, int] | None = None  # {"diverged_step": S, "diverged_epoch": E}
     finished: bool = True  # False for a trial an interrupted search left running or pending
@@ -183,7 +183,7 @@ def summarize_results(grid: Any, metric: str | None = None) -> list[TrialSummary
             failed=result.error is not None,
             epochs=int(metrics.get(EPOCH, 0) or 0),
             metrics=metrics,
-            checkpoint_dir=checkpoint.path if checkpoint is not None else None,
+            checkpoint=folder_on(checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None,
             failure=failure_text(result.error, diverged),
             diverged=diverged,
             history=_history(result.metrics_dataframe, metric) if metric else {},
@@ -218,7 +218,7 @@ def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
                 failed=failed,
                 epochs=int(last.get(EPOCH, 0) or 0),
                 metrics=last,
-                checkpoint_dir=checkpoint.path if checkpoint is not None else None,
+                checkpoint=folder_on(checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None,
                 failure=failure_text(None, diverged) or (error_file_text(trial_dir) if failed else ""),
                 diverged=diverged,
                 finished=str(trial.status) in ("TERMINATED", "ERROR"),
