@@ -185,3 +185,21 @@ def _wait_started(log: Path, process: subprocess.Popen, timeout_s: float = 180) 
             raise RuntimeError(f"ray start exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     raise RuntimeError(f"ray start did not start in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def s3_server(folder: Path) -> Iterator[str]:
+    """moto's S3-compatible server (``moto_server``) on a free loopback port, its state in memory; yields its
+    endpoint URL. Any access key is accepted."""
+    port = free_port()
+    log = folder / "moto-server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                                    str(port)], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        _wait_http(f"{endpoint}/moto-api/", process, log)
+        yield endpoint
+    finally:
+        stop_group(process, timeout_s=30)

@@ -224,6 +224,7 @@ def test_evaluate_refuses_to_run_a_tampered_autoattack(trained, capsys, monkeypa
 def test_evaluate_top_trials_logs_test_metrics_to_the_right_child_runs(trained, tmp_path):
     from tune_mtard import tracking
     from tune_mtard.search.final_eval import evaluate_top_trials
+    from tune_mtard.search.storage_fs import open_storage
     from tune_mtard.search.trials import TrialSummary, best_trial, rank_trials
 
     cfg = trained["cfg"].with_values({"search.final_eval": {"top_k": 2, "attacks": ["pgd20"], "n_examples": 16},
@@ -242,7 +243,7 @@ def test_evaluate_top_trials_logs_test_metrics_to_the_right_child_runs(trained, 
             folder.mkdir()
             (folder / "student.pt").write_bytes(model_path.read_bytes())
         trials.append(TrialSummary(trial_id, {"balance.beta": beta}, False, epochs,
-                                   {"val_w_robust_acc": val}, str(folder)))
+                                   {"val_w_robust_acc": val}, open_storage(str(folder))))
 
     client = tracking.client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("final-eval", artifact_location=(tmp_path / "artifacts").as_uri())

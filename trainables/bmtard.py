@@ -27,6 +27,7 @@ from tune_mtard.errors import Diverged
 from tune_mtard.models import create_model, load_state, save_checkpoint
 from tune_mtard.perf import trial_device
 from tune_mtard.search import compat
+from tune_mtard.search.storage_fs import Storage, folder_on
 from tune_mtard.search.trials import read_divergence, write_divergence
 
 log = logging.getLogger(__name__)
@@ -112,18 +113,20 @@ def _resume(trainer: Trainer) -> bool:
     return False
 
 
-def _divergence_record() -> Path:
+def _trial_folder() -> Storage:
+    """The trial's folder in the search's storage (a folder or an object store), through Ray's filesystem."""
     fs, experiment_path, trial_dir = compat.trial_storage()
-    return Path(experiment_path) / trial_dir / files.DIVERGED_JSON
+    return folder_on(fs, f"{experiment_path}/{trial_dir}")
 
 
 def _record_divergence(trainer: Trainer, error: Diverged) -> None:
     """Where the trial diverged, and its trace up to there, in its folder: the driver records them, and a
     restart by Ray fails at once instead of training again into the same divergence."""
-    record = _divergence_record()
-    record.parent.mkdir(parents=True, exist_ok=True)
-    trainer.write_trace(record.parent / files.TRACE_CSV)
-    write_divergence(record.parent, error)
+    folder = _trial_folder()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.write_trace(Path(tmp) / files.TRACE_CSV)
+        folder.write_bytes(files.TRACE_CSV, (Path(tmp) / files.TRACE_CSV).read_bytes())
+    write_divergence(folder, error)
 
 
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
@@ -134,7 +137,7 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
     a resumed search restarts one, it only reports its last epoch again, so Ray records its final result.
     """
     compat.quiet_checkpoint_log()
-    diverged = read_divergence(_divergence_record().parent)
+    diverged = read_divergence(_trial_folder())
     if diverged is not None:
         raise Diverged(diverged["diverged_step"], diverged["diverged_epoch"])
     cfg = trial_config(base, sampled)

@@ -74,7 +74,7 @@ def evaluate_top_trials(cfg: Config, trials: list[TrialSummary], data: DataBundl
     for rank, trial in enumerate(ranked, start=1):
         if len(results) >= s.final_eval.top_k:
             break
-        if trial.checkpoint_dir is None or not (Path(trial.checkpoint_dir) / STUDENT).is_file():
+        if trial.checkpoint is None or not trial.checkpoint.exists(STUDENT):
             log.warning("final evaluation: trial %s (rank %d) has no saved student; skipped", trial.trial_id, rank)
             continue
         try:

@@ -143,7 +143,7 @@ def register(cfg: Config, best, test_metrics: dict[str, float], best_path: Path,
     from tune_mtard.search.recorder import child_run_id
 
     name = cfg.name if cfg.search.register_as == "auto" else cfg.search.register_as
-    if not name or best.checkpoint_dir is None:
+    if not name or best.checkpoint is None:
         return
     try:
         model = best.load_student(best.run_config(cfg), data)

@@ -24,6 +24,7 @@ from tune_mtard.diagnostics import csv_values, flag_counts, flag_tags
 from tune_mtard.metrics import DIAGNOSTICS, EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
 from tune_mtard.plots import plot_clean_vs_robust, plot_pareto, plot_trace
 from tune_mtard.search.pareto import default_trial, front_objectives, pareto_front, write_pareto_csv
+from tune_mtard.search.storage_fs import folder_on
 from tune_mtard.search.trials import (
     BUDGET,
     FAILURE_KIND,
@@ -145,16 +146,17 @@ class MlflowTrialRecorder(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         """A failed trial: FAILED, with where it diverged (and its trace up to there) or the error."""
         run_id = self.run_id(trial)
-        diverged = read_divergence(trial.path)
+        trial_dir = folder_on(trial.storage.storage_filesystem, trial.path)
+        diverged = read_divergence(trial_dir)
         tags: dict[str, Any] = {"trial_state": TrialState.FAIL.value}
         tags[FAILURE_KIND] = FAILURE_KINDS[trial.trial_id] = failure_kind(_error_line(trial), diverged)
         if diverged is not None:
             tags.update(diverged, failure="diverged")
-            trace = Path(trial.path) / files.TRACE_CSV
-            if trace.is_file():
+            if trial_dir.exists(files.TRACE_CSV):
                 try:
                     with tempfile.TemporaryDirectory() as tmp:
-                        png = Path(tmp) / files.TRACE_PNG
+                        trace, png = Path(tmp) / files.TRACE_CSV, Path(tmp) / files.TRACE_PNG
+                        trace.write_bytes(trial_dir.read_bytes(files.TRACE_CSV))
                         plot_trace(trace, png, title=f"trial {trial.trial_id}: diverged at step "
                                                       f"{diverged['diverged_step']}")
                         tracking.log_artifacts(self.client, run_id, [trace, png])

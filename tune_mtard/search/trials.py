@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tune_mtard import atomic
 from tune_mtard.errors import Diverged
 from tune_mtard.files import DIVERGED_JSON, STUDENT
 from tune_mtard.metrics import EPOCH
 from tune_mtard.models import create_model, load_checkpoint
 from tune_mtard.search.compat import quiet_experiment_analysis, trial_ids
+from tune_mtard.search.storage_fs import Storage, folder_on
 
 if TYPE_CHECKING:
     from torch import nn
@@ -58,7 +58,7 @@ class TrialSummary:
     failed: bool
     epochs: int
     metrics: dict[str, Any] = field(default_factory=dict)
-    checkpoint_dir: str | None = None
+    checkpoint: Storage | None = None  # the folder of the trial's last checkpoint, wherever the storage is
     failure: str = ""
     diverged: dict[str, int] | None = None  # {"diverged_step": S, "diverged_epoch": E}
     finished: bool = True  # False for a trial an interrupted search left running or pending
@@ -78,10 +78,11 @@ class TrialSummary:
 
     def load_student(self, run_config: Config, data: DataBundle) -> nn.Module:
         """The trial's student at its last checkpoint, built as ``run_config`` (its :meth:`run_config`) says."""
-        if self.checkpoint_dir is None:
+        if self.checkpoint is None:
             raise ValueError(f"trial {self.trial_id} has no checkpoint")
         model = create_model(run_config.student.arch, data.num_classes, data.in_channels)
-        load_checkpoint(model, Path(self.checkpoint_dir) / STUDENT)
+        with self.checkpoint.local_file(STUDENT) as weights:
+            load_checkpoint(model, weights)
         return model
 
     @property
@@ -107,10 +108,10 @@ def best_trial(trials: list[TrialSummary], metric: str, mode: str, full_epochs: 
     return ranked[0] if ranked else None
 
 
-def write_divergence(trial_dir: str | Path, error: Diverged) -> None:
+def write_divergence(trial_dir: Storage, error: Diverged) -> None:
     """The record a diverged trial leaves in its folder (``diverged.json``: ``step``, ``epoch``), which
     :func:`read_divergence` reads."""
-    atomic.write_text(Path(trial_dir) / DIVERGED_JSON, json.dumps({"step": error.step, "epoch": error.epoch}))
+    trial_dir.write_text(DIVERGED_JSON, json.dumps({"step": error.step, "epoch": error.epoch}))
 
 def equal_budget_epoch(trials: list[TrialSummary], full_epochs: int) -> int | None:
     """Where a search that its budget stopped compares its trials (docs/search.md, "Budget"): None when some
@@ -133,12 +134,11 @@ def rank_at_epoch(trials: list[TrialSummary], metric: str, mode: str, epoch: int
     return at + [t for t in rank_trials(trials, metric, mode, epoch) if t.trial_id not in chosen]
 
 
-def read_divergence(trial_dir: str | Path) -> dict[str, int] | None:
+def read_divergence(trial_dir: Storage) -> dict[str, int] | None:
     """Where a trial diverged (:meth:`Diverged.tags`), from the record :func:`write_divergence` left in its
     folder; None if it did not."""
-    path = Path(trial_dir) / DIVERGED_JSON
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(trial_dir.read_text(DIVERGED_JSON))
     except (OSError, ValueError):
         return None
     return Diverged(int(record["step"]), int(record["epoch"])).tags()
@@ -165,11 +165,11 @@ def failure_kind(failure: str, diverged: dict[str, int] | None = None) -> str:
     return "infra" if any(marker in failure for marker in INFRA_MARKERS) else "trial"
 
 
-def error_file_text(trial_path: str | Path | None) -> str:
+def error_file_text(trial_dir: Storage) -> str:
     """The last line of the traceback Ray wrote into a failed trial's folder (``error.txt``), or ``error``."""
     try:
-        lines = [line for line in (Path(trial_path) / "error.txt").read_text().splitlines() if line.strip()]
-    except (OSError, TypeError):
+        lines = [line for line in trial_dir.read_text("error.txt").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
         return "error"
     return (lines[-1] if lines else "error")[:500]
 
@@ -196,14 +196,14 @@ def summarize_results(grid: Any, metric: str | None = None) -> list[TrialSummary
     for trial_id, result in zip(trial_ids(grid), grid, strict=True):
         metrics = dict(result.metrics or {})
         checkpoint = result.checkpoint
-        diverged = read_divergence(result.path) if result.error is not None else None
+        diverged = read_divergence(folder_on(result.filesystem, result.path)) if result.error is not None else None
         summaries.append(TrialSummary(
             trial_id=trial_id,
             sampled=dict(result.config or {}),
             failed=result.error is not None,
             epochs=int(metrics.get(EPOCH, 0) or 0),
             metrics=metrics,
-            checkpoint_dir=checkpoint.path if checkpoint is not None else None,
+            checkpoint=folder_on(checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None,
             failure=failure_text(result.error, diverged),
             diverged=diverged,
             history=_history(result.metrics_dataframe, metric) if metric else {},
@@ -230,15 +230,16 @@ def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
                 last = frame.iloc[-1].to_dict()
             checkpoint = analysis.get_last_checkpoint(trial)
             failed = str(trial.status) == "ERROR"
-            diverged = read_divergence(trial.path) if failed else None
+            trial_dir = folder_on(trial.storage.storage_filesystem, trial.path)
+            diverged = read_divergence(trial_dir) if failed else None
             trials.append(TrialSummary(
                 trial_id=trial.trial_id,
                 sampled=dict(trial.config or {}),
                 failed=failed,
                 epochs=int(last.get(EPOCH, 0) or 0),
                 metrics=last,
-                checkpoint_dir=checkpoint.path if checkpoint is not None else None,
-                failure=failure_text(None, diverged) or (error_file_text(trial.path) if failed else ""),
+                checkpoint=folder_on(checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None,
+                failure=failure_text(None, diverged) or (error_file_text(trial_dir) if failed else ""),
                 diverged=diverged,
                 finished=str(trial.status) in ("TERMINATED", "ERROR"),
             ))
