@@ -91,3 +91,66 @@ def test_settle_says_in_the_summary_whether_the_records_reached_mlflow(tmp_path,
     assert journal.sync(folder, uri) == 0
     assert json.loads((folder / files.SUMMARY_JSON).read_text())["records"] == "complete"
     assert client.get_run(journal.RecordJournal(folder).run_ids["t1"]).data.tags["x"] == "1"
+
+
+# ---- an outage of a real tracking server while trials train ------------------------------------------------
+
+
+def test_a_search_outlives_a_killed_mlflow_server_and_records_sync_brings_every_record_over(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from searchkit import child_env
+    from services import free_port, mlflow_server
+
+    server_folder, port = tmp_path / "server", free_port()
+    server_folder.mkdir()
+    folder = tmp_path / "results" / "outage"
+    with mlflow_server(server_folder, port) as (uri, _):
+        search = subprocess.Popen(
+            [sys.executable, "-m", "tune_mtard.search", "--space", "digits.yaml", "--num-samples", "2", "--max-epochs",
+             "3", "--storage", str(tmp_path / "results"), "--tracking-uri", uri, "--no-progress",
+             "--set", "name=outage", "--set", "mlflow.experiment=outage", "--set", "search.max_concurrent=1",
+             "--set", "search.scheduler.type=fifo", "--set", f"teachers.cache_dir={tmp_path / 'teachers'}",
+             "--set", "device=cpu", "--set", f"data.root={tmp_path}"],
+            env=child_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 400
+        journal_file = folder / files.RECORDS_JOURNAL
+        while '"op": "metrics", "key"' not in (journal_file.read_text() if journal_file.is_file() else ""):
+            assert search.poll() is None and time.monotonic() < deadline, "the search ended before a trial reported"
+            time.sleep(0.2)
+    # the server is down from the first epoch of the first trial on
+    out, err = search.communicate(timeout=600)
+    assert search.returncode == journal.EXIT_RECORDS_PENDING, err[-3000:]
+    summary = json.loads((folder / files.SUMMARY_JSON).read_text())
+    assert summary["status"] == "finished" and summary["records"] == "pending" and summary["n_failed"] == 0
+    assert (folder / files.BEST_CONFIG).is_file() and summary["best_trial_id"] in out
+    assert sum("is not answering" in line for line in err.splitlines()) == 1, err[-3000:]
+    with open(folder / files.TRIALS_CSV) as f:
+        epochs = {row["trial_id"]: int(row["epochs"]) for row in csv.DictReader(f)}
+    assert len(epochs) == 2 and set(epochs.values()) == {3}
+
+    with mlflow_server(server_folder, port) as (uri, _):  # back, on the same backend
+        sync = subprocess.run([sys.executable, "-m", "tune_mtard", "records", "sync", "--search", str(folder)],
+                              env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert sync.returncode == 0, sync.stderr[-3000:]
+        assert json.loads((folder / files.SUMMARY_JSON).read_text())["records"] == "complete"
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("outage").experiment_id
+        runs = client.search_runs([experiment])
+        parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+        children = {r.data.tags["trial_id"]: r for r in runs if r is not parent}
+        assert sorted(children) == sorted(epochs) and len(runs) == 3  # no duplicate run
+        for trial_id, run in children.items():
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_w_robust_acc")]
+            assert sorted(steps) == list(range(1, epochs[trial_id] + 1))  # every epoch, once
+            assert run.info.status == "FINISHED"
+            names = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"balance_trace.csv", "balance_trace.png", "model"} <= names
+            assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/student.pt"]
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["best_trial_id"] == summary["best_trial_id"]
+        assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}

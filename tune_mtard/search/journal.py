@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from tune_mtard import atomic, files, tracking
-from tune_mtard.services import masked_uri
+from tune_mtard.config import load_config
+from tune_mtard.errors import ConfigError
+from tune_mtard.services import check_tracking_uri, masked_uri
 
 RECORD_KEY_TAG = "tune_mtard.record_key"
 ATTEMPTS = 3  # tries of one entry before it stays pending for the next round
@@ -254,7 +256,7 @@ def metrics_entry(values: dict[str, Any]) -> dict[str, Any]:
 
 
 PARENT_KEY = "parent"  # the journal key of the search's parent run
-DRAIN_S = 60.0  # how long the end of a search waits for its records to reach MLflow
+DRAIN_S = 30.0  # how long the end of a search waits for its records to reach MLflow
 EXIT_RECORDS_PENDING = 3  # a finished search whose MLflow records are not all sent yet (docs/cli.md)
 
 
@@ -359,10 +361,6 @@ def sync(folder: str | Path, tracking_uri: str) -> int:
 def sync_search(folder: str | Path, tracking_uri: str | None = None) -> tuple[str, int]:
     """``records sync``: the tracking URI used and how many records are still pending. A folder without a
     journal, or a tracking server that does not answer, is a ConfigError naming it."""
-    from tune_mtard.config import load_config
-    from tune_mtard.errors import ConfigError
-    from tune_mtard.services import check_tracking_uri
-
     folder = Path(folder)
     if not (folder / files.RECORDS_JOURNAL).is_file():
         raise ConfigError("--search", f"{folder}: no {files.RECORDS_JOURNAL} (not the folder of a search)")
