@@ -32,10 +32,13 @@ def test_a_torn_last_line_is_dropped_and_a_torn_middle_line_is_refused(tmp_path)
     j.append("tags", "t1", values={"a": "1"})
     with (tmp_path / files.RECORDS_JOURNAL).open("a") as f:
         f.write('{"seq": 1, "op": "ta')  # the driver was killed while appending
-    assert [e["op"] for e in journal.RecordJournal(tmp_path).pending()] == ["tags"]
+    reopened = journal.RecordJournal(tmp_path)
+    assert [e["op"] for e in reopened.pending()] == ["tags"]
+    reopened.append("status", "t1", status="FINISHED")  # a line of its own, after the torn one is cut
+    assert [e["op"] for e in journal.RecordJournal(tmp_path).pending()] == ["tags", "status"]
     with (tmp_path / files.RECORDS_JOURNAL).open("a") as f:
-        f.write('\n{"done": 0}\n')
-    with pytest.raises(ValueError, match="line 2"):
+        f.write('{"seq": 2, "op\n{"done": 0}\n')  # a line in the middle that is not an entry: not a kill
+    with pytest.raises(ValueError, match="line 3"):
         journal.RecordJournal(tmp_path)
 
 

@@ -48,6 +48,7 @@ class RecordJournal:
         self.run_ids: dict[str, str] = {}  # journal key -> MLflow run id
         for line in read_lines(self.path):
             self._take(line)
+        drop_torn_tail(self.path)
 
     def _take(self, entry: dict[str, Any]) -> None:
         if "done" in entry:
@@ -126,6 +127,15 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
             if number < len(lines) - 1 and any(rest.strip() for rest in lines[number + 1:]):
                 raise ValueError(f"{path}: line {number + 1} is not a journal entry") from None
     return entries
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so the next entry starts a line of its own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
 
 
 def apply(client, journal: RecordJournal, entry: dict[str, Any]) -> None:
@@ -280,6 +290,17 @@ class JournaledRun(tracking.RunHandle):
 
     def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
         self._record("artifacts", paths=[str(p) for p in paths], artifact_path=artifact_path)
+
+    def kill_running_children(self) -> int:
+        """After an interrupt: the child runs still open in the journal end KILLED (a resume reopens them)."""
+        last: dict[str, str] = {}
+        for e in writer_for(self.folder, self.client.tracking_uri).journal.entries:
+            if e["key"] != PARENT_KEY and e["op"] in ("run", "status"):
+                last[e["key"]] = e.get("status", tracking.RUNNING)
+        running = [key for key, status in last.items() if status == tracking.RUNNING]
+        for key in running:
+            self._record("status", key, status=tracking.KILLED)
+        return len(running)
 
     def tag_child(self, trial_id: str, tags: dict[str, Any]) -> None:
         """Tags on the child run of ``trial_id`` (its journal key)."""

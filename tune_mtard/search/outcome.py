@@ -50,11 +50,11 @@ def interrupted(cfg: Config, folder: Path, parent, start: float) -> SearchOutcom
     ``--resume``; their child runs and the parent run end KILLED."""
     # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.budget import budget_outcome
-    from tune_mtard.search.recorder import kill_running_child_runs, record_search
+    from tune_mtard.search.recorder import record_search
 
     (folder / files.BEST_CONFIG).unlink(missing_ok=True)
     trials = load_experiment_trials(folder)
-    kill_running_child_runs(parent.client, parent.run_id)
+    parent.kill_running_children()
     budget = budget_outcome(cfg, folder, trials, parent)
     summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted",
                             extra={"budget": budget} if budget else None)

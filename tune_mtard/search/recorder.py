@@ -209,14 +209,6 @@ def _child_runs(client, parent_run_id: str) -> list:
     return client.search_runs([experiment_id], filter_string=child_runs_filter(parent_run_id), max_results=10_000)
 
 
-def kill_running_child_runs(client, parent_run_id: str) -> int:
-    """After an interrupt: the child runs of trials that were still running end KILLED (a resume reopens them)."""
-    running = [r for r in _child_runs(client, parent_run_id) if r.info.status == tracking.RUNNING]
-    for run in running:
-        client.set_terminated(run.info.run_id, tracking.KILLED)
-    return len(running)
-
-
 def delete_orphaned_child_runs(client, parent_run_id: str, trial_ids: set[str]) -> int:
     """Child runs of trials that a killed driver started but its last snapshot never recorded.
 
