@@ -120,12 +120,13 @@ def optuna_dashboard(storage: str, folder: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[tuple[str, Path]]:
+def mlflow_server(folder: Path, port: int | None = None) -> Iterator[tuple[str, Path]]:
     """``mlflow server`` with a SQLite backend store and proxied artifacts in ``folder / "artifacts"`` (a
-    folder the client never writes to itself); yields its http URI and that folder."""
-    port = free_port()
+    folder the client never writes to itself); yields its http URI and that folder. Started again on the same
+    ``folder`` and ``port``, it is the same server after an outage."""
+    port = port or free_port()
     artifacts = folder / "artifacts"
-    log = folder / "mlflow-server.log"
+    log = folder / f"mlflow-server-{time.time_ns()}.log"
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(artifacts),
            "--workers", "1"]

@@ -410,13 +410,15 @@ def test_mlflow_recorder_after_a_resume_finds_the_trials_run_and_logs_each_epoch
     parent = client.create_run(experiment_id, run_name="search").info.run_id
 
     def record(epochs: list[int], complete: bool) -> None:
-        recorder = MlflowTrialRecorder(tracking_uri(tmp_path), experiment_id, parent, EPOCHS, "unit")
+        recorder = MlflowTrialRecorder(tracking_uri(tmp_path), experiment_id, parent, EPOCHS, "unit",
+                                       folder=tmp_path / "search")
         trial = _Trial("abc123", epochs[-1])
         recorder.on_trial_start(0, [], trial)
         for epoch in epochs:
             recorder.on_trial_result(0, [], trial, {"epoch": epoch, "val_clean_acc": 0.1 * epoch, "node_id": "n"})
         if complete:
             recorder.on_trial_complete(0, [], trial)
+        assert recorder.flush(timeout_s=60)
 
     record([1, 2], complete=False)  # the killed driver
     record([2, 3], complete=True)  # the resumed one repeats epoch 2 (a checkpoint older than the last report)

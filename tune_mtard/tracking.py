@@ -96,11 +96,13 @@ def log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> Non
         client.log_batch(run_id, params=params[i : i + _BATCH])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int) -> None:
-    """The numeric, non-NaN entries of ``metrics`` at ``step``; anything else is skipped."""
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int,
+                timestamp_ms: int | None = None) -> None:
+    """The numeric, non-NaN entries of ``metrics`` at ``step``; anything else is skipped. A given timestamp makes
+    sending them again harmless (MLflow stores an identical metric once)."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     entries = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))]
     for i in range(0, len(entries), _BATCH):

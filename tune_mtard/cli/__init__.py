@@ -23,6 +23,7 @@ COMMANDS = {
     "evaluate": "evaluate a saved model under attacks",
     "compare": "methods side by side, over seeds",
     "bench": "performance figures",
+    "records": "send a search's pending MLflow records (records sync --search DIR)",
 }
 
 

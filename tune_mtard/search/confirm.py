@@ -75,7 +75,7 @@ def confirm_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, pare
     quiet_preset_points()
     s = cfg.search
     recorder = MlflowTrialRecorder(cfg.mlflow.tracking_uri, experiment_id, parent_run_id, cfg.train.epochs, cfg.name,
-                                   extra_tags={"confirm": "true"})
+                                   extra_tags={"confirm": "true"}, folder=folder)
     # Every point overrides the (constant) space, which only names the keys: exactly these trials run.
     return tune.Tuner(
         trainable,

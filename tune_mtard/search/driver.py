@@ -28,7 +28,7 @@ from tune_mtard.config import Config, absolute_tracking_uri, find_config_file, l
 from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError, Interrupted
 from tune_mtard.perf import check_trial_device, release_cuda_memory, resolve_device
-from tune_mtard.search import compat, interrupts
+from tune_mtard.search import compat, interrupts, journal
 from tune_mtard.search.compat import largest_node, reopen_search_generator, unreachable_ray_address
 from tune_mtard.search.confirm import confirm_tuner
 from tune_mtard.search.local_ray import ray_session
@@ -272,9 +272,16 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
         # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         compat.tolerate_deleted_checkpoints()
-        with tracking.command_run(cfg.mlflow, cfg.name, "search", folder, folder_tag="tune_mtard.experiment_dir",
-                                  id_file=folder / files.PARENT_RUN_ID, resume=resume) as parent:
-            if not parent.reopened:
+        journal.bounded_http_retries()
+        client = tracking.client_for(cfg.mlflow.tracking_uri)
+        experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
+        id_file = folder / files.PARENT_RUN_ID
+        reopen = id_file.read_text().strip() if resume and id_file.is_file() else None
+        # The journal's writer sends what an earlier session left pending first; the records are settled last.
+        with journal.settled(folder, cfg.mlflow.tracking_uri) as records, journal.open_journaled_run(
+                client, folder, experiment_id, cfg.name, reopen=reopen, tags={
+                    "tune_mtard.command": "search", "tune_mtard.experiment_dir": str(folder)}) as parent:
+            if reopen is None:
                 start_parent(parent, cfg, folder)
             log_teachers(parent, teachers)
             # A resumed trial that the killed driver had already finished only reports its last epoch again.
@@ -289,7 +296,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                 with compat.quiet_experiment_analysis():
                     tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
             else:
-                tuner = new_tuner(cfg, trainable, folder, parent.experiment_id, parent.run_id, quiet)
+                tuner = new_tuner(cfg, trainable, folder, experiment_id, parent.run_id, quiet)
             with interrupts.watched():
                 grid = tuner.fit()
             if interrupts.received() is None:
@@ -299,7 +306,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                         confirm = tune.Tuner.restore(str(folder / files.CONFIRM_FOLDER), trainable,
                                                      resume_unfinished=True, resume_errored=False)
                     else:
-                        confirm = confirm_tuner(cfg, trainable, folder, parent.experiment_id, parent.run_id, points,
+                        confirm = confirm_tuner(cfg, trainable, folder, experiment_id, parent.run_id, points,
                                                 quiet)
                     with interrupts.watched():
                         result = confirm.fit()
@@ -312,6 +319,8 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                 raise Interrupted(interrupts.received(), f"interrupted by {interrupts.received()}: trials stopped, "
                                                          f"their records KILLED; continue with: python -m "
                                                          f"tune_mtard.search --space {folder / files.SPACE} --resume")
+    if records.pending and outcome.exit_code == 0:
+        outcome.exit_code = journal.EXIT_RECORDS_PENDING
     return outcome
 
 
@@ -362,7 +371,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
     scheduler = with_budget(build_scheduler(s.scheduler, max_t=cfg.train.epochs), meter, cfg.search.budget)
     recorder = (recorder_class or MlflowTrialRecorder)(cfg.mlflow.tracking_uri, experiment_id, parent_run_id,
-                                                       cfg.train.epochs, cfg.name, budget=meter)
+                                                       cfg.train.epochs, cfg.name, budget=meter, folder=folder)
     # Reused actors spare each trial a fresh worker process (and its torch import); a trial's state is
     # its own all the same, since the Trainer seeds every RNG and builds every model anew.
     return tune.Tuner(

@@ -23,6 +23,7 @@ from tune_mtard.config import Config, flatten
 from tune_mtard.diagnostics import csv_values, flag_counts, flag_tags
 from tune_mtard.metrics import DIAGNOSTICS, EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
 from tune_mtard.plots import plot_clean_vs_robust, plot_pareto, plot_trace
+from tune_mtard.search import journal
 from tune_mtard.search.pareto import default_trial, front_objectives, pareto_front, write_pareto_csv
 from tune_mtard.search.storage_fs import folder_on
 from tune_mtard.search.trials import (
@@ -58,13 +59,16 @@ def child_runs_filter(parent_run_id: str, trial_id: str | None = None) -> str:
 class MlflowTrialRecorder(Callback):
     """The one MLflow writer of a search (runs in the driver). Picklable: Ray stores it with the tuner.
 
-    A resumed search finds each trial's child run again by its ``trial_id`` tag, logs only the epochs the
-    run does not hold yet (a trial continued from a checkpoint older than its last report repeats an
-    epoch), and does not log the files of a run that is already finished again.
+    Every record goes to the search's journal first (``tune_mtard.search.journal``) and a background thread
+    sends it, so a Tune callback never waits on MLflow or raises into Ray Tune. Each trial's run has the
+    journal key of its Ray Tune trial id. A resumed search finds the trial's run again by that key (no
+    duplicates), logs only the epochs the journal does not hold yet (a trial continued from a checkpoint older
+    than its last report repeats an epoch), and does not log the files of a run already finished again.
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, full_epochs: int,
-                 search_name: str, extra_tags: dict[str, str] | None = None, budget=None):
+                 search_name: str, extra_tags: dict[str, str] | None = None, budget=None,
+                 folder: str | Path | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -72,80 +76,84 @@ class MlflowTrialRecorder(Callback):
         self.search_name = search_name
         self.extra_tags = dict(extra_tags or {})  # on every child run this recorder creates
         self.budget = budget  # a BudgetMeter: a trial it stopped ends KILLED, tagged stopped_by: budget
-        self._client = None
-        self._run_ids: dict[str, str] = {}
-        self._logged_epochs: dict[str, set[int]] = {}
-        self._finished_runs: dict[str, int] = {}  # run id -> epochs it was finished with
+        self.folder = str(Path(folder if folder is not None else ".").resolve())  # where the journal is
+        self._opened: dict[str, int | None] = {}  # keys (re)opened by this process -> epochs it was finished with
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_client"] = None
+        state["_opened"] = {}  # a restored driver reopens each run it sees again
         return state
 
     @property
-    def client(self):
-        if self._client is None:
-            self._client = tracking.client_for(self.tracking_uri)
-        return self._client
+    def journal(self) -> journal.RecordJournal:
+        return journal.writer_for(self.folder, self.tracking_uri).journal
+
+    def _record(self, op: str, key: str, **fields: Any) -> None:
+        journal.record(self.folder, self.tracking_uri, op, key, **fields)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the journal to reach MLflow; whether every record did."""
+        return journal.writer_for(self.folder, self.tracking_uri).drain(timeout_s)
 
     def run_id(self, trial) -> str:
-        """The trial's child run: found again after a resume (no duplicates), created otherwise."""
-        trial_id = trial.trial_id
-        if trial_id in self._run_ids:
-            return self._run_ids[trial_id]
-        found = self.client.search_runs([self.experiment_id], filter_string=child_runs_filter(self.parent_run_id,
-                                                                                              trial_id), max_results=1)
-        if found:
-            run = found[0]
-            run_id = run.info.run_id
-            self._logged_epochs[run_id] = {m.step for m in self.client.get_metric_history(run_id, VAL_CLEAN_ACC)}
-            if run.info.status == tracking.FINISHED and "epochs_run" in run.data.tags:
-                self._finished_runs[run_id] = int(run.data.tags["epochs_run"])
-            self.client.update_run(run_id, status=tracking.RUNNING)
-        else:
-            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags={
-                PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial_id, "tune_mtard.search": self.search_name,
-                **self.extra_tags})
-            run_id = run.info.run_id
-            self._logged_epochs[run_id] = set()
-            tracking.log_params(self.client, run_id, dict(trial.config))
-        self._run_ids[trial_id] = run_id
-        return run_id
+        """The journal key of the trial's child run, (re)opened once per driver process."""
+        key = trial.trial_id
+        if key not in self._opened:
+            self._opened[key] = self.journal.finished_epochs(key)
+            if not self.journal.has_run(key):
+                self._record("run", key, experiment_id=self.experiment_id, name=key, tags={
+                    PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: key, "tune_mtard.search": self.search_name,
+                    **self.extra_tags})
+                self._record("params", key, values=dict(trial.config))
+            else:
+                self._record("run", key, experiment_id=self.experiment_id, name=key, tags={})
+        return key
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        _never_raise(self._start, trial)
+
+    def _start(self, trial) -> None:
         self.run_id(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        run_id = self.run_id(trial)
+        _never_raise(self._result, trial, result)
+
+    def _result(self, trial, result) -> None:
+        key = self.run_id(trial)
         epoch = int(result.get(EPOCH, result.get("training_iteration", 0)))
-        nodes = self.__dict__.setdefault("_nodes", {})  # run id -> node tagged: once per trial, again if it moved
-        if "node_id" in result and nodes.get(run_id) != result["node_id"]:
-            tracking.set_tags(self.client, run_id, {"node_id": result["node_id"]})
-            nodes[run_id] = result["node_id"]
-        if epoch in self._logged_epochs[run_id]:
+        nodes = self.__dict__.setdefault("_nodes", {})  # key -> node tagged: once per trial, again if it moved
+        if "node_id" in result and nodes.get(key) != result["node_id"]:
+            self._record("tags", key, values={"node_id": result["node_id"]})
+            nodes[key] = result["node_id"]
+        if epoch in self.journal.logged_steps(key):
             return
-        tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items() if k in REPORTED}, step=epoch)
-        self._logged_epochs[run_id].add(epoch)
+        self._record("metrics", key, step=epoch, **journal.metrics_entry(
+            {k: v for k, v in result.items() if k in REPORTED}))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        run_id = self.run_id(trial)
+        _never_raise(self._complete, trial)
+
+    def _complete(self, trial) -> None:
+        key = self.run_id(trial)
         epochs = int((trial.last_result or {}).get(EPOCH, 0))
         state = trial_state(epochs, self.full_epochs, failed=False)
         by_budget = self.budget is not None and self.budget.stopped(trial.trial_id)
-        tracking.set_tags(self.client, run_id, {"epochs_run": epochs, "trial_state": state.value,
-                                                **({STOPPED_BY: BUDGET} if by_budget else {}),
-                                                **flag_tags(trial.last_result or {})})
-        if self._finished_runs.get(run_id) != epochs:
+        self._record("tags", key, values={"epochs_run": epochs, "trial_state": state.value,
+                                          **({STOPPED_BY: BUDGET} if by_budget else {}),
+                                          **flag_tags(trial.last_result or {})})
+        if self._opened[key] != epochs:
             try:
-                self._log_trial_files(trial, run_id)
+                self._log_trial_files(trial, key)
             except Exception as exc:  # a missing checkpoint must not lose the rest of the records
                 log.warning("could not log the files of trial %s: %s", trial.trial_id, exc)
-        self.client.set_terminated(run_id, tracking.KILLED if by_budget else tracking.FINISHED)
-        self._finished_runs[run_id] = epochs
+        self._record("status", key, status=tracking.KILLED if by_budget else tracking.FINISHED)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        _never_raise(self._error, trial)
+
+    def _error(self, trial) -> None:
         """A failed trial: FAILED, with where it diverged (and its trace up to there) or the error."""
-        run_id = self.run_id(trial)
+        key = self.run_id(trial)
         trial_dir = folder_on(trial.storage.storage_filesystem, trial.path)
         diverged = read_divergence(trial_dir)
         tags: dict[str, Any] = {"trial_state": TrialState.FAIL.value}
@@ -159,13 +167,13 @@ class MlflowTrialRecorder(Callback):
                         trace.write_bytes(trial_dir.read_bytes(files.TRACE_CSV))
                         plot_trace(trace, png, title=f"trial {trial.trial_id}: diverged at step "
                                                       f"{diverged['diverged_step']}")
-                        tracking.log_artifacts(self.client, run_id, [trace, png])
+                        self._record("artifacts", key, paths=[str(trace), str(png)])
                 except Exception as exc:  # the tags matter more than the plot
                     log.warning("could not log the trace of diverged trial %s: %s", trial.trial_id, exc)
         else:
             tags["failure"] = _error_line(trial)
-        tracking.set_tags(self.client, run_id, tags)
-        self.client.set_terminated(run_id, tracking.FAILED)
+        self._record("tags", key, values=tags)
+        self._record("status", key, status=tracking.FAILED)
 
     def _log_trial_files(self, trial, run_id: str) -> None:
         checkpoint = trial.checkpoint
@@ -176,8 +184,17 @@ class MlflowTrialRecorder(Callback):
             trace_csv, trace_png = Path(tmp) / files.TRACE_CSV, Path(tmp) / files.TRACE_PNG
             write_trace(state["trace"], trace_csv)
             plot_trace(trace_csv, trace_png, title=f"trial {trial.trial_id}: balance trace")
-            tracking.log_artifacts(self.client, run_id, [trace_csv, trace_png])
-            tracking.log_artifacts(self.client, run_id, [Path(folder) / files.STUDENT], "model")
+            self._record("artifacts", run_id, paths=[str(trace_csv), str(trace_png)])
+            self._record("artifacts", run_id, paths=[str(Path(folder) / files.STUDENT)], artifact_path="model")
+
+
+def _never_raise(callback, *args) -> None:
+    """A Tune callback's work: an error in it is logged, never raised into Ray Tune (which would count it as
+    the trial's failure and restart a finished trial)."""
+    try:
+        callback(*args)
+    except Exception as exc:
+        log.warning("a record of the search was not journaled (%s: %s)", type(exc).__name__, exc)
 
 
 def _error_line(trial) -> str:
@@ -192,14 +209,6 @@ def _error_line(trial) -> str:
 def _child_runs(client, parent_run_id: str) -> list:
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     return client.search_runs([experiment_id], filter_string=child_runs_filter(parent_run_id), max_results=10_000)
-
-
-def kill_running_child_runs(client, parent_run_id: str) -> int:
-    """After an interrupt: the child runs of trials that were still running end KILLED (a resume reopens them)."""
-    running = [r for r in _child_runs(client, parent_run_id) if r.info.status == tracking.RUNNING]
-    for run in running:
-        client.set_terminated(run.info.run_id, tracking.KILLED)
-    return len(running)
 
 
 def delete_orphaned_child_runs(client, parent_run_id: str, trial_ids: set[str]) -> int:
@@ -309,9 +318,7 @@ def record_front(parent: tracking.RunHandle, cfg: Config, folder: Path, trials: 
                 default=None if default is None or default.failed else
                 (default.trial_id, default.metric(x), default.metric(y)))
     parent.log_artifacts([folder / files.PARETO_CSV, folder / files.PARETO_PNG])
-    on_front = {t.trial_id for t in front}
-    for run in _child_runs(parent.client, parent.run_id):
-        if run.data.tags.get(TRIAL_ID_TAG) in on_front:
-            tracking.set_tags(parent.client, run.info.run_id, {"pareto": "true"})
+    for t in front:
+        parent.tag_child(t.trial_id, {"pareto": "true"})
     parent.log_metrics({"pareto_front_size": len(front)}, step=0)
     return front
