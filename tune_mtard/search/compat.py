@@ -212,3 +212,35 @@ def reopen_search_generator(experiment_dir: Path) -> bool:
     tmp.write_bytes(cloudpickle.dumps(state))
     tmp.replace(states[-1])
     return True
+
+
+CHECKED_RAY = "2.60."  # the Ray release line the patches below were read against
+
+
+def retry_only_infra_failures(kind_of: Any) -> None:
+    """Make Ray retry a failed trial only when ``kind_of(error)`` is ``infra`` (docs/search.md, "Failures").
+
+    Ray's ``FailureConfig(max_failures)`` retries every error alike; a trial's own error or divergence would
+    start again and fail again. Ray 2.60's controller calls ``Trial.handle_error(exc)`` (which counts the
+    failure) and then ``Trial.should_recover()``: the first notes whether this error is final, the second
+    then declines the retry, so the trial goes to ERROR at its first such failure. Private:
+    ``ray.tune.experiment.trial.Trial.handle_error`` / ``should_recover``.
+    """
+    import ray
+    from ray.tune.experiment.trial import Trial
+
+    if getattr(Trial.should_recover, "infra_only", False):
+        return
+    if not ray.__version__.startswith(CHECKED_RAY):
+        log.warning("ray %s: the infra-only retry rule was checked against ray %sx", ray.__version__, CHECKED_RAY)
+    handle_error, should_recover = Trial.handle_error, Trial.should_recover
+
+    def handle_final_error(self, exc=None):
+        self.temporary_state.final_failure = kind_of(exc) != "infra"
+        handle_error(self, exc)
+
+    def recover_infra_only(self) -> bool:
+        return not getattr(self.temporary_state, "final_failure", False) and should_recover(self)
+
+    recover_infra_only.infra_only = True
+    Trial.handle_error, Trial.should_recover = handle_final_error, recover_infra_only

@@ -258,6 +258,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     from ray import tune
 
     # ray and optuna load at import of these: only a running search needs them
+    from tune_mtard.search.failures import retry_infra_failures_only
     from tune_mtard.search.recorder import log_teachers, start_parent
     from tune_mtard.search.searcher import finished_optuna_trials
     from tune_mtard.trainables.bmtard import train_bmtard
@@ -277,6 +278,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
         # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         compat.tolerate_deleted_checkpoints()
+        retry_infra_failures_only()
         client = tracking.client_for(cfg.mlflow.tracking_uri)
         experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
         id_file = folder / files.PARENT_RUN_ID
@@ -344,6 +346,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
 
     # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.budget import BudgetMeter, BudgetStopper, with_budget
+    from tune_mtard.search.failures import FailureLines
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
         PrunedAwareOptunaSearch,
@@ -378,7 +381,8 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=s.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder], stop=BudgetStopper(folder),
+            name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder, FailureLines(s.max_failures)],
+            stop=BudgetStopper(folder),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0 if quiet else 1,

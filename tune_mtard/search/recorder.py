@@ -162,6 +162,8 @@ class MlflowTrialRecorder(Callback):
                     log.warning("could not log the trace of diverged trial %s: %s", trial.trial_id, exc)
         else:
             tags["failure"] = _error_line(trial)
+        if trial.error_file and Path(trial.error_file).is_file():  # the traceback the terminal does not show
+            tracking.log_artifacts(self.client, run_id, [Path(trial.error_file)])
         tracking.set_tags(self.client, run_id, tags)
         self.client.set_terminated(run_id, tracking.FAILED)
 
