@@ -178,6 +178,8 @@ def search(request: SearchRequest) -> int:
                                                        "resume it with the same database")
         saved.search.storage = cfg.search.storage
         saved.search.budget = cfg.search.budget  # --resume with a larger budget continues
+        saved.search.max_failures = cfg.search.max_failures  # and with more retries, retries more
+        saved.search.num_samples = cfg.search.num_samples  # and with more trials, runs more
         cfg = saved
     check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
     check_search_folder(experiment_dir(cfg), "--storage" if request.storage else "search.storage")
@@ -278,7 +280,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
         # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         compat.tolerate_deleted_checkpoints()
-        retry_infra_failures_only()
+        retry_infra_failures_only(s.max_failures)
         client = tracking.client_for(cfg.mlflow.tracking_uri)
         experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
         id_file = folder / files.PARENT_RUN_ID
@@ -297,6 +299,8 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
             )
             start_budget_session(cfg, folder, resume)
             if resume:
+                if compat.grow_search(folder, s.num_samples):  # --num-samples grew: the next --resume compares with it
+                    cfg.dump(folder / files.SPACE, with_search=True)
                 with compat.quiet_experiment_analysis():
                     tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
             else:

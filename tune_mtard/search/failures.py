@@ -1,4 +1,4 @@
-"""Which trial failures Ray retries, and what the terminal shows of them (docs/search.md, "Failure kinds").
+"""Which trial failures Ray retries, and what the terminal shows of them (docs/search.md, "Outcomes").
 
 Only infra failures (a lost worker, actor or node, the host's or a card's memory, a full disk) are retried,
 from the trial's last checkpoint, up to ``search.max_failures`` times; a trial's own error and divergence
@@ -20,10 +20,11 @@ from tune_mtard.search.trials import error_file_text, error_kind, failure_kind, 
 PRINT_TRACEBACKS = "TUNE_PRINT_ALL_TRIAL_ERRORS"
 
 
-def retry_infra_failures_only() -> None:
-    """For the Tuners this driver builds: infra-only retries, and no traceback on the terminal."""
+def retry_infra_failures_only(max_failures: int) -> None:
+    """For the Tuners this driver builds: infra-only retries, ``max_failures`` of them per trial (this
+    session's ``search.max_failures``), and no traceback on the terminal."""
     os.environ[PRINT_TRACEBACKS] = "0"
-    compat.retry_only_infra_failures(error_kind)
+    compat.retry_only_infra_failures(error_kind, max_failures)
 
 
 class FailureLines(Callback):
