@@ -221,7 +221,9 @@ def grow_search(experiment_dir: Path, num_samples: int) -> bool:
     Returns whether the count changed."""
     import ray.cloudpickle as cloudpickle
 
-    states = sorted(Path(experiment_dir).glob("search_gen_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # The newest by name, as Ray picks it: the names hold each session's start time, while the mtimes are
+    # those of Ray's last sync of the whole folder.
+    states = sorted(Path(experiment_dir).glob("search_gen_state-*.json"))
     if not states:
         return False
     state = cloudpickle.loads(states[-1].read_bytes())
@@ -236,6 +238,11 @@ def grow_search(experiment_dir: Path, num_samples: int) -> bool:
 
 CHECKED_RAY = "2.60."  # the Ray release line the patches below were read against
 _RETRIES: dict[str, int] = {}  # the retry count of this session's search (docs/search.md, "Resume")
+
+
+def infra_retries() -> int:
+    """The retry count the rule below applies in this session."""
+    return _RETRIES.get("max_failures", 0)
 
 
 def retry_only_infra_failures(kind_of: Any, max_failures: int) -> None:

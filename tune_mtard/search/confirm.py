@@ -85,7 +85,7 @@ def confirm_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, pare
                                     num_samples=len(points), max_concurrent_trials=s.max_concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=files.CONFIRM_FOLDER, storage_path=str(folder),
-                                  callbacks=[recorder, FailureLines(s.max_failures)],
+                                  callbacks=[recorder, FailureLines()],
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0 if quiet else 1),
     )

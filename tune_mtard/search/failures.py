@@ -28,14 +28,12 @@ def retry_infra_failures_only(max_failures: int) -> None:
 
 
 class FailureLines(Callback):
-    """One line on the terminal per trial that fails, and per infra failure Ray retries."""
-
-    def __init__(self, max_failures: int):
-        self.max_failures = max_failures
+    """One line on the terminal per trial that fails, and per infra failure Ray retries (out of this session's
+    count: a resumed Tuner unpickles its callbacks as the first session built them)."""
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         print(f"trial {trial.trial_id}: infra failure ({_error_line(trial)}); retry "
-              f"{trial.num_failures} of {self.max_failures}, from its last checkpoint", flush=True)
+              f"{trial.num_failures} of {compat.infra_retries()}, from its last checkpoint", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         diverged = read_divergence(trial.path)
