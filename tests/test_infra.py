@@ -344,8 +344,7 @@ def started_search(tmp_path: Path) -> tuple[Path, list[str]]:
 @pytest.mark.parametrize("changed, named", [
     (["--set", "space.balance.beta.high=5"], "space.balance.beta.high"),
     (["--set", "search.max_concurrent=1"], "search.max_concurrent"),
-    (["--num-samples", "20"], "--num-samples"),
-    (["--set", "search.max_failures=5"], "search.max_failures"),
+    (["--set", "search.scheduler.type=fifo"], "search.scheduler.type"),
 ])
 def test_resume_with_a_changed_search_is_exit_2_naming_the_key(tmp_path, changed, named):
     folder, flags = started_search(tmp_path)
@@ -357,6 +356,16 @@ def test_resume_with_a_changed_search_is_exit_2_naming_the_key(tmp_path, changed
     assert sorted(p.name for p in folder.iterdir()) == before and not (tmp_path / "teachers").exists()
 
 
+def test_resume_with_fewer_samples_is_exit_2_naming_the_flag(tmp_path):
+    folder, flags = started_search(tmp_path)
+    before = sorted(p.name for p in folder.iterdir())
+    result = command("search", "--space", "digits.yaml", "--resume", *flags, "--num-samples", "11", cwd=tmp_path)
+    assert result.returncode == 2
+    assert one_line(result) == ("error: --num-samples: 11 is fewer than the 12 trials of the search being resumed; "
+                                "a resumed search can run more trials, never fewer")
+    assert sorted(p.name for p in folder.iterdir()) == before and not (tmp_path / "teachers").exists()
+
+
 def test_resume_with_the_same_search_passes_the_check(tmp_path):
     from tune_mtard.search.driver import SearchRequest, check_experiment, search_config
 
@@ -365,6 +374,8 @@ def test_resume_with_the_same_search_passes_the_check(tmp_path):
                                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                       overrides=["name=resumable", f"data.root={tmp_path}", *flags[-3::2]]))
     check_experiment(cfg, resume=True)
+    check_experiment(cfg.with_values({"search.max_failures": 9}), resume=True)  # applied: the retry rule's count
+    check_experiment(cfg.with_values({"search.num_samples": 20}), resume=True)  # applied: more trials
     changed = cfg.with_values({"space.train.lr.low": 0.03})
     with pytest.raises(ConfigError, match="space.train.lr.low"):
         check_experiment(changed, resume=True)

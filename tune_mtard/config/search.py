@@ -80,7 +80,7 @@ class SearchConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     storage: str = "./tune_results"
     optuna_storage: str = ""  # an SQLAlchemy URL of the Optuna study's database; "": optuna.db in the search folder
-    max_failures: int = 1
+    max_failures: int = 5
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     register_as: str = "auto"  # the registered MLflow model of the best student; auto: the search's name; "": none

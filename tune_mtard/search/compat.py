@@ -212,3 +212,69 @@ def reopen_search_generator(experiment_dir: Path) -> bool:
     tmp.write_bytes(cloudpickle.dumps(state))
     tmp.replace(states[-1])
     return True
+
+
+def grow_search(experiment_dir: Path, num_samples: int) -> bool:
+    """Let a restored search propose trials up to ``num_samples`` (``--resume --num-samples N``, docs/search.md,
+    "Resume"; never shrinks it): a restored Tuner takes its trial count from the ``total_samples`` of the newest
+    ``search_gen_state-*.json``, not from its Tuner config (same private format as above, Ray 2.60.0).
+    Returns whether the count changed."""
+    import ray.cloudpickle as cloudpickle
+
+    # The newest by name, as Ray picks it: the names hold each session's start time, while the mtimes are
+    # those of Ray's last sync of the whole folder.
+    states = sorted(Path(experiment_dir).glob("search_gen_state-*.json"))
+    if not states:
+        return False
+    state = cloudpickle.loads(states[-1].read_bytes())
+    if state.get("total_samples", 0) >= num_samples:  # never fewer: an earlier resume may have grown it
+        return False
+    state["total_samples"] = num_samples
+    tmp = states[-1].with_name(f".{states[-1].name}.tmp")
+    tmp.write_bytes(cloudpickle.dumps(state))
+    tmp.replace(states[-1])
+    return True
+
+
+CHECKED_RAY = "2.60."  # the Ray release line the patches below were read against
+_RETRIES: dict[str, int] = {}  # the retry count of this session's search (docs/search.md, "Resume")
+
+
+def infra_retries() -> int:
+    """The retry count the rule below applies in this session."""
+    return _RETRIES.get("max_failures", 0)
+
+
+def retry_only_infra_failures(kind_of: Any, max_failures: int) -> None:
+    """Make Ray retry a failed trial only when ``kind_of(error)`` is ``infra``, up to ``max_failures`` times
+    (docs/search.md, "Outcomes").
+
+    Ray's ``FailureConfig(max_failures)`` retries every error alike; a trial's own error or divergence would
+    start again and fail again. Ray 2.60's controller calls ``Trial.handle_error(exc)`` (which counts the
+    failure) and then ``Trial.should_recover()``: the first notes whether this error is final, the second
+    then declines the retry, so the trial goes to ERROR at its first such failure. The count is this
+    session's, not the one each trial was pickled with, so a resumed search takes a changed
+    ``search.max_failures``. Private: ``ray.tune.experiment.trial.Trial.handle_error`` / ``should_recover``.
+    """
+    import ray
+    from ray.tune.experiment.trial import Trial
+
+    _RETRIES["max_failures"] = max_failures
+    if getattr(Trial.should_recover, "infra_only", False):
+        return
+    if not ray.__version__.startswith(CHECKED_RAY):
+        log.warning("ray %s: the infra-only retry rule was checked against ray %sx", ray.__version__, CHECKED_RAY)
+    handle_error = Trial.handle_error
+
+    def handle_final_error(self, exc=None):
+        self.temporary_state.final_failure = kind_of(exc) != "infra"
+        handle_error(self, exc)
+
+    def recover_infra_only(self) -> bool:
+        if getattr(self.temporary_state, "final_failure", False):
+            return False
+        limit = _RETRIES.get("max_failures", self.max_failures)
+        return self.run_metadata.num_failures <= limit or limit < 0
+
+    recover_infra_only.infra_only = True
+    Trial.handle_error, Trial.should_recover = handle_final_error, recover_infra_only

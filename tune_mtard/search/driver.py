@@ -174,6 +174,8 @@ def search(request: SearchRequest) -> int:
                                                        "resume it with the same database")
         saved.search.storage = cfg.search.storage
         saved.search.budget = cfg.search.budget  # --resume with a larger budget continues
+        saved.search.max_failures = cfg.search.max_failures  # and with more retries, retries more
+        saved.search.num_samples = cfg.search.num_samples  # and with more trials, runs more
         cfg = saved
     check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
     check_search_folder(experiment_dir(cfg), "--storage" if request.storage else "search.storage")
@@ -254,6 +256,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     from ray import tune
 
     # ray and optuna load at import of these: only a running search needs them
+    from tune_mtard.search.failures import retry_infra_failures_only
     from tune_mtard.search.recorder import log_teachers, start_parent
     from tune_mtard.search.searcher import finished_optuna_trials
     from tune_mtard.trainables.bmtard import train_bmtard
@@ -273,6 +276,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         compat.tolerate_deleted_checkpoints()
         journal.bounded_http_retries()
+        retry_infra_failures_only(s.max_failures)
         client = tracking.client_for(cfg.mlflow.tracking_uri)
         experiment_id = tracking.experiment_id(client, cfg.mlflow.experiment)
         id_file = folder / files.PARENT_RUN_ID
@@ -293,6 +297,8 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
             )
             start_budget_session(cfg, folder, resume)
             if resume:
+                if compat.grow_search(folder, s.num_samples):  # --num-samples grew: the next --resume compares with it
+                    cfg.dump(folder / files.SPACE, with_search=True)
                 with compat.quiet_experiment_analysis():
                     tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
             else:
@@ -345,6 +351,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
 
     # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.budget import BudgetMeter, BudgetStopper, with_budget
+    from tune_mtard.search.failures import FailureLines
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
         PrunedAwareOptunaSearch,
@@ -379,7 +386,8 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=s.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder], stop=BudgetStopper(folder),
+            name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder, FailureLines()],
+            stop=BudgetStopper(folder),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0 if quiet else 1,

@@ -172,6 +172,8 @@ class MlflowTrialRecorder(Callback):
                     log.warning("could not log the trace of diverged trial %s: %s", trial.trial_id, exc)
         else:
             tags["failure"] = _error_line(trial)
+        if trial.error_file and Path(trial.error_file).is_file():  # the traceback the terminal does not show
+            self._record("artifacts", key, paths=[str(trial.error_file)])
         self._record("tags", key, values=tags)
         self._record("status", key, status=tracking.FAILED)
 

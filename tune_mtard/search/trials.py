@@ -165,6 +165,17 @@ def failure_kind(failure: str, diverged: dict[str, int] | None = None) -> str:
     return "infra" if any(marker in failure for marker in INFRA_MARKERS) else "trial"
 
 
+def error_kind(error: BaseException | None) -> str:
+    """``infra`` or ``trial`` for the exception Ray hands the driver as a trial fails: a dead actor or worker
+    is infra; a task error is judged by its cause (its type and message, not the traceback around it)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    cause = error.cause if isinstance(error, RayTaskError) else error
+    if isinstance(cause, RayActorError):
+        return "infra"
+    return failure_kind(f"{type(cause).__name__}: {cause}")
+
+
 def error_file_text(trial_dir: Storage) -> str:
     """The last line of the traceback Ray wrote into a failed trial's folder (``error.txt``), or ``error``."""
     try:
