@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pyarrow.fs
 from ray.tune import Callback
 
 from tune_mtard.search import compat
+from tune_mtard.search.storage_fs import folder_on
 from tune_mtard.search.trials import error_file_text, error_kind, failure_kind, read_divergence
 
 # Ray's controller logs each failed trial's whole traceback to the driver's terminal unless this is 0.
@@ -36,7 +38,7 @@ class FailureLines(Callback):
               f"{trial.num_failures} of {compat.infra_retries()}, from its last checkpoint", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        diverged = read_divergence(trial.path)
+        diverged = read_divergence(folder_on(trial.storage.storage_filesystem, trial.path))
         line = _error_line(trial)
         kind = failure_kind(line, diverged)
         print(f"trial {trial.trial_id} failed ({kind}): {'diverged' if diverged else line}; the traceback is in "
@@ -44,4 +46,7 @@ class FailureLines(Callback):
 
 
 def _error_line(trial) -> str:
-    return error_file_text(Path(trial.error_file).parent if trial.error_file else None)
+    """The last line of the traceback Ray wrote for the trial's latest failure (on the driver's disk)."""
+    if not trial.error_file:
+        return "error"
+    return error_file_text(folder_on(pyarrow.fs.LocalFileSystem(), str(Path(trial.error_file).parent)))
