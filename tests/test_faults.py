@@ -47,12 +47,12 @@ def spawn_search(space: Path, root: Path, name: str, address: str, *extra: str) 
                             text=True)
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, every: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(every)
 
 
 def summary(folder: Path) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import ray.cloudpickle
 import torch
 from ray.exceptions import ActorDiedError, OutOfMemoryError, RayTaskError
-from searchkit import mlflow_runs, optuna_trials, ray_reports
+from searchkit import EPOCHS, mlflow_runs, optuna_trials, ray_reports
 from test_faults import DIVERGING_LR, spawn_search, tune_states, wait_for
 
 from tune_mtard.errors import Diverged
@@ -113,25 +113,38 @@ def test_a_trial_whose_worker_is_sigkilled_twice_resumes_from_its_checkpoint_and
     folder = tmp_path / "results" / name
     killed: list[int] = []
 
-    def kill(pids) -> bool:
+    def first_report() -> bool:
         assert driver.poll() is None, driver.communicate()
-        fresh = sorted(set(pids) - set(killed))
+        return any(ray_reports(folder).values())
+
+    def second_worker() -> bool:
+        assert driver.poll() is None, driver.communicate()
+        fresh = sorted(trial_workers() - set(killed))
         for pid in fresh[:1]:
             killed.append(pid)
             os.kill(pid, signal.SIGKILL)
         return bool(fresh)
 
-    # First once it has reported an epoch (a checkpoint to resume from), then its next worker at once.
-    wait_for(lambda: kill(row["pid"] for rows in ray_reports(folder).values() for row in rows), 300,
-             "the trial's first report")
-    wait_for(lambda: kill(trial_workers()), 300, "the trial's second worker")
+    # First once it has reported an epoch (a checkpoint to resume from), then its next worker at once. A worker's
+    # report waits until the driver takes it, so with the driver stopped the trial cannot finish before the kill,
+    # however loaded the machine (the trial's epochs are seconds; a poll can come too late for them).
+    wait_for(first_report, 300, "the trial's first report", every=0.1)
+    driver.send_signal(signal.SIGSTOP)
+    try:
+        rows = [row for rows in ray_reports(folder).values() for row in rows]
+        assert max(row["epoch"] for row in rows) < EPOCHS, rows  # the driver has not yet taken its last epoch
+        killed.append(rows[0]["pid"])
+        os.kill(rows[0]["pid"], signal.SIGKILL)
+    finally:
+        driver.send_signal(signal.SIGCONT)
+    wait_for(second_worker, 300, "the trial's second worker", every=0.1)
     out, err = driver.communicate(timeout=600)
     assert driver.returncode == 0, out + err
     [trial_id] = tune_states(folder)
     assert tune_states(folder) == {trial_id: "TERMINATED"}
     rows = ray_reports(folder)[trial_id]
     last_worker = [row for row in rows if row["pid"] not in killed]
-    assert rows[-1]["epoch"] == 3 and last_worker and rows[-1] in last_worker
+    assert rows[-1]["epoch"] == EPOCHS and last_worker and rows[-1] in last_worker
     assert all(row["resumed_from_epoch"] >= 1 for row in last_worker)  # it went on from its checkpoint
     [trial_folder] = folder.glob("train_bmtard_*")
     assert (trial_folder / "error.txt").read_text().count("Failure # ") == 2
