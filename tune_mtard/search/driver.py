@@ -116,6 +116,11 @@ def started(folder: Path) -> bool:
 DRIVER_PATHS = ("data.root", "teachers.cache_dir")
 
 
+# What a resumed search takes from this command, not from the interrupted search: where it is stored, and a
+# larger budget, more retries or more trials to continue with (docs/search.md). The rest is the saved config.
+RESUME_TAKES = ("storage", "budget", "max_failures", "num_samples")
+
+
 def saved_config(cfg: Config) -> Config:
     """The interrupted search's config, with this driver's ``DRIVER_PATHS``."""
     saved = load_config(experiment_dir(cfg) / files.SPACE, check_files=False)
@@ -172,11 +177,8 @@ def search(request: SearchRequest) -> int:
             raise ConfigError("search.optuna_storage", "the interrupted search's study is in "
                                                        f"{saved.search.optuna_storage or files.OPTUNA_DB}; "
                                                        "resume it with the same database")
-        saved.search.storage = cfg.search.storage
-        saved.search.budget = cfg.search.budget  # --resume with a larger budget continues
-        saved.search.max_failures = cfg.search.max_failures  # and with more retries, retries more
-        saved.search.num_samples = cfg.search.num_samples  # and with more trials, runs more
-        cfg = saved
+        given = cfg.to_dict(with_search=True)["search"]
+        cfg = saved.with_values({f"search.{key}": given[key] for key in RESUME_TAKES})
     check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
     check_search_folder(experiment_dir(cfg), "--storage" if request.storage else "search.storage")
     check_database(cfg, request.resume)
