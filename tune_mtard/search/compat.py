@@ -245,6 +245,12 @@ def infra_retries() -> int:
     return _RETRIES.get("max_failures", 0)
 
 
+def judged_failure_kind(trial: Any) -> str | None:
+    """The kind the rule below gave the trial's latest failure in this driver (None before any), from the exception
+    itself: the callbacks that record the failure get the trial, not the exception."""
+    return getattr(trial.temporary_state, "failure_kind", None)
+
+
 def retry_only_infra_failures(kind_of: Any, max_failures: int) -> None:
     """Make Ray retry a failed trial only when ``kind_of(error)`` is ``infra``, up to ``max_failures`` times
     (docs/search.md, "Outcomes").
@@ -267,7 +273,8 @@ def retry_only_infra_failures(kind_of: Any, max_failures: int) -> None:
     handle_error = Trial.handle_error
 
     def handle_final_error(self, exc=None):
-        self.temporary_state.final_failure = kind_of(exc) != "infra"
+        self.temporary_state.failure_kind = kind_of(exc)
+        self.temporary_state.final_failure = self.temporary_state.failure_kind != "infra"
         handle_error(self, exc)
 
     def recover_infra_only(self) -> bool:
@@ -278,3 +285,25 @@ def retry_only_infra_failures(kind_of: Any, max_failures: int) -> None:
 
     recover_infra_only.infra_only = True
     Trial.handle_error, Trial.should_recover = handle_final_error, recover_infra_only
+
+
+def save_failed_trial_states() -> None:
+    """Let Ray's experiment snapshot hold every trial that failed as ERROR, a trial whose worker died included.
+
+    Ray 2.60 marks a stopped trial for its next snapshot only while the trial still has its actor; when the actor
+    died (a SIGKILLed worker, a lost node) it is forgotten first, and the final snapshot keeps the trial as it was
+    before, RUNNING with no failure: a plain ``--resume`` would then run the failed trial again and count it as a
+    result. Private: ``TuneController._schedule_trial_stop`` / ``_mark_trial_to_checkpoint``.
+    """
+    from ray.tune.execution.tune_controller import TuneController
+
+    if getattr(TuneController._schedule_trial_stop, "marks_always", False):
+        return
+    schedule_stop = TuneController._schedule_trial_stop
+
+    def stop_and_mark(self, trial, exception=None) -> None:
+        schedule_stop(self, trial, exception=exception)
+        self._mark_trial_to_checkpoint(trial)
+
+    stop_and_mark.marks_always = True
+    TuneController._schedule_trial_stop = stop_and_mark

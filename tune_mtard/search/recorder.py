@@ -33,8 +33,8 @@ from tune_mtard.search.trials import (
     STOPPED_BY,
     TrialState,
     TrialSummary,
-    failure_kind,
     read_divergence,
+    trial_failure_kind,
     trial_state,
 )
 from tune_mtard.trace import write_trace
@@ -157,7 +157,7 @@ class MlflowTrialRecorder(Callback):
         trial_dir = folder_on(trial.storage.storage_filesystem, trial.path)
         diverged = read_divergence(trial_dir)
         tags: dict[str, Any] = {"trial_state": TrialState.FAIL.value}
-        tags[FAILURE_KIND] = FAILURE_KINDS[trial.trial_id] = failure_kind(_error_line(trial), diverged)
+        tags[FAILURE_KIND] = FAILURE_KINDS[trial.trial_id] = trial_failure_kind(trial, diverged)
         if diverged is not None:
             tags.update(diverged, failure="diverged")
             if trial_dir.exists(files.TRACE_CSV):
