@@ -287,6 +287,55 @@ def retry_only_infra_failures(kind_of: Any, max_failures: int) -> None:
     Trial.handle_error, Trial.should_recover = handle_final_error, recover_infra_only
 
 
+_RESUME_ERRORED: set[str] = set()  # the ERROR trials the next restored Tuner resumes (--retry-errored)
+
+
+def resume_errored_trials(trial_ids: list[str]) -> None:
+    """Let the Tuner this process restores next resume the ERROR trials ``trial_ids``, and no other, from their
+    last checkpoint, each with this session's ``search.max_failures`` retries afresh (``--resume --retry-errored``,
+    docs/search.md, "Retrying infra failures").
+
+    ``Tuner.restore(resume_errored=True)`` would resume every errored trial, a trial's own failures and diverged
+    ones included. Here each chosen trial is set back to PENDING before Ray requeues the restored trials, so
+    Ray resumes it as an unfinished one (same trial id, same folder, its checkpoint); the search wrappers are
+    told it is live again (``ConcurrencyLimiter.live_trials``, which otherwise drops its result) and the base
+    searcher's ``reopen_trial(trial_id)``, where it has one, gives it a new record to tell. Private:
+    ``TuneController._requeue_restored_trials`` (called once the searcher is restored),
+    ``Trial.run_metadata.num_failures``, ``ConcurrencyLimiter.live_trials`` (Ray 2.60.0).
+    """
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment.trial import Trial
+
+    _RESUME_ERRORED.clear()
+    _RESUME_ERRORED.update(trial_ids)
+    if getattr(TuneController._requeue_restored_trials, "resumes_chosen", False):
+        return
+    requeue = TuneController._requeue_restored_trials
+
+    def requeue_chosen(self, trials, resume_config) -> None:
+        for trial in trials:
+            if trial.status == Trial.ERROR and trial.trial_id in _RESUME_ERRORED:
+                trial.run_metadata.num_failures = 0
+                trial.set_status(Trial.PENDING)
+                _reopen_in_searchers(self._search_alg, trial.trial_id)
+        _RESUME_ERRORED.clear()  # once: a confirmation Tuner restored later has trials of its own
+        requeue(self, trials, resume_config)
+
+    requeue_chosen.resumes_chosen = True
+    TuneController._requeue_restored_trials = requeue_chosen
+
+
+def _reopen_in_searchers(search_alg: Any, trial_id: str) -> None:
+    searcher = getattr(search_alg, "searcher", None)
+    while hasattr(searcher, "searcher"):  # the wrappers: ConcurrencyLimiter, Repeater
+        if isinstance(getattr(searcher, "live_trials", None), set):
+            searcher.live_trials.add(trial_id)
+            searcher.num_unfinished_live_trials = getattr(searcher, "num_unfinished_live_trials", 0) + 1
+        searcher = searcher.searcher
+    if hasattr(searcher, "reopen_trial"):
+        searcher.reopen_trial(trial_id)
+
+
 def save_failed_trial_states() -> None:
     """Let Ray's experiment snapshot hold every trial that failed as ERROR, a trial whose worker died included.
 

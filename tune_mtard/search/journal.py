@@ -157,6 +157,11 @@ def apply(client, journal: RecordJournal, entry: dict[str, Any]) -> None:
         tracking.log_metrics(client, run_id, entry["values"], entry["step"], timestamp_ms=entry["timestamp"])
     elif op == "tags":
         tracking.set_tags(client, run_id, entry["values"])
+    elif op == "untag":  # tags a retried trial no longer carries
+        present = client.get_run(run_id).data.tags
+        for name in entry["names"]:
+            if name in present:
+                client.delete_tag(run_id, name)
     elif op == "artifacts":
         tracking.log_artifacts(client, run_id, entry["paths"], entry.get("artifact_path"))
     elif op == "status":
@@ -305,6 +310,10 @@ class JournaledRun(tracking.RunHandle):
     def tag_child(self, trial_id: str, tags: dict[str, Any]) -> None:
         """Tags on the child run of ``trial_id`` (its journal key)."""
         self._record("tags", trial_id, values={k: str(v) for k, v in tags.items()})
+
+    def untag_child(self, trial_id: str, names: Iterable[str]) -> None:
+        """Tags removed from the child run of ``trial_id`` (those of a failure it is retried after)."""
+        self._record("untag", trial_id, names=list(names))
 
 
 @contextlib.contextmanager
