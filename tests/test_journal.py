@@ -69,6 +69,20 @@ def test_replay_sends_each_record_once_and_a_second_replay_adds_no_row_or_run(tm
     assert [a.path for a in client.list_artifacts(run_id)] == ["trace.csv"]
 
 
+def test_an_untag_record_removes_the_tags_and_sending_it_again_is_harmless(tmp_path):
+    uri, client, experiment = store(tmp_path)
+    j = journal.RecordJournal(tmp_path / "search")
+    j.append("run", "t1", experiment_id=experiment, name="t1", tags={"trial_id": "t1"})
+    j.append("tags", "t1", values={"failure_kind": "infra", "failure": "ActorDiedError", "node_id": "n1"})
+    j.append("untag", "t1", names=["failure_kind", "failure", "not_there"])
+    assert journal.replay(j, client) == 0
+    again = journal.RecordJournal(tmp_path / "search")
+    again.done = {e["seq"] for e in again.entries if e["op"] != "untag"}
+    assert journal.replay(again, client) == 0  # a driver killed before journaling its "done"
+    tags = client.get_run(j.run_ids["t1"]).data.tags
+    assert "failure_kind" not in tags and "failure" not in tags and tags["node_id"] == "n1"
+
+
 def test_a_record_mlflow_refuses_stays_pending_with_everything_after_it(tmp_path):
     j = journal.RecordJournal(tmp_path / "search")
     j.append("run", "t1", experiment_id="0", name="t1", tags={})
