@@ -18,6 +18,7 @@ import optuna
 import pytest
 import ray.cloudpickle
 import torch
+import yaml
 from ray.exceptions import ActorDiedError, OutOfMemoryError, RayTaskError
 from searchkit import EPOCHS, mlflow_runs, optuna_trials, ray_reports
 from test_faults import DIVERGING_LR, nothing_written, run_search, spawn_search, tune_states, wait_for
@@ -303,11 +304,14 @@ def test_resume_retry_errored_runs_the_infra_failed_trial_again_and_leaves_the_d
     assert after[killed]["state"] == "COMPLETE" and after[killed]["failure_kind"] == ""
     assert all(after[tid]["failure_kind"] == "diverged" for tid in diverged)
 
-    again = spawn_search(space_file, tmp_path, name, ray_address, "--resume", "--retry-errored", *flags)
+    again = spawn_search(space_file, tmp_path, name, ray_address, "--resume", "--retry-errored", *flags,
+                         "--set", "search.max_failures=4")
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, out + err
     assert "--retry-errored: no trial of this search failed as infra; resuming it as --resume does" in out
     assert tune_states(folder) == states and len(optuna_trials(folder, name)) == len(study)
+    # The retry count a resume applied is the saved search's from then on (a --resume of search_space.yaml keeps it).
+    assert yaml.safe_load((folder / "search_space.yaml").read_text())["search"]["max_failures"] == 4
 
 
 def test_retry_errored_without_resume_is_refused_before_anything_is_written(space_file, tmp_path):

@@ -306,7 +306,9 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
             )
             start_budget_session(cfg, folder, resume)
             if resume:
-                if compat.grow_search(folder, s.num_samples):  # --num-samples grew: the next --resume compares with it
+                grown = compat.grow_search(folder, s.num_samples)
+                # A grown --num-samples, or another search.max_failures: a --resume of the saved file keeps them.
+                if grown or load_config(folder / files.SPACE, check_files=False).search.max_failures != s.max_failures:
                     cfg.dump(folder / files.SPACE, with_search=True)
                 with compat.quiet_experiment_analysis():
                     tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
