@@ -69,6 +69,38 @@ def test_replay_sends_each_record_once_and_a_second_replay_adds_no_row_or_run(tm
     assert [a.path for a in client.list_artifacts(run_id)] == ["trace.csv"]
 
 
+def test_an_untag_record_removes_the_tags_and_sending_it_again_is_harmless(tmp_path):
+    uri, client, experiment = store(tmp_path)
+    j = journal.RecordJournal(tmp_path / "search")
+    j.append("run", "t1", experiment_id=experiment, name="t1", tags={"trial_id": "t1"})
+    j.append("tags", "t1", values={"failure_kind": "infra", "failure": "ActorDiedError", "node_id": "n1"})
+    j.append("untag", "t1", names=["failure_kind", "failure", "not_there"])
+    assert journal.replay(j, client) == 0
+    again = journal.RecordJournal(tmp_path / "search")
+    again.done = {e["seq"] for e in again.entries if e["op"] != "untag"}
+    assert journal.replay(again, client) == 0  # a driver killed before journaling its "done"
+    tags = client.get_run(j.run_ids["t1"]).data.tags
+    assert "failure_kind" not in tags and "failure" not in tags and tags["node_id"] == "n1"
+
+
+def test_a_prune_record_deletes_the_child_runs_of_unknown_trials_when_it_is_sent(tmp_path):
+    uri, client, experiment = store(tmp_path)
+    j = journal.RecordJournal(tmp_path / "search")
+    j.append("run", journal.PARENT_KEY, experiment_id=experiment, name="search", tags={})
+    assert journal.replay(j, client) == 0
+    parent = j.run_ids[journal.PARENT_KEY]
+    for key, tags in (("known", {}), ("orphan", {}), ("rerun", {"confirm": "true"})):
+        j.append("run", key, experiment_id=experiment, name=key,
+                 tags={journal.PARENT_TAG: parent, journal.TRIAL_ID_TAG: key, **tags})
+    j.append("prune_children", journal.PARENT_KEY, keep=["known"])
+    assert journal.replay(j, client) == 0
+    again = journal.RecordJournal(tmp_path / "search")
+    again.done -= {len(again.entries) - 1}  # the prune sent again after a kill: nothing more to delete
+    assert journal.replay(again, client) == 0
+    live = {r.info.run_name for r in client.search_runs([experiment])}
+    assert live == {"search", "known", "rerun"}
+
+
 def test_a_record_mlflow_refuses_stays_pending_with_everything_after_it(tmp_path):
     j = journal.RecordJournal(tmp_path / "search")
     j.append("run", "t1", experiment_id="0", name="t1", tags={})

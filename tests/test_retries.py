@@ -1,10 +1,13 @@
 """Infra failures are retried from the checkpoint, a trial's own failures are final (docs/search.md,
 "Outcomes"): a worker SIGKILLed twice still finishes as one trial everywhere; a diverging trial
-starts once and shows one line, no traceback; a trial raising a code error is not started again."""
+starts once and shows one line, no traceback; a trial raising a code error is not started again; and
+``--resume --retry-errored`` runs the infra-failed trials of a finished search again, and only those
+("Retrying infra failures")."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import signal
@@ -15,12 +18,14 @@ import optuna
 import pytest
 import ray.cloudpickle
 import torch
+import yaml
 from ray.exceptions import ActorDiedError, OutOfMemoryError, RayTaskError
 from searchkit import EPOCHS, mlflow_runs, optuna_trials, ray_reports
-from test_faults import DIVERGING_LR, spawn_search, tune_states, wait_for
+from test_faults import DIVERGING_LR, nothing_written, run_search, spawn_search, tune_states, wait_for
 
 from tune_mtard.errors import Diverged
-from tune_mtard.search.trials import error_kind
+from tune_mtard.search.retry import infra_failed
+from tune_mtard.search.trials import TrialSummary, error_kind
 
 
 @pytest.mark.parametrize("error, kind", [
@@ -201,3 +206,116 @@ def test_resume_with_more_samples_runs_the_new_trials_and_refuses_fewer(space_fi
     assert fewer.returncode == 2 and err.strip().splitlines() == [
         "error: --num-samples: 1 is fewer than the 2 trials of the search being resumed; a resumed search can run "
         "more trials, never fewer"], err
+
+
+def test_retry_errored_chooses_the_infra_failures_only():
+    trials = [TrialSummary("lost", {}, failed=True, epochs=1, failure="ActorDiedError: the actor died", kind="infra"),
+              TrialSummary("oom", {}, failed=True, epochs=1, failure="OutOfMemoryError: CUDA out of memory"),
+              TrialSummary("bug", {}, failed=True, epochs=1, failure="ValueError: bad shape"),
+              TrialSummary("nan", {}, failed=True, epochs=1, failure="diverged at step 3 (epoch 1)",
+                           diverged={"diverged_step": 3, "diverged_epoch": 1}),
+              TrialSummary("done", {}, failed=False, epochs=3)]
+    assert infra_failed(trials) == ["lost", "oom"]
+
+
+def _trials_csv(folder: Path) -> dict[str, dict[str, str]]:
+    return {row["trial_id"]: row for row in csv.DictReader((folder / "trials.csv").open())}
+
+
+def test_resume_retry_errored_runs_the_infra_failed_trial_again_and_leaves_the_diverged_ones_failed(
+        space_file, ray_address, tmp_path):
+    name = "retry_errored"
+    flags = ("--num-samples", "3", "--set", "search.scheduler.type=fifo", "--set", "search.sampler.type=random",
+             "--set", "search.sampler.seed=1", "--set", "search.max_failures=0", "--set",
+             f"space.train.lr={{type: categorical, choices: [0.05, {DIVERGING_LR}]}}")
+    driver = spawn_search(space_file, tmp_path, name, ray_address, *flags)
+    folder = tmp_path / "results" / name
+
+    def first_report() -> bool:
+        assert driver.poll() is None, driver.communicate()
+        return any(ray_reports(folder).values())
+
+    # Killed once it has a checkpoint, with the driver stopped so that the trial cannot finish first; with no
+    # retries left (max_failures=0) it ends ERROR, failure_kind infra.
+    wait_for(first_report, 300, "a trial's first report", every=0.1)
+    driver.send_signal(signal.SIGSTOP)
+    try:
+        [first] = [rows[0] for rows in ray_reports(folder).values()][:1]
+        assert first["epoch"] < EPOCHS
+        killed = first["trial_id"]
+        os.kill(first["pid"], signal.SIGKILL)
+    finally:
+        driver.send_signal(signal.SIGCONT)
+    out, err = driver.communicate(timeout=600)
+    # The first trial (the base config's lr, 0.05) is the one killed; the sampler's two others draw the diverging lr.
+    assert driver.returncode == 1, out + err
+    before = _trials_csv(folder)
+    assert before[killed]["state"] == "FAIL" and before[killed]["failure_kind"] == "infra", before
+    diverged = set(before) - {killed}
+    assert tune_states(folder)[killed] == "ERROR"  # Ray's saved state too, though its worker died
+    assert len(diverged) == 2 and all(before[tid]["failure_kind"] == "diverged" for tid in diverged), before
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "no_usable_trial" and summary["n_failed"] == 3 and summary["best_trial_id"] is None
+
+    retry = spawn_search(space_file, tmp_path, name, ray_address, "--resume", "--retry-errored", *flags)
+    out, err = retry.communicate(timeout=600)
+    assert retry.returncode == 0, out + err
+    assert f"infra-failed trial(s) run again from their last checkpoint: {killed}" in out
+    # Ray Tune: the same trial, resumed from its checkpoint to the last epoch; the diverged ones still ERROR.
+    states = tune_states(folder)
+    assert states == {tid: "ERROR" if tid in diverged else "TERMINATED" for tid in before}
+    rows = ray_reports(folder)[killed]
+    assert rows[-1]["epoch"] == EPOCHS and rows[-1]["resumed_from_epoch"] >= 1
+    before_kill = max(r["epoch"] for r in rows if r["pid"] == first["pid"])
+    [resumed, *_] = [r for r in rows if r["pid"] != first["pid"]]  # on from its last checkpoint, not from epoch 0
+    assert 1 <= resumed["resumed_from_epoch"] == resumed["epoch"] <= before_kill
+    # Optuna: the FAIL trial stays; its retry is a new trial with the same params, told COMPLETE.
+    study = optuna_trials(folder, name)
+    by_ray = {}
+    for t in study:
+        by_ray.setdefault(t.user_attrs["ray_trial_id"], []).append(t)
+    assert sorted(by_ray) == sorted(before)
+    failed, retried = by_ray[killed]
+    assert failed.state == optuna.trial.TrialState.FAIL and failed.user_attrs["failure_kind"] == "infra"
+    assert retried.state == optuna.trial.TrialState.COMPLETE and retried.user_attrs["retry_of"] == failed.number
+    assert retried.params == failed.params and "failure_kind" not in retried.user_attrs
+    assert sorted(retried.intermediate_values) == list(range(1, EPOCHS + 1))
+    assert retried.value == rows[-1]["val_w_robust_acc"]
+    assert all(len(by_ray[tid]) == 1 and by_ray[tid][0].state == optuna.trial.TrialState.FAIL for tid in diverged)
+    # MLflow: the same child run, reopened and FINISHED, every epoch once, the failure's tags gone.
+    client, parents, children = mlflow_runs(tmp_path, name)
+    assert len(parents) == 1 and sorted(r.data.tags["trial_id"] for r in children) == sorted(before)
+    [child] = [r for r in children if r.data.tags["trial_id"] == killed]
+    assert child.info.status == "FINISHED" and child.data.tags["trial_state"] == "COMPLETE"
+    assert "failure_kind" not in child.data.tags and "failure" not in child.data.tags
+    assert child.data.tags["retried_failure_kind"] == "infra"
+    history = client.get_metric_history(child.info.run_id, "val_w_robust_acc")
+    assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+    assert "model" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert all(r.info.status == "FAILED" and r.data.tags["failure_kind"] == "diverged"
+               for r in children if r.data.tags["trial_id"] in diverged)
+    # summary.json and trials.csv: the retried trial is a result, here the best; n_failed dropped by one.
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["n_failed"] == 2 and summary["best_trial_id"] == killed
+    assert {f["trial_id"] for f in summary["failed_trials"]} == diverged
+    assert summary["best_val_w_robust_acc"] == rows[-1]["val_w_robust_acc"]
+    assert (folder / "best_config.yaml").is_file()
+    after = _trials_csv(folder)
+    assert after[killed]["state"] == "COMPLETE" and after[killed]["failure_kind"] == ""
+    assert all(after[tid]["failure_kind"] == "diverged" for tid in diverged)
+
+    again = spawn_search(space_file, tmp_path, name, ray_address, "--resume", "--retry-errored", *flags,
+                         "--set", "search.max_failures=4")
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, out + err
+    assert "--retry-errored: no trial of this search failed as infra; resuming it as --resume does" in out
+    assert tune_states(folder) == states and len(optuna_trials(folder, name)) == len(study)
+    # The retry count a resume applied is the saved search's from then on (a --resume of search_space.yaml keeps it).
+    assert yaml.safe_load((folder / "search_space.yaml").read_text())["search"]["max_failures"] == 4
+
+
+def test_retry_errored_without_resume_is_refused_before_anything_is_written(space_file, tmp_path):
+    code, out, err = run_search(space_file, tmp_path, "no_resume", "--retry-errored")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --retry-errored: retries the infra-failed trials of a search that ran: pass it with --resume"], err
+    assert nothing_written(tmp_path)

@@ -12,7 +12,7 @@ import numpy as np
 import optuna
 import pytest
 
-from tune_mtard import files
+from tune_mtard import files, tracking
 from tune_mtard.config import load_config
 from tune_mtard.search.searcher import RAY_TRIAL_ATTR, optuna_distributions
 from tune_mtard.search.sensitivity import analyze_search, log_sensitivity, min_trials
@@ -192,7 +192,7 @@ def test_logging_puts_the_files_importances_and_compared_epoch_on_the_run(tmp_pa
     _, client, run_id = mlflow_store
     folder, cfg = make_search(tmp_path)
     report = analyze_search(folder, cfg)
-    log_sensitivity(client, run_id, report)
+    log_sensitivity(tracking.RunHandle(client, run_id), report)
     assert artifact_names(client, run_id) == {p.name for p in report.files}
     run = client.get_run(run_id)
     assert run.data.metrics["importance.balance.beta"] == pytest.approx(report.importances["balance.beta"])

@@ -20,6 +20,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (mlflow.tracking_uri)")
     parser.add_argument("--address", default=None, help="connect to an existing Ray cluster (e.g. auto, ray://host:10001)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
+    parser.add_argument("--retry-errored", action="store_true",
+                        help="with --resume: run the trials that failed as infra again, from their last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="quiet: no Ray Tune status tables")
     parser.add_argument("--plan", action="store_true", help="forecast epochs, device-hours and wall time into "
                                                             "plan.json; no trial runs")
@@ -38,5 +40,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     return search(SearchRequest(space=args.space, num_samples=args.num_samples, max_epochs=args.max_epochs,
                                 storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
-                                resume=args.resume, quiet=args.no_progress, overrides=args.overrides, plan=args.plan,
-                                plan_device=args.plan_device, plan_cluster=args.plan_cluster))
+                                resume=args.resume, retry_errored=args.retry_errored, quiet=args.no_progress,
+                                overrides=args.overrides, plan=args.plan, plan_device=args.plan_device,
+                                plan_cluster=args.plan_cluster))

@@ -53,7 +53,7 @@ def analyze_experiment(request: AnalyzeRequest) -> Analyzed:
     client, run_id, reason = parent_run(folder, uri)
     if client is None:
         return Analyzed(report, folder, None, reason)
-    log_sensitivity(client, run_id, report)
+    log_sensitivity(tracking.RunHandle(client, run_id), report)
     return Analyzed(report, folder, run_id)
 
 

@@ -245,6 +245,12 @@ def infra_retries() -> int:
     return _RETRIES.get("max_failures", 0)
 
 
+def judged_failure_kind(trial: Any) -> str | None:
+    """The kind the rule below gave the trial's latest failure in this driver (None before any), from the exception
+    itself: the callbacks that record the failure get the trial, not the exception."""
+    return getattr(trial.temporary_state, "failure_kind", None)
+
+
 def retry_only_infra_failures(kind_of: Any, max_failures: int) -> None:
     """Make Ray retry a failed trial only when ``kind_of(error)`` is ``infra``, up to ``max_failures`` times
     (docs/search.md, "Outcomes").
@@ -267,7 +273,8 @@ def retry_only_infra_failures(kind_of: Any, max_failures: int) -> None:
     handle_error = Trial.handle_error
 
     def handle_final_error(self, exc=None):
-        self.temporary_state.final_failure = kind_of(exc) != "infra"
+        self.temporary_state.failure_kind = kind_of(exc)
+        self.temporary_state.final_failure = self.temporary_state.failure_kind != "infra"
         handle_error(self, exc)
 
     def recover_infra_only(self) -> bool:
@@ -278,3 +285,74 @@ def retry_only_infra_failures(kind_of: Any, max_failures: int) -> None:
 
     recover_infra_only.infra_only = True
     Trial.handle_error, Trial.should_recover = handle_final_error, recover_infra_only
+
+
+_RESUME_ERRORED: set[str] = set()  # the ERROR trials the next restored Tuner resumes (--retry-errored)
+
+
+def resume_errored_trials(trial_ids: list[str]) -> None:
+    """Let the Tuner this process restores next resume the ERROR trials ``trial_ids``, and no other, from their
+    last checkpoint, each with this session's ``search.max_failures`` retries afresh (``--resume --retry-errored``,
+    docs/search.md, "Retrying infra failures").
+
+    ``Tuner.restore(resume_errored=True)`` would resume every errored trial, a trial's own failures and diverged
+    ones included. Here each chosen trial is set back to PENDING before Ray requeues the restored trials, so
+    Ray resumes it as an unfinished one (same trial id, same folder, its checkpoint); the search wrappers are
+    told it is live again (``ConcurrencyLimiter.live_trials``, which otherwise drops its result) and the base
+    searcher's ``reopen_trial(trial_id)``, where it has one, gives it a new record to tell. Private:
+    ``TuneController._requeue_restored_trials`` (called once the searcher is restored),
+    ``Trial.run_metadata.num_failures``, ``ConcurrencyLimiter.live_trials`` (Ray 2.60.0).
+    """
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment.trial import Trial
+
+    _RESUME_ERRORED.clear()
+    _RESUME_ERRORED.update(trial_ids)
+    if getattr(TuneController._requeue_restored_trials, "resumes_chosen", False):
+        return
+    requeue = TuneController._requeue_restored_trials
+
+    def requeue_chosen(self, trials, resume_config) -> None:
+        for trial in trials:
+            if trial.status == Trial.ERROR and trial.trial_id in _RESUME_ERRORED:
+                trial.run_metadata.num_failures = 0
+                trial.set_status(Trial.PENDING)
+                _reopen_in_searchers(self._search_alg, trial.trial_id)
+        _RESUME_ERRORED.clear()  # once: a confirmation Tuner restored later has trials of its own
+        requeue(self, trials, resume_config)
+
+    requeue_chosen.resumes_chosen = True
+    TuneController._requeue_restored_trials = requeue_chosen
+
+
+def _reopen_in_searchers(search_alg: Any, trial_id: str) -> None:
+    searcher = getattr(search_alg, "searcher", None)
+    while hasattr(searcher, "searcher"):  # the wrappers: ConcurrencyLimiter, Repeater
+        if isinstance(getattr(searcher, "live_trials", None), set):
+            searcher.live_trials.add(trial_id)
+            searcher.num_unfinished_live_trials = getattr(searcher, "num_unfinished_live_trials", 0) + 1
+        searcher = searcher.searcher
+    if hasattr(searcher, "reopen_trial"):
+        searcher.reopen_trial(trial_id)
+
+
+def save_failed_trial_states() -> None:
+    """Let Ray's experiment snapshot hold every trial that failed as ERROR, a trial whose worker died included.
+
+    Ray 2.60 marks a stopped trial for its next snapshot only while the trial still has its actor; when the actor
+    died (a SIGKILLed worker, a lost node) it is forgotten first, and the final snapshot keeps the trial as it was
+    before, RUNNING with no failure: a plain ``--resume`` would then run the failed trial again and count it as a
+    result. Private: ``TuneController._schedule_trial_stop`` / ``_mark_trial_to_checkpoint``.
+    """
+    from ray.tune.execution.tune_controller import TuneController
+
+    if getattr(TuneController._schedule_trial_stop, "marks_always", False):
+        return
+    schedule_stop = TuneController._schedule_trial_stop
+
+    def stop_and_mark(self, trial, exception=None) -> None:
+        schedule_stop(self, trial, exception=exception)
+        self._mark_trial_to_checkpoint(trial)
+
+    stop_and_mark.marks_always = True
+    TuneController._schedule_trial_stop = stop_and_mark

@@ -56,6 +56,7 @@ class SearchRequest:
     tracking_uri: str | None = None
     address: str | None = None
     resume: bool = False
+    retry_errored: bool = False  # with resume: infra-failed trials again (docs/search.md, "Retrying infra failures")
     quiet: bool = False
     overrides: list[str] = field(default_factory=list)
     plan: bool = False  # forecast the cost, run nothing (docs/search.md, "Planning a search")
@@ -164,6 +165,9 @@ def check_address(address: str | None) -> None:
 
 def search(request: SearchRequest) -> int:
     """The ``search`` command: validate, then run (or resume) the search; returns the exit code."""
+    if request.retry_errored and not request.resume:
+        raise ConfigError("--retry-errored", "retries the infra-failed trials of a search that ran: pass it with "
+                                             "--resume")
     cfg = search_config(request)
     check_address(request.address)
     if request.plan:
@@ -182,7 +186,8 @@ def search(request: SearchRequest) -> int:
     check_tracking_uri(cfg.mlflow.tracking_uri, "--tracking-uri" if request.tracking_uri else "mlflow.tracking_uri")
     check_search_folder(experiment_dir(cfg), "--storage" if request.storage else "search.storage")
     check_database(cfg, request.resume)
-    return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet)
+    return run_search(cfg, resume=request.resume, address=request.address, quiet=request.quiet,
+                      retry_errored=request.retry_errored)
 
 
 def plan(cfg: Config, request: SearchRequest) -> int:
@@ -195,7 +200,8 @@ def plan(cfg: Config, request: SearchRequest) -> int:
     return 0
 
 
-def run_search(cfg: Config, resume: bool = False, address: str | None = None, quiet: bool = False) -> int:
+def run_search(cfg: Config, resume: bool = False, address: str | None = None, quiet: bool = False,
+               retry_errored: bool = False) -> int:
     """Prepare everything, run the Tuner, then record the outcome; returns the exit code (raises
     :class:`~tune_mtard.errors.Interrupted` when a signal stopped it)."""
     import ray
@@ -217,7 +223,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
         with SearchLock(folder, "--resume" if resume else "name") as lock:
             check_experiment(cfg, resume)  # again, under the lock: another driver may have started it
             try:
-                return _run_locked(cfg, data, roles, folder, resume, quiet, start).exit_code
+                return _run_locked(cfg, data, roles, folder, resume, quiet, start, retry_errored).exit_code
             except BaseException:
                 if not resume and not started(folder):  # failed in its own setup: the name stays usable
                     _remove_setup(cfg, folder, lock.created_folder)
@@ -254,12 +260,13 @@ def _remove_setup(cfg: Config, folder: Path, created_folder: bool) -> None:
 
 
 def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume: bool, quiet: bool,
-                start: float) -> SearchOutcome:
+                start: float, retry_errored: bool = False) -> SearchOutcome:
     from ray import tune
 
     # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.failures import retry_infra_failures_only
     from tune_mtard.search.recorder import log_teachers, start_parent
+    from tune_mtard.search.retry import prepare_retries
     from tune_mtard.search.searcher import finished_optuna_trials
     from tune_mtard.trainables.bmtard import train_bmtard
 
@@ -290,8 +297,10 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
             if reopen is None:
                 start_parent(parent, cfg, folder)
             log_teachers(parent, teachers)
+            retried = prepare_retries(folder, parent) if retry_errored else []
             # A resumed trial that the killed driver had already finished only reports its last epoch again.
-            finished = finished_optuna_trials(optuna_storage_url(cfg, folder), cfg.name) if resume else set()
+            finished = (finished_optuna_trials(optuna_storage_url(cfg, folder), cfg.name) - set(retried)
+                        if resume else set())
             trainable = tune.with_resources(
                 tune.with_parameters(train_bmtard, base=cfg.run_config(), data=data, teachers=teacher_weights,
                                      finished=finished),
@@ -299,7 +308,9 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
             )
             start_budget_session(cfg, folder, resume)
             if resume:
-                if compat.grow_search(folder, s.num_samples):  # --num-samples grew: the next --resume compares with it
+                grown = compat.grow_search(folder, s.num_samples)
+                # A grown --num-samples, or another search.max_failures: a --resume of the saved file keeps them.
+                if grown or load_config(folder / files.SPACE, check_files=False).search.max_failures != s.max_failures:
                     cfg.dump(folder / files.SPACE, with_search=True)
                 with compat.quiet_experiment_analysis():
                     tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)

@@ -16,7 +16,7 @@ from ray.tune import Callback
 
 from tune_mtard.search import compat
 from tune_mtard.search.storage_fs import folder_on
-from tune_mtard.search.trials import error_file_text, error_kind, failure_kind, read_divergence
+from tune_mtard.search.trials import error_file_text, error_kind, read_divergence, trial_failure_kind
 
 # Ray's controller logs each failed trial's whole traceback to the driver's terminal unless this is 0.
 PRINT_TRACEBACKS = "TUNE_PRINT_ALL_TRIAL_ERRORS"
@@ -27,6 +27,7 @@ def retry_infra_failures_only(max_failures: int) -> None:
     session's ``search.max_failures``), and no traceback on the terminal."""
     os.environ[PRINT_TRACEBACKS] = "0"
     compat.retry_only_infra_failures(error_kind, max_failures)
+    compat.save_failed_trial_states()
 
 
 class FailureLines(Callback):
@@ -40,7 +41,7 @@ class FailureLines(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         diverged = read_divergence(folder_on(trial.storage.storage_filesystem, trial.path))
         line = _error_line(trial)
-        kind = failure_kind(line, diverged)
+        kind = trial_failure_kind(trial, diverged)
         print(f"trial {trial.trial_id} failed ({kind}): {'diverged' if diverged else line}; the traceback is in "
               f"{trial.error_file}", flush=True)
 

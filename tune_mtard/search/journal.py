@@ -30,6 +30,8 @@ from tune_mtard.errors import ConfigError
 from tune_mtard.services import check_tracking_uri, masked_uri
 
 RECORD_KEY_TAG = "tune_mtard.record_key"
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_ID_TAG = "trial_id"  # a child run's Ray Tune trial id (its journal key too)
 ATTEMPTS = 3  # tries of one entry before it stays pending for the next round
 RETRY_S = 1.0  # between tries of an entry
 OUTAGE_RETRY_S = 5.0  # between rounds while MLflow is down
@@ -157,12 +159,40 @@ def apply(client, journal: RecordJournal, entry: dict[str, Any]) -> None:
         tracking.log_metrics(client, run_id, entry["values"], entry["step"], timestamp_ms=entry["timestamp"])
     elif op == "tags":
         tracking.set_tags(client, run_id, entry["values"])
+    elif op == "untag":  # tags a retried trial no longer carries
+        present = client.get_run(run_id).data.tags
+        for name in entry["names"]:
+            if name in present:
+                client.delete_tag(run_id, name)
     elif op == "artifacts":
         tracking.log_artifacts(client, run_id, entry["paths"], entry.get("artifact_path"))
     elif op == "status":
         client.set_terminated(run_id, entry["status"])
+    elif op == "prune_children":
+        delete_orphaned_child_runs(client, run_id, set(entry["keep"]))
     else:
         raise ValueError(f"unknown journal entry {op!r}")
+
+
+def child_runs_filter(parent_run_id: str, trial_id: str | None = None) -> str:
+    """The MLflow search filter for the child runs of a search (or for one trial's)."""
+    parent = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    return parent if trial_id is None else f"tags.{TRIAL_ID_TAG} = '{trial_id}' and {parent}"
+
+
+def delete_orphaned_child_runs(client, parent_run_id: str, trial_ids: set[str]) -> int:
+    """Child runs of trials that a killed driver started but its last snapshot never recorded.
+
+    Ray does not know these trials after a resume (it samples new ones in their place), so their runs
+    would be duplicates with no trial behind them.
+    """
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs([experiment_id], filter_string=child_runs_filter(parent_run_id), max_results=10_000)
+    orphans = [r for r in children
+               if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids and r.data.tags.get("confirm") != "true"]
+    for run in orphans:
+        client.delete_run(run.info.run_id)
+    return len(orphans)
 
 
 def replay(journal: RecordJournal, client, attempts: int = ATTEMPTS, retry_s: float = RETRY_S) -> int:
@@ -302,9 +332,18 @@ class JournaledRun(tracking.RunHandle):
             self._record("status", key, status=tracking.KILLED)
         return len(running)
 
+    def prune_children(self, trial_ids: set[str]) -> None:
+        """The search's child runs of no trial in ``trial_ids`` deleted, once MLflow takes the record
+        (:func:`delete_orphaned_child_runs`)."""
+        self._record("prune_children", keep=sorted(trial_ids))
+
     def tag_child(self, trial_id: str, tags: dict[str, Any]) -> None:
         """Tags on the child run of ``trial_id`` (its journal key)."""
         self._record("tags", trial_id, values={k: str(v) for k, v in tags.items()})
+
+    def untag_child(self, trial_id: str, names: Iterable[str]) -> None:
+        """Tags removed from the child run of ``trial_id`` (those of a failure it is retried after)."""
+        self._record("untag", trial_id, names=list(names))
 
 
 @contextlib.contextmanager

@@ -67,7 +67,7 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     student, the parent run's records, the summary."""
     # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.budget import budget_outcome
-    from tune_mtard.search.recorder import delete_orphaned_child_runs, record_front, record_search
+    from tune_mtard.search.recorder import record_front, record_search
     from tune_mtard.search.searcher import close_orphaned_optuna_trials
 
     s = cfg.search
@@ -76,10 +76,7 @@ def conclude(cfg: Config, folder: Path, grid, teachers, data, parent, start: flo
     trials = summarize_results(grid, s.metric)
     trial_ids = {t.trial_id for t in trials}
     close_orphaned_optuna_trials(optuna_storage_url(cfg, folder), cfg.name, trial_ids)
-    try:
-        delete_orphaned_child_runs(parent.client, parent.run_id, trial_ids)
-    except Exception as exc:  # MLflow is down: the search still ends with its result (its records pending)
-        print(f"warning: orphaned child runs not checked ({type(exc).__name__})", file=sys.stderr)
+    parent.prune_children(trial_ids)  # journaled: sent when MLflow answers
     best = best_trial(trials, s.metric, s.mode, cfg.train.epochs)
     budget = budget_outcome(cfg, folder, trials, parent)
     if budget and budget["compared_at_epoch"] is not None:
@@ -168,7 +165,7 @@ def analyze(cfg: Config, folder: Path, trials, parent) -> None:
     A report, not a result: if it fails, the search still ends as it ended, with a warning."""
     try:
         report = analyze_search(folder, cfg, trials)
-        log_sensitivity(parent.client, parent.run_id, report)
+        log_sensitivity(parent, report)
         if report.fidelity is not None:  # ASHA's fidelity joins the summary (docs/sensitivity.md)
             summary_path = folder / files.SUMMARY_JSON
             summary = json.loads(summary_path.read_text())

@@ -24,6 +24,7 @@ from tune_mtard.diagnostics import csv_values, flag_counts, flag_tags
 from tune_mtard.metrics import DIAGNOSTICS, EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
 from tune_mtard.plots import plot_clean_vs_robust, plot_pareto, plot_trace
 from tune_mtard.search import journal
+from tune_mtard.search.journal import PARENT_TAG, TRIAL_ID_TAG, child_runs_filter
 from tune_mtard.search.pareto import default_trial, front_objectives, pareto_front, write_pareto_csv
 from tune_mtard.search.storage_fs import folder_on
 from tune_mtard.search.trials import (
@@ -33,27 +34,19 @@ from tune_mtard.search.trials import (
     STOPPED_BY,
     TrialState,
     TrialSummary,
-    failure_kind,
     read_divergence,
+    trial_failure_kind,
     trial_state,
 )
 from tune_mtard.trace import write_trace
 
 log = logging.getLogger(__name__)
 
-TRIAL_ID_TAG = "trial_id"
 REPORTED = EPOCH_METRICS + DIAGNOSTICS  # what each report of a trial logs to its child run
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     return torch.load(Path(checkpoint_dir) / files.TRIAL_STATE, map_location="cpu", weights_only=True)
-
-
-def child_runs_filter(parent_run_id: str, trial_id: str | None = None) -> str:
-    """The MLflow search filter for the child runs of a search (or for one trial's)."""
-    parent = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
-    return parent if trial_id is None else f"tags.{TRIAL_ID_TAG} = '{trial_id}' and {parent}"
 
 
 class MlflowTrialRecorder(Callback):
@@ -157,7 +150,7 @@ class MlflowTrialRecorder(Callback):
         trial_dir = folder_on(trial.storage.storage_filesystem, trial.path)
         diverged = read_divergence(trial_dir)
         tags: dict[str, Any] = {"trial_state": TrialState.FAIL.value}
-        tags[FAILURE_KIND] = FAILURE_KINDS[trial.trial_id] = failure_kind(_error_line(trial), diverged)
+        tags[FAILURE_KIND] = FAILURE_KINDS[trial.trial_id] = trial_failure_kind(trial, diverged)
         if diverged is not None:
             tags.update(diverged, failure="diverged")
             if trial_dir.exists(files.TRACE_CSV):
@@ -206,24 +199,6 @@ def _error_line(trial) -> str:
     except (OSError, TypeError):
         return "error"
     return (lines[-1] if lines else "error")[:500]
-
-
-def _child_runs(client, parent_run_id: str) -> list:
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    return client.search_runs([experiment_id], filter_string=child_runs_filter(parent_run_id), max_results=10_000)
-
-
-def delete_orphaned_child_runs(client, parent_run_id: str, trial_ids: set[str]) -> int:
-    """Child runs of trials that a killed driver started but its last snapshot never recorded.
-
-    Ray does not know these trials after a resume (it samples new ones in their place), so their runs
-    would be duplicates with no trial behind them.
-    """
-    orphans = [r for r in _child_runs(client, parent_run_id)
-               if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids and r.data.tags.get("confirm") != "true"]
-    for run in orphans:
-        client.delete_run(run.info.run_id)
-    return len(orphans)
 
 
 def child_run_id(client, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:

@@ -35,6 +35,9 @@ TELL_ATTEMPTS = 3  # per snapshot; a trial still untold stays pending for the ne
 TELL_BACKOFF_S = 0.5
 
 RAY_TRIAL_ATTR = "ray_trial_id"  # user attribute of each Optuna trial: the Ray Tune trial it was asked for
+# User attribute of the Optuna trial of a retried infra failure (--resume --retry-errored): the number of the FAIL
+# trial it retries, which Optuna cannot reopen (docs/search.md, "Retrying infra failures").
+RETRY_OF_ATTR = "retry_of"
 _OPTUNA_STATES = {TrialState.COMPLETE: optuna.trial.TrialState.COMPLETE,
                   TrialState.PRUNED: optuna.trial.TrialState.PRUNED,
                   TrialState.FAIL: optuna.trial.TrialState.FAIL}
@@ -131,6 +134,20 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         if ot_trial is not None:
             ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         return params
+
+    def reopen_trial(self, trial_id: str) -> None:
+        """The infra-failed Ray trial ``trial_id`` runs again (``--resume --retry-errored``): its Optuna trial is
+        FAIL and cannot be told again, so it gets the trial :func:`retry_trial` names, which is told when the
+        retry ends. A trial whose FAIL was never told (its tell still pending) is told by the retry instead."""
+        self.tell_pending()
+        study = compat.optuna_study(self)
+        failed = compat.study_storage(study).get_trial(compat.storage_trial_id(compat.optuna_trials(self)[trial_id]))
+        if failed.state.is_finished():
+            retry = retry_trial(study, failed)
+            compat.optuna_trials(self)[trial_id] = optuna.Trial(study, compat.storage_trial_id(retry))
+            self._reported_epochs[trial_id] = set(retry.intermediate_values)
+        self._pending_tells.pop(trial_id, None)
+        compat.completed_trials(self).discard(trial_id)
 
     def _open(self, trial_id: str) -> bool:
         return trial_id not in compat.completed_trials(self) and trial_id in compat.optuna_trials(self)
@@ -283,10 +300,28 @@ def close_budget_stopped_trials(storage_url: str, study_name: str, trial_ids: se
             study.tell(t.number, state=optuna.trial.TrialState.PRUNED)
 
 
+def retry_trial(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """The RUNNING Optuna trial that retries the FAIL trial ``failed``: its params, distributions, intermediate
+    values and Ray trial id, with ``retry_of`` = its number. Added through the study's public ``add_trial`` (the
+    sampler draws nothing); one already there (a retry a killed driver began) is taken again."""
+    def open_retry() -> optuna.trial.FrozenTrial | None:
+        return next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                     if t.user_attrs.get(RETRY_OF_ATTR) == failed.number), None)
+
+    if open_retry() is None:
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING, params=failed.params, distributions=failed.distributions,
+            intermediate_values=failed.intermediate_values,
+            user_attrs={RAY_TRIAL_ATTR: failed.user_attrs.get(RAY_TRIAL_ATTR), RETRY_OF_ATTR: failed.number}))
+    return open_retry()
+
+
 def finished_optuna_trials(storage_url: str, study_name: str) -> set[str]:
-    """Ray trial ids whose Optuna trial is told (COMPLETE, PRUNED or FAIL): a resumed search must not rerun them."""
+    """Ray trial ids whose latest Optuna trial is told (COMPLETE, PRUNED or FAIL): a resumed search must not rerun
+    them. The latest: a retried infra failure has a FAIL trial and, after it, the trial of its retry."""
     if not study_exists(storage_url, study_name):
         return set()
     study = optuna.load_study(study_name=study_name, storage=storage_url)
-    return {t.user_attrs[RAY_TRIAL_ATTR] for t in study.get_trials(deepcopy=False)
-            if t.state.is_finished() and RAY_TRIAL_ATTR in t.user_attrs}
+    latest = {t.user_attrs[RAY_TRIAL_ATTR]: t for t in study.get_trials(deepcopy=False)
+              if RAY_TRIAL_ATTR in t.user_attrs}  # in the order they were asked
+    return {ray_id for ray_id, t in latest.items() if t.state.is_finished()}

@@ -188,17 +188,17 @@ def analyze_search(folder: str | Path, cfg: Config, trials: list[TrialSummary] |
     return report
 
 
-def log_sensitivity(client: Any, run_id: str, report: SensitivityReport) -> None:
-    """Put the analysis on an MLflow run (a search's parent run): its files under ``sensitivity/``, each
-    importance as a metric ``importance.<key>``, and the epoch and trials compared as tags."""
-    tracking.log_artifacts(client, run_id, report.files, files.SENSITIVITY_ARTIFACTS)
-    tracking.log_metrics(client, run_id, {f"importance.{k}": v for k, v in report.importances.items()}, step=0)
-    tracking.set_tags(client, run_id, {"sensitivity.epoch": "" if report.epoch is None else report.epoch,
-                                       "sensitivity.trials_compared": len(report.compared)})
+def log_sensitivity(run: tracking.RunHandle, report: SensitivityReport) -> None:
+    """Put the analysis on an MLflow run (a search's parent run, whose handle journals it): its files under
+    ``sensitivity/``, each importance as a metric ``importance.<key>``, and the epoch and trials compared as tags."""
+    run.log_artifacts(report.files, files.SENSITIVITY_ARTIFACTS)
+    run.log_metrics({f"importance.{k}": v for k, v in report.importances.items()}, step=0)
+    run.set_tags({"sensitivity.epoch": "" if report.epoch is None else report.epoch,
+                  "sensitivity.trials_compared": len(report.compared)})
     if report.fidelity is not None:
-        tracking.log_metrics(client, run_id, {f"asha_fidelity.rung_{rung}": rho for rung, rho in
-                                              report.fidelity["spearman"].items() if math.isfinite(rho)}, step=0)
-        tracking.set_tags(client, run_id, {"asha_fidelity": report.fidelity["sentence"]})
+        run.log_metrics({f"asha_fidelity.rung_{rung}": rho for rung, rho in report.fidelity["spearman"].items()
+                         if math.isfinite(rho)}, step=0)
+        run.set_tags({"asha_fidelity": report.fidelity["sentence"]})
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from tune_mtard.errors import Diverged
 from tune_mtard.files import DIVERGED_JSON, STUDENT
 from tune_mtard.metrics import EPOCH
 from tune_mtard.models import create_model, load_checkpoint
+from tune_mtard.search import compat
 from tune_mtard.search.compat import quiet_experiment_analysis, trial_ids
 from tune_mtard.search.storage_fs import Storage, folder_on
 
@@ -64,6 +65,7 @@ class TrialSummary:
     finished: bool = True  # False for a trial an interrupted search left running or pending
     stopped_by: str = ""  # BUDGET for a trial the search's budget stopped
     history: dict[int, float] = field(default_factory=dict)  # epoch -> search.metric, where it is known
+    kind: str = ""  # the failure kind judged from the error itself (:func:`error_kind`), where it is known
 
     def metric(self, name: str) -> float:
         value = self.metrics.get(name)
@@ -88,7 +90,9 @@ class TrialSummary:
     @property
     def failure_kind(self) -> str:
         """``trial``, ``infra`` or ``diverged`` for a failed trial (docs/search.md, "Outcomes"); empty otherwise."""
-        return failure_kind(self.failure, self.diverged) if self.failed else ""
+        if not self.failed:
+            return ""
+        return self.kind if self.kind and self.diverged is None else failure_kind(self.failure, self.diverged)
 
 
 def rank_trials(trials: list[TrialSummary], metric: str, mode: str, full_epochs: int) -> list[TrialSummary]:
@@ -176,6 +180,24 @@ def error_kind(error: BaseException | None) -> str:
     return failure_kind(f"{type(cause).__name__}: {cause}")
 
 
+def trial_failure_kind(trial: Any, diverged: dict[str, int] | None) -> str:
+    """The failure kind of a failed Ray trial, judged as the retry rule judges it, from the exception (a dead
+    worker's error names no marker in its text): the rule's own judgement in this driver, else the exception Ray
+    pickled for the trial's latest failure, else its error file's last line."""
+    if diverged is not None:
+        return "diverged"
+    judged = compat.judged_failure_kind(trial)
+    if judged is not None:
+        return judged
+    try:
+        error = trial.get_pickled_error()
+    except Exception:  # an error that does not unpickle here: its text is all there is
+        error = None
+    if isinstance(error, BaseException):
+        return error_kind(error)
+    return failure_kind(error_file_text(folder_on(trial.storage.storage_filesystem, trial.path)))
+
+
 def error_file_text(trial_dir: Storage) -> str:
     """The last line of the traceback Ray wrote into a failed trial's folder (``error.txt``), or ``error``."""
     try:
@@ -218,6 +240,7 @@ def summarize_results(grid: Any, metric: str | None = None) -> list[TrialSummary
             failure=failure_text(result.error, diverged),
             diverged=diverged,
             history=_history(result.metrics_dataframe, metric) if metric else {},
+            kind=error_kind(result.error) if isinstance(result.error, BaseException) else "",
         ))
     return summaries
 
@@ -253,5 +276,6 @@ def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
                 failure=failure_text(None, diverged) or (error_file_text(trial_dir) if failed else ""),
                 diverged=diverged,
                 finished=str(trial.status) in ("TERMINATED", "ERROR"),
+                kind=trial_failure_kind(trial, diverged) if failed else "",
             ))
     return trials
