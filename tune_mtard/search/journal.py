@@ -7,7 +7,8 @@ sent. A :class:`RecordWriter` thread sends the entries in order with bounded ret
 waits on MLflow and never sees its errors. Replaying is idempotent: a run is found again by its journal
 key (tag ``tune_mtard.record_key``) before one is created, a metric keeps the timestamp it was journaled
 with (MLflow stores an identical metric once), params already on a run are skipped, and tags, artifacts
-and statuses overwrite themselves. Artifacts are copied into ``records/`` beside the journal until sent.
+and statuses overwrite themselves. Artifacts are copied into ``records/`` beside the journal until sent; a
+``trace`` entry keeps a trial's ``state.pt`` there, from which the writer makes its ``balance_trace.csv`` and plot.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -30,6 +32,7 @@ from tune_mtard.errors import ConfigError
 from tune_mtard.services import check_tracking_uri, masked_uri
 
 RECORD_KEY_TAG = "tune_mtard.record_key"
+KEPT_FILES = ("artifacts", "trace")  # entries whose files are copied beside the journal until sent
 ATTEMPTS = 3  # tries of one entry before it stays pending for the next round
 RETRY_S = 1.0  # between tries of an entry
 OUTAGE_RETRY_S = 5.0  # between rounds while MLflow is down
@@ -46,6 +49,12 @@ class RecordJournal:
         self.entries: list[dict[str, Any]] = []
         self.done: set[int] = set()
         self.run_ids: dict[str, str] = {}  # journal key -> MLflow run id
+        # Indexes kept as entries arrive, so no question a Tune callback asks reads the whole journal: the
+        # driver's cost per report stays flat as the search grows (docs/search.md, "What the driver costs").
+        self._first_pending = 0  # every entry before it is done
+        self._steps: dict[str, set[int]] = {}  # key -> epochs with a metrics entry
+        self._runs: set[str] = set()  # keys with a run entry
+        self._ends: dict[str, tuple[int | None, str | None]] = {}  # key -> (last epochs_run, last status)
         for line in read_lines(self.path):
             self._take(line)
         drop_torn_tail(self.path)
@@ -53,10 +62,24 @@ class RecordJournal:
     def _take(self, entry: dict[str, Any]) -> None:
         if "done" in entry:
             self.done.add(entry["done"])
+            while self._first_pending < len(self.entries) and self.entries[self._first_pending]["seq"] in self.done:
+                self._first_pending += 1
         elif "bind" in entry:
             self.run_ids[entry["bind"]] = entry["run_id"]
         else:
             self.entries.append(entry)
+            key, op = entry["key"], entry["op"]
+            epochs, status = self._ends.get(key, (None, None))
+            if op == "metrics":
+                self._steps.setdefault(key, set()).add(entry["step"])
+            elif op == "run":
+                self._runs.add(key)
+                status = tracking.RUNNING
+            elif op == "status":
+                status = entry["status"]
+            elif op == "tags" and "epochs_run" in entry["values"]:
+                epochs = int(entry["values"]["epochs_run"])
+            self._ends[key] = (epochs, status)
 
     def _write(self, entry: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +93,7 @@ class RecordJournal:
         """Journal one record of the run ``key``; returns its sequence number."""
         with self._lock:
             seq = len(self.entries)
-            if op == "artifacts":  # the files go with the entry: a temporary file may be gone when it is sent
+            if op in KEPT_FILES:  # the files go with the entry: a temporary file may be gone when it is sent
                 kept = self.artifacts / str(seq)
                 kept.mkdir(parents=True, exist_ok=True)
                 fields["paths"] = [str(shutil.copy2(path, kept / Path(path).name)) for path in fields["paths"]]
@@ -87,28 +110,26 @@ class RecordJournal:
         with self._lock:
             self._write({"done": seq})
         entry = self.entries[seq]
-        if entry["op"] == "artifacts":
+        if entry["op"] in KEPT_FILES:
             shutil.rmtree(self.artifacts / str(seq), ignore_errors=True)
 
     def pending(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [e for e in self.entries if e["seq"] not in self.done]
+            return [e for e in self.entries[self._first_pending:] if e["seq"] not in self.done]
 
     def logged_steps(self, key: str) -> set[int]:
         """The epochs journaled for the run ``key`` (sent or pending)."""
-        return {e["step"] for e in self.entries if e["key"] == key and e["op"] == "metrics"}
+        return set(self._steps.get(key, ()))
+
+    def has_step(self, key: str, step: int) -> bool:
+        return step in self._steps.get(key, ())
 
     def has_run(self, key: str) -> bool:
-        return key in self.run_ids or any(e["key"] == key and e["op"] == "run" for e in self.entries)
+        return key in self.run_ids or key in self._runs
 
     def finished_epochs(self, key: str) -> int | None:
         """The epochs the run ``key`` was last ended FINISHED with (its files are journaled), else None."""
-        epochs, status = None, None
-        for e in self.entries:
-            if e["key"] == key and e["op"] == "tags" and "epochs_run" in e["values"]:
-                epochs = int(e["values"]["epochs_run"])
-            elif e["key"] == key and e["op"] in ("status", "run"):
-                status = e.get("status", tracking.RUNNING)
+        epochs, status = self._ends.get(key, (None, None))
         return epochs if status == tracking.FINISHED else None
 
 
@@ -159,10 +180,30 @@ def apply(client, journal: RecordJournal, entry: dict[str, Any]) -> None:
         tracking.set_tags(client, run_id, entry["values"])
     elif op == "artifacts":
         tracking.log_artifacts(client, run_id, entry["paths"], entry.get("artifact_path"))
+    elif op == "trace":
+        log_trace(client, run_id, entry["paths"][0], entry["title"])
     elif op == "status":
         client.set_terminated(run_id, entry["status"])
     else:
         raise ValueError(f"unknown journal entry {op!r}")
+
+
+def log_trace(client, run_id: str, state_file: str, title: str) -> None:
+    """``balance_trace.csv`` and its plot, from a trial's loop state (``state.pt``), as artifacts of the run: the
+    writer does it, so the end of a trial costs Ray Tune's event loop a file copy, not the trace and a plot."""
+    # torch and matplotlib load in the writer's first trace entry: a journal replay without one needs neither
+    import torch
+
+    # matplotlib comes with plots
+    from tune_mtard.plots import plot_trace
+    from tune_mtard.trace import write_trace
+
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_csv, trace_png = Path(tmp) / files.TRACE_CSV, Path(tmp) / files.TRACE_PNG
+        write_trace(state["trace"], trace_csv)
+        plot_trace(trace_csv, trace_png, title=title)
+        tracking.log_artifacts(client, run_id, [str(trace_csv), str(trace_png)])
 
 
 def replay(journal: RecordJournal, client, attempts: int = ATTEMPTS, retry_s: float = RETRY_S) -> int:
