@@ -373,10 +373,13 @@ def test_a_restarted_trial_skips_a_torn_checkpoint_but_fails_on_one_that_does_no
 
     torch.save({"not": "a trainer state"}, foreign / "state.pt")
     with pytest.raises(bmtard.CheckpointError, match="cannot be loaded into trial aa11bb22"):
-        bmtard._resume(fresh)
+        bmtard._resume(fresh, resumed_search=True)
 
     (foreign / "state.pt").unlink()  # now torn too: both skipped, the good one loaded
-    assert bmtard._resume(fresh) is True and fresh.epoch == 1
+    assert bmtard._resume(fresh, resumed_search=True) is True and fresh.epoch == 1
+    # A trial's first start in a new search (Ray gives it no checkpoint) looks for none.
+    first = Trainer(tiny_config.with_values({"method": "natural", "train.epochs": 1}), tiny_digits)
+    assert bmtard._resume(first, resumed_search=False) is False and first.epoch == 0
 
 
 # ---- the exported config reproduces its trial --------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tune_mtard import files, tracking
-from tune_mtard.search import journal
+from tune_mtard.search import journal, journal_ops
 
 
 def store(tmp_path: Path) -> tuple[str, object, str]:
@@ -91,7 +91,7 @@ def test_a_prune_record_deletes_the_child_runs_of_unknown_trials_when_it_is_sent
     parent = j.run_ids[journal.PARENT_KEY]
     for key, tags in (("known", {}), ("orphan", {}), ("rerun", {"confirm": "true"})):
         j.append("run", key, experiment_id=experiment, name=key,
-                 tags={journal.PARENT_TAG: parent, journal.TRIAL_ID_TAG: key, **tags})
+                 tags={journal_ops.PARENT_TAG: parent, journal_ops.TRIAL_ID_TAG: key, **tags})
     j.append("prune_children", journal.PARENT_KEY, keep=["known"])
     assert journal.replay(j, client) == 0
     again = journal.RecordJournal(tmp_path / "search")

@@ -397,14 +397,14 @@ def test_a_check_that_fails_says_what_it_measured(monkeypatch):
         gpu_checks.check_bf16_close_to_fp32(small_check_setup())
 
 
-def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_config_path, tmp_path):
-    """The real platform benchmark, shrunk: a fresh Ray in a subprocess, one 1-epoch trial each way."""
+def test_bench_platform_times_one_trial_bare_and_several_through_one_tuner(tiny_config_path, tmp_path):
+    """The real platform benchmark, shrunk: a fresh Ray in a subprocess, a 1-epoch trial bare and two in a Tuner."""
     space = tmp_path / "space.yaml"
     space.write_text(tiny_config_path.read_text() + PLATFORM_SEARCH)
     out = tmp_path / "platform.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-m", "tune_mtard.bench", "platform", "--config", str(space),
-                           "--epochs", "1", "--repeats", "1", "--out", str(out)],
+                           "--epochs", "1", "--repeats", "1", "--trials", "2", "--out", str(out)],
                           cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -412,6 +412,9 @@ def test_bench_platform_times_one_trial_bare_and_through_the_searchs_tuner(tiny_
     (run,) = result["runs"]
     assert 0 < run["bare_epoch_time_sum_s"] <= run["bare_s"]
     assert 0 < run["trial_epoch_time_sum_s"] <= run["trial_loop_s"] <= run["tuner_fit_s"]
+    assert run["trials"] == result["trials_per_tuner"] == 2
+    assert run["trial_launch_s"] == pytest.approx((run["tuner_fit_s"] - run["trial_loops_sum_s"]) / 2)
+    assert result["trial_launch_s"] == run["trial_launch_s"]
     assert result["platform_overhead"] == pytest.approx((run["trial_loop_s"] - run["bare_s"]) / run["trial_loop_s"])
     assert run["driver_mlflow_s"] > 0 and run["driver_optuna_s"] > 0  # the search's own recorder and searcher ran
     assert "platform_overhead" in done.stdout
@@ -463,3 +466,23 @@ def test_a_device_the_machine_lacks_is_a_config_error_naming_device(monkeypatch)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="MPS is not available"):
         resolve_device("mps")
+
+
+def test_bench_driver_runs_two_searches_of_synthetic_trials_and_records_every_report(tmp_path):
+    """The real driver benchmark, shrunk: the search's Tuner at two sizes; every report reaches MLflow."""
+    out = tmp_path / "driver.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "tune_mtard.bench", "driver", "--config", "digits.yaml",
+                           "--trials", "6", "--trials-large", "12", "--epochs", "5", "--concurrent", "2",
+                           "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["command"] == "driver" and result["scheduler"] == "asha" and result["epochs"] == 5
+    assert [s["trials"] for s in result["searches"]] == [result["trials"], result["trials_large"]] == [6, 12]
+    for search in result["searches"]:
+        assert search["child_runs"] == search["trials"] and search["records"] == "complete"
+        assert search["trials"] <= search["reports"] == search["recorded_reports"] <= search["trials"] * 5
+        assert search["driver_s_per_report"] == pytest.approx(search["tuner_fit_s"] / search["reports"])
+    assert result["growth"] == pytest.approx(result["driver_s_per_report_large"] / result["driver_s_per_report"])
+    assert "growth per report" in done.stdout

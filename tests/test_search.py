@@ -463,6 +463,10 @@ def test_a_restarted_trial_finds_its_furthest_checkpoint_in_any_of_its_folders(t
     checkpoint("train_bmtard_ab12cd99_4_beta=2.0_2026-11-25_10-00-00", "checkpoint_000009", 9)  # another trial
     found = find_checkpoints(pyarrow.fs.LocalFileSystem(), str(tmp_path), new, "train_bmtard_ab12cd34")
     assert [c.path for c in found] == [e3_new, e3, e2, e1_new, torn]
+    # Within one driver session (not a resumed search) only the trial's own folder is listed.
+    own = find_checkpoints(pyarrow.fs.LocalFileSystem(), str(tmp_path), new, "train_bmtard_ab12cd34",
+                           everywhere=False)
+    assert [c.path for c in own] == [e3_new, e1_new]
 
 
 # ---- kill and resume -------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def teacher_from_weights(arch: str, weights: dict[str, torch.Tensor], data: Data
 
 
 def find_checkpoints(fs: pyarrow.fs.FileSystem, experiment_path: str, trial_dir: str,
-                     trial_name: str) -> list[tune.Checkpoint]:
+                     trial_name: str, everywhere: bool = True) -> list[tune.Checkpoint]:
     """Every checkpoint the trial left in the experiment folder, the furthest trained first.
 
     Ray hands a restarted trial the last checkpoint recorded in its latest experiment snapshot, and
@@ -58,10 +58,18 @@ def find_checkpoints(fs: pyarrow.fs.FileSystem, experiment_path: str, trial_dir:
     trial as pending leaves them in a folder the resumed Ray does not know (it names the trial's folder
     anew, with a new date). So look in every folder of this trial (``<trial name>_...``), and order by
     the epoch each checkpoint holds: checkpoint numbers restart from the snapshot's count after a resume.
+
+    Listing the experiment folder costs a trial start in proportion to the trials so far, so only a resumed
+    search does (``everywhere``); within one driver session Ray knows each trial's folder, and the trial's
+    own folder is enough.
     """
-    selector = pyarrow.fs.FileSelector(experiment_path, allow_not_found=True)
-    folders = [i for i in fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.Directory
-               and (i.base_name == trial_dir or i.base_name.startswith(trial_name + "_"))]
+    if everywhere:
+        selector = pyarrow.fs.FileSelector(experiment_path, allow_not_found=True)
+        folders = [i for i in fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.Directory
+                   and (i.base_name == trial_dir or i.base_name.startswith(trial_name + "_"))]
+    else:
+        folders = [i for i in fs.get_file_info([f"{experiment_path}/{trial_dir}"])
+                   if i.type == pyarrow.fs.FileType.Directory]
     found = []
     for folder in folders:
         for info in fs.get_file_info(pyarrow.fs.FileSelector(folder.path, allow_not_found=True)):
@@ -84,17 +92,21 @@ class CheckpointError(RuntimeError):
     """A trial's checkpoint is complete but cannot be loaded into the trial: failing beats silently restarting."""
 
 
-def _resume(trainer: Trainer) -> bool:
-    """Load the furthest checkpoint (False when there is none).
+def _resume(trainer: Trainer, resumed_search: bool) -> bool:
+    """Load the furthest checkpoint (False when there is none): in any folder of the trial when the search was
+    resumed, else in the trial's own folder, and only when Ray restarts the trial with a checkpoint.
 
     A torn copy (cut short by a kill mid-copy: no metadata, or a state file that cannot be read) is skipped
     with a warning, and the one before it is taken. A complete checkpoint that does not load into this
     trial (another config, another version) fails the trial: restarting it from scratch unannounced would
     hide the problem and waste its epochs.
     """
-    fs, experiment_path, trial_dir = compat.trial_storage()
-    candidates = find_checkpoints(fs, experiment_path, trial_dir, tune.get_context().get_trial_name())
     given = tune.get_checkpoint()
+    if given is None and not resumed_search:  # a trial's first start in this search: nothing to look for
+        return False
+    fs, experiment_path, trial_dir = compat.trial_storage()
+    candidates = find_checkpoints(fs, experiment_path, trial_dir, tune.get_context().get_trial_name(),
+                                  everywhere=resumed_search)
     if given is not None and all(c.path != given.path for c in candidates):
         candidates.append(given)
     for checkpoint in candidates:
@@ -130,8 +142,10 @@ def _record_divergence(trainer: Trainer, error: Diverged) -> None:
 
 
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
-                 teachers: dict[str, tuple[str, dict[str, torch.Tensor]]], finished: set[str] = frozenset()) -> None:
-    """One trial. ``teachers`` maps role to ``(arch, state dict)``; ``data`` is the whole dataset.
+                 teachers: dict[str, tuple[str, dict[str, torch.Tensor]]], finished: set[str] = frozenset(),
+                 resumed_search: bool = False) -> None:
+    """One trial. ``teachers`` maps role to ``(arch, state dict)``; ``data`` is the whole dataset;
+    ``resumed_search``: whether the driver resumed the search (checkpoints are then looked for everywhere).
 
     ``finished`` holds the ids of trials that a killed driver had already finished (told to Optuna): when
     a resumed search restarts one, it only reports its last epoch again, so Ray records its final result.
@@ -147,7 +161,7 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
                                   for role, (arch, weights) in teachers.items()},
                       device=trial_device(cfg.device, assigned.get("GPU", 0)))
     node_id = ray.get_runtime_context().get_node_id()
-    resumed = _resume(trainer)
+    resumed = _resume(trainer, resumed_search or bool(finished))
     resumed_from_epoch = trainer.epoch  # 0 for a fresh start: shows in the results that a restart continued
     diagnostician = Diagnostician(cfg)  # reads each trace row once over the trial
 

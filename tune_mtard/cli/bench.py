@@ -1,4 +1,5 @@
-"""``bench step|epoch|gpu|platform|search|memory|folder``: performance figures (docs/performance.md, docs/gpu.md)."""
+"""``bench step|epoch|gpu|platform|driver|search|memory|folder``: performance figures (docs/performance.md,
+docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def build_parser() -> ArgumentParser:
     parser = parser_for("bench", "Performance figures: a table on stdout and, with --out, JSON with the machine "
                                  "they were measured on.")
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{step,epoch,gpu,platform,search,memory,folder}")
+                                     metavar="{step,epoch,gpu,platform,driver,search,memory,folder}")
 
     def command(name: str, help_text: str, space: str = DEFAULT_SPACE,
                 out: str | None = None) -> argparse.ArgumentParser:
@@ -62,9 +63,19 @@ def build_parser() -> ArgumentParser:
     gpu.add_argument("--repeats", type=int, default=5, help="timed windows per bench step variant (default: 5)")
     gpu.add_argument("--window-s", type=float, default=0.5, help="seconds per bench step window (default: 0.5)")
     gpu.add_argument("--checks-only", action="store_true", help="run the checks and stop")
-    plat = command("platform", "the same short trial bare and as a Ray Tune trial with MLflow logging")
+    plat = command("platform", "the same short trial bare and, --trials times, as Ray Tune trials of one Tuner "
+                               "with MLflow logging")
     plat.add_argument("--epochs", type=int, default=3, help="epochs of the trial")
-    plat.add_argument("--repeats", type=int, default=1, help="bare/trial pairs (median taken)")
+    plat.add_argument("--repeats", type=int, default=1, help="bare trial / Tuner pairs (median taken)")
+    plat.add_argument("--trials", type=int, default=8,
+                      help="trials of each Tuner, run one at a time (default: 8)")
+    driver = command("driver", "the search driver's seconds per report (real searcher, ASHA, MLflow recorder) with "
+                               "synthetic trials that report at once, at two sizes of search")
+    driver.add_argument("--trials", type=int, default=100, help="trials of the small search (default: 100)")
+    driver.add_argument("--trials-large", type=int, default=1000,
+                        help="trials of the large search (default: 1000)")
+    driver.add_argument("--epochs", type=int, default=50, help="epochs (reports) a trial (default: 50)")
+    driver.add_argument("--concurrent", type=int, default=4, help="trials at a time (default: 4)")
     memory = command("memory", "GPU memory of one trial, estimated on the CPU, and how many trials share a card")
     memory.add_argument("--batch-size", type=int, default=None, help="batch size (default: data.batch_size)")
     memory.add_argument("--gpu-gib", type=float, default=80.0, help="memory of the card (default: 80)")
@@ -86,8 +97,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    for flag in ("batch_size", "repeats", "epochs", "num_samples", "max_epochs", "warmup", "threads",
-                 "train_examples", "image_size"):
+    for flag in ("batch_size", "repeats", "epochs", "num_samples", "trials", "trials_large", "concurrent",
+                 "max_epochs", "warmup", "threads", "train_examples", "image_size"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}", "must be >= 1")
@@ -149,8 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.platform import bench_platform, print_platform
 
-        result = bench_platform(load_config(args.config, args.overrides, check_files=False), args.epochs, args.repeats)
+        result = bench_platform(load_config(args.config, args.overrides, check_files=False), args.epochs, args.repeats,
+                                args.trials)
         print_platform(result)
+    elif args.command == "driver":
+        # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
+        from tune_mtard.benchmarks.driver import bench_driver, print_driver
+
+        result = bench_driver(load_config(args.config, args.overrides, check_files=False), args.trials,
+                              args.trials_large, args.epochs, args.concurrent)
+        print_driver(result)
     elif args.command == "memory":
         # the library (torch and more) loads only after the flags parse: --help and bad flags answer at once
         from tune_mtard.benchmarks.memory import bench_memory, print_memory

@@ -284,6 +284,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
         # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         compat.tolerate_deleted_checkpoints()
+        compat.snapshot_on_schedule_only()
         journal.bounded_http_retries()
         retry_infra_failures_only(s.max_failures)
         client = tracking.client_for(cfg.mlflow.tracking_uri)
@@ -303,7 +304,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                         if resume else set())
             trainable = tune.with_resources(
                 tune.with_parameters(train_bmtard, base=cfg.run_config(), data=data, teachers=teacher_weights,
-                                     finished=finished),
+                                     finished=finished, resumed_search=resume),
                 {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
             )
             start_budget_session(cfg, folder, resume)
@@ -373,6 +374,8 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     )
 
     s = cfg.search
+    compat.tolerate_deleted_checkpoints()
+    compat.snapshot_on_schedule_only()
     storage = optuna.storages.RDBStorage(optuna_storage_url(cfg, folder))
     point, notes = default_point(cfg)
     for note in notes:

@@ -7,7 +7,8 @@ sent. A :class:`RecordWriter` thread sends the entries in order with bounded ret
 waits on MLflow and never sees its errors. Replaying is idempotent: a run is found again by its journal
 key (tag ``tune_mtard.record_key``) before one is created, a metric keeps the timestamp it was journaled
 with (MLflow stores an identical metric once), params already on a run are skipped, and tags, artifacts
-and statuses overwrite themselves. Artifacts are copied into ``records/`` beside the journal until sent.
+and statuses overwrite themselves. Artifacts are copied into ``records/`` beside the journal until sent; a
+``trace`` entry keeps a trial's ``state.pt`` there, from which the writer makes its ``balance_trace.csv`` and plot.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from typing import Any
 from tune_mtard import atomic, files, tracking
 from tune_mtard.config import load_config
 from tune_mtard.errors import ConfigError
+from tune_mtard.search.journal_ops import apply
 from tune_mtard.services import check_tracking_uri, masked_uri
 
-RECORD_KEY_TAG = "tune_mtard.record_key"
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_ID_TAG = "trial_id"  # a child run's Ray Tune trial id (its journal key too)
+KEPT_FILES = ("artifacts", "trace")  # entries whose files are copied beside the journal until sent
 ATTEMPTS = 3  # tries of one entry before it stays pending for the next round
 RETRY_S = 1.0  # between tries of an entry
 OUTAGE_RETRY_S = 5.0  # between rounds while MLflow is down
@@ -48,6 +48,12 @@ class RecordJournal:
         self.entries: list[dict[str, Any]] = []
         self.done: set[int] = set()
         self.run_ids: dict[str, str] = {}  # journal key -> MLflow run id
+        # Indexes kept as entries arrive, so no question a Tune callback asks reads the whole journal: the
+        # driver's cost per report stays flat as the search grows (docs/search.md, "What the driver costs").
+        self._first_pending = 0  # every entry before it is done
+        self._steps: dict[str, set[int]] = {}  # key -> epochs with a metrics entry
+        self._runs: set[str] = set()  # keys with a run entry
+        self._ends: dict[str, tuple[int | None, str | None]] = {}  # key -> (last epochs_run, last status)
         for line in read_lines(self.path):
             self._take(line)
         drop_torn_tail(self.path)
@@ -55,10 +61,24 @@ class RecordJournal:
     def _take(self, entry: dict[str, Any]) -> None:
         if "done" in entry:
             self.done.add(entry["done"])
+            while self._first_pending < len(self.entries) and self.entries[self._first_pending]["seq"] in self.done:
+                self._first_pending += 1
         elif "bind" in entry:
             self.run_ids[entry["bind"]] = entry["run_id"]
         else:
             self.entries.append(entry)
+            key, op = entry["key"], entry["op"]
+            epochs, status = self._ends.get(key, (None, None))
+            if op == "metrics":
+                self._steps.setdefault(key, set()).add(entry["step"])
+            elif op == "run":
+                self._runs.add(key)
+                status = tracking.RUNNING
+            elif op == "status":
+                status = entry["status"]
+            elif op == "tags" and "epochs_run" in entry["values"]:
+                epochs = int(entry["values"]["epochs_run"])
+            self._ends[key] = (epochs, status)
 
     def _write(self, entry: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -72,7 +92,7 @@ class RecordJournal:
         """Journal one record of the run ``key``; returns its sequence number."""
         with self._lock:
             seq = len(self.entries)
-            if op == "artifacts":  # the files go with the entry: a temporary file may be gone when it is sent
+            if op in KEPT_FILES:  # the files go with the entry: a temporary file may be gone when it is sent
                 kept = self.artifacts / str(seq)
                 kept.mkdir(parents=True, exist_ok=True)
                 fields["paths"] = [str(shutil.copy2(path, kept / Path(path).name)) for path in fields["paths"]]
@@ -89,28 +109,26 @@ class RecordJournal:
         with self._lock:
             self._write({"done": seq})
         entry = self.entries[seq]
-        if entry["op"] == "artifacts":
+        if entry["op"] in KEPT_FILES:
             shutil.rmtree(self.artifacts / str(seq), ignore_errors=True)
 
     def pending(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [e for e in self.entries if e["seq"] not in self.done]
+            return [e for e in self.entries[self._first_pending:] if e["seq"] not in self.done]
 
     def logged_steps(self, key: str) -> set[int]:
         """The epochs journaled for the run ``key`` (sent or pending)."""
-        return {e["step"] for e in self.entries if e["key"] == key and e["op"] == "metrics"}
+        return set(self._steps.get(key, ()))
+
+    def has_step(self, key: str, step: int) -> bool:
+        return step in self._steps.get(key, ())
 
     def has_run(self, key: str) -> bool:
-        return key in self.run_ids or any(e["key"] == key and e["op"] == "run" for e in self.entries)
+        return key in self.run_ids or key in self._runs
 
     def finished_epochs(self, key: str) -> int | None:
         """The epochs the run ``key`` was last ended FINISHED with (its files are journaled), else None."""
-        epochs, status = None, None
-        for e in self.entries:
-            if e["key"] == key and e["op"] == "tags" and "epochs_run" in e["values"]:
-                epochs = int(e["values"]["epochs_run"])
-            elif e["key"] == key and e["op"] in ("status", "run"):
-                status = e.get("status", tracking.RUNNING)
+        epochs, status = self._ends.get(key, (None, None))
         return epochs if status == tracking.FINISHED else None
 
 
@@ -138,61 +156,6 @@ def drop_torn_tail(path: Path) -> None:
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         os.truncate(path, data.rfind(b"\n") + 1)
-
-
-def apply(client, journal: RecordJournal, entry: dict[str, Any]) -> None:
-    """Send one journal entry to MLflow (idempotent: see the module's docstring)."""
-    key, op = entry["key"], entry["op"]
-    if op == "run":
-        if key not in journal.run_ids:
-            found = client.search_runs([entry["experiment_id"]], filter_string=f"tags.`{RECORD_KEY_TAG}` = '{key}'",
-                                       max_results=1)
-            run_id = found[0].info.run_id if found else client.create_run(
-                entry["experiment_id"], run_name=entry["name"], tags={**entry["tags"], RECORD_KEY_TAG: key}).info.run_id
-            journal.bind(key, run_id)
-        client.update_run(journal.run_ids[key], status=tracking.RUNNING)
-        return
-    run_id = journal.run_ids[key]
-    if op == "params":
-        tracking.log_params(client, run_id, entry["values"])
-    elif op == "metrics":
-        tracking.log_metrics(client, run_id, entry["values"], entry["step"], timestamp_ms=entry["timestamp"])
-    elif op == "tags":
-        tracking.set_tags(client, run_id, entry["values"])
-    elif op == "untag":  # tags a retried trial no longer carries
-        present = client.get_run(run_id).data.tags
-        for name in entry["names"]:
-            if name in present:
-                client.delete_tag(run_id, name)
-    elif op == "artifacts":
-        tracking.log_artifacts(client, run_id, entry["paths"], entry.get("artifact_path"))
-    elif op == "status":
-        client.set_terminated(run_id, entry["status"])
-    elif op == "prune_children":
-        delete_orphaned_child_runs(client, run_id, set(entry["keep"]))
-    else:
-        raise ValueError(f"unknown journal entry {op!r}")
-
-
-def child_runs_filter(parent_run_id: str, trial_id: str | None = None) -> str:
-    """The MLflow search filter for the child runs of a search (or for one trial's)."""
-    parent = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
-    return parent if trial_id is None else f"tags.{TRIAL_ID_TAG} = '{trial_id}' and {parent}"
-
-
-def delete_orphaned_child_runs(client, parent_run_id: str, trial_ids: set[str]) -> int:
-    """Child runs of trials that a killed driver started but its last snapshot never recorded.
-
-    Ray does not know these trials after a resume (it samples new ones in their place), so their runs
-    would be duplicates with no trial behind them.
-    """
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    children = client.search_runs([experiment_id], filter_string=child_runs_filter(parent_run_id), max_results=10_000)
-    orphans = [r for r in children
-               if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids and r.data.tags.get("confirm") != "true"]
-    for run in orphans:
-        client.delete_run(run.info.run_id)
-    return len(orphans)
 
 
 def replay(journal: RecordJournal, client, attempts: int = ATTEMPTS, retry_s: float = RETRY_S) -> int:

@@ -24,7 +24,7 @@ from tune_mtard.diagnostics import csv_values, flag_counts, flag_tags
 from tune_mtard.metrics import DIAGNOSTICS, EPOCH, EPOCH_METRICS, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
 from tune_mtard.plots import plot_clean_vs_robust, plot_pareto, plot_trace
 from tune_mtard.search import journal
-from tune_mtard.search.journal import PARENT_TAG, TRIAL_ID_TAG, child_runs_filter
+from tune_mtard.search.journal_ops import PARENT_TAG, TRIAL_ID_TAG, child_runs_filter
 from tune_mtard.search.pareto import default_trial, front_objectives, pareto_front, write_pareto_csv
 from tune_mtard.search.storage_fs import folder_on
 from tune_mtard.search.trials import (
@@ -38,7 +38,6 @@ from tune_mtard.search.trials import (
     trial_failure_kind,
     trial_state,
 )
-from tune_mtard.trace import write_trace
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ class MlflowTrialRecorder(Callback):
         if "node_id" in result and nodes.get(key) != result["node_id"]:
             self._record("tags", key, values={"node_id": result["node_id"]})
             nodes[key] = result["node_id"]
-        if epoch in self.journal.logged_steps(key):
+        if self.journal.has_step(key, epoch):
             return
         self._record("metrics", key, step=epoch, **journal.metrics_entry(
             {k: v for k, v in result.items() if k in REPORTED}))
@@ -174,12 +173,9 @@ class MlflowTrialRecorder(Callback):
         checkpoint = trial.checkpoint
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
-            state = read_checkpoint_state(folder)
-            trace_csv, trace_png = Path(tmp) / files.TRACE_CSV, Path(tmp) / files.TRACE_PNG
-            write_trace(state["trace"], trace_csv)
-            plot_trace(trace_csv, trace_png, title=f"trial {trial.trial_id}: balance trace")
-            self._record("artifacts", run_id, paths=[str(trace_csv), str(trace_png)])
+        with checkpoint.as_directory() as folder:  # the trace and its plot are made by the journal's writer
+            self._record("trace", run_id, paths=[str(Path(folder) / files.TRIAL_STATE)],
+                         title=f"trial {trial.trial_id}: balance trace")
             self._record("artifacts", run_id, paths=[str(Path(folder) / files.STUDENT)], artifact_path="model")
 
 
