@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from searchkit import child_env, mlflow_runs, search_args, tracking_uri
+from searchkit import child_env, mlflow_runs, search_args
 from services import s3_server
 
 from tune_mtard.config import load_config
