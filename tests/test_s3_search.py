@@ -4,6 +4,7 @@ own local Ray, as a user runs it: the trials' workers get the endpoint and the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -92,6 +93,12 @@ def test_a_digits_search_on_s3_keeps_its_files_and_checkpoints_in_the_bucket_and
     assert exported.returncode == 0, exported.stderr
     best = bucket(endpoint).open_input_stream(f"{BUCKET}/{prefix}/{name}/best_config.yaml").read().decode()
     assert yaml.safe_load((tmp_path / "exported.yaml").read_text()) == yaml.safe_load(best)
+    # analyze reads the study and trials of the search and writes its analysis back to the bucket
+    bucket(endpoint).delete_file(f"{BUCKET}/{prefix}/{name}/sensitivity.md")
+    analyzed = command("tune_mtard.analyze", ["--experiment", f"s3://{BUCKET}/{prefix}/{name}"], env,
+                       tmp_path / "elsewhere")
+    assert analyzed.returncode == 0, analyzed.stderr
+    assert "sensitivity.md" in objects(endpoint, f"{prefix}/{name}")
 
     # the same search with a folder, one after the other (docs/storage.md gives both wall times)
     start = time.perf_counter()
@@ -145,20 +152,30 @@ def test_storage_options_are_validated_by_name(space_file):
     assert cfg.search.storage == "s3://b/p" and cfg.search.storage_options["scheme"] == "http"
 
 
-def test_an_interrupted_s3_search_resumes_from_a_fresh_working_folder(space_file, endpoint, tmp_path):
-    name, prefix = "resumed", "interrupted"
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_an_interrupted_s3_search_resumes_from_a_fresh_working_folder(space_file, endpoint, tmp_path, how):
+    """SIGINT ends the search as interrupted (exit 130); SIGKILL of the driver and of its local Ray is a lost
+    driver machine. The same command with --resume from another working folder finishes, without duplicates."""
+    name, prefix = "resumed", f"interrupted-{how}"
     env = s3_env(endpoint, tmp_path / "cache")
     args = s3_search_args(space_file, tmp_path, name, f"s3://{BUCKET}/{prefix}", "--set", "train.epochs=6")
     (tmp_path / "first").mkdir()
-    driver = subprocess.Popen([sys.executable, "-m", "tune_mtard.search", *args], env=env, cwd=tmp_path / "first",
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 600
-    while not any("/checkpoint_" in p for p in objects(endpoint, f"{prefix}/{name}")):
-        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()[-3000:]
-        time.sleep(1)
-    driver.send_signal(signal.SIGINT)
-    out, _ = driver.communicate(timeout=300)
-    assert driver.returncode == 130, out[-3000:]
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "tune_mtard.search", *args], env=env, cwd=tmp_path / "first",
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not {"/checkpoint_", "experiment_state"} <= {w for p in objects(endpoint, f"{prefix}/{name}")
+                                                           for w in ("/checkpoint_", "experiment_state") if w in p}:
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        driver.send_signal(getattr(signal, how))
+        driver.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the rest of the lost machine: its own local Ray
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == (130 if how == "SIGINT" else -signal.SIGKILL), log.read_text()[-3000:]
 
     resumed = command("tune_mtard.search", [*args, "--resume"], env, tmp_path / "second")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
