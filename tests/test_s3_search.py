@@ -170,6 +170,10 @@ def test_an_interrupted_s3_search_resumes_from_a_fresh_working_folder(space_file
                                                            for w in ("/checkpoint_", "experiment_state") if w in p}:
             assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
+        if how == "SIGINT":  # meanwhile a driver of another machine (its own copy folder) is refused
+            other = command("tune_mtard.search", [*args, "--resume"], {**env, "XDG_CACHE_HOME": str(tmp_path / "b")},
+                            tmp_path / "machine-b", timeout=300)
+            _one_line_exit_2(other, "--resume", f"process {driver.pid} on", "lease")
         driver.send_signal(getattr(signal, how))
         driver.wait(timeout=300)
     finally:

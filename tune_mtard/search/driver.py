@@ -38,6 +38,7 @@ from tune_mtard.search.outcome import SearchOutcome, conclude, interrupted
 from tune_mtard.search.plan import plan_search
 from tune_mtard.search.remote import (
     Mirror,
+    bucket_lease,
     check_reachable,
     driver_folder,
     experiment_storage,
@@ -45,6 +46,7 @@ from tune_mtard.search.remote import (
     mirror_of,
     ray_experiment,
     ray_storage,
+    refuse_if_leased,
     registered,
 )
 from tune_mtard.search.resume import check_same_search
@@ -182,6 +184,7 @@ def search(request: SearchRequest) -> int:
     if request.plan:
         return plan(cfg, request)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
+    refuse_if_leased(cfg, "--resume" if request.resume else "name")  # a driver of another machine
     check_experiment(cfg, request.resume, request.tracking_uri, request.num_samples)
     if request.resume:
         # The interrupted search's own config rules (its MLflow store and study too), except where it is stored.
@@ -232,7 +235,8 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
         if not local_ray:  # a cluster: its other nodes may not see the storage
             check_nodes_see_storage(cfg.search.storage, cfg.search.resources.cpu, cfg.search.resources.gpu,
                                     cfg.search.storage_options)
-        with SearchLock(folder, "--resume" if resume else "name") as lock:
+        flag = "--resume" if resume else "name"
+        with SearchLock(folder, flag) as lock, bucket_lease(cfg, flag):
             mirror = Mirror.of(cfg)
             if not resume:
                 (folder / files.OPTUNA_DB).unlink(missing_ok=True)  # a copy's leftover of a search gone from it

@@ -29,7 +29,7 @@ from tune_mtard.search.lock import LOCK_FILE
 from tune_mtard.search.storage_fs import Storage, is_uri, open_storage
 
 # Never copied either way: the lock holds on the driver's machine only, and SQLite cannot live in a bucket.
-LOCAL_ONLY = (LOCK_FILE, files.OPTUNA_DB, f"{files.OPTUNA_DB}-journal", f"{files.OPTUNA_DB}-wal",
+LOCAL_ONLY = (LOCK_FILE, ".driver.lease", files.OPTUNA_DB, f"{files.OPTUNA_DB}-journal", f"{files.OPTUNA_DB}-wal",
               f"{files.OPTUNA_DB}-shm")
 # Folders of the search folder that hold the driver's files (the rest are Ray's trial folders: results and
 # checkpoints the driver reads through the filesystem, never copies).
@@ -221,3 +221,95 @@ def mirror_of(folder: str | Path) -> Mirror:
     import pyarrow.fs as pafs
 
     return Mirror(Storage(pafs.LocalFileSystem(), str(folder), str(folder)), Path(folder))
+
+
+LEASE = ".driver.lease"  # the object-store side of the one-driver lock (docs/cluster.md, "Object storage")
+LEASE_S = 30.0  # a lease not renewed for this long is a lost driver's
+RENEW_S = 10.0
+SETTLE_S = 2.0  # how long a new holder waits before reading its lease back (two drivers starting at once)
+
+
+def _lease_holder(storage: Storage) -> dict[str, Any] | None:
+    """The live lease in the search folder (None: none, or a lost driver's)."""
+    import json
+    import socket
+
+    try:
+        lease = json.loads(storage.read_text(LEASE))
+    except (FileNotFoundError, ValueError):
+        return None
+    if time.time() - float(lease.get("renewed", 0)) > LEASE_S:
+        return None
+    if lease.get("host") == socket.gethostname():  # a driver of this machine: alive only while its process is
+        try:
+            os.kill(int(lease.get("pid", 0)), 0)
+        except (ProcessLookupError, ValueError):
+            return None
+        except PermissionError:
+            pass
+    return lease
+
+
+def refuse_if_leased(cfg: Config, flag: str) -> None:
+    """ConfigError naming ``flag`` while a driver, on any machine, holds the search's lease in the bucket."""
+    if not is_remote(cfg):
+        return
+    lease = _lease_holder(experiment_storage(cfg))
+    if lease is not None:
+        raise ConfigError(flag, f"the search {cfg.name!r} is being run by process {lease.get('pid')} on "
+                                f"{lease.get('host')} (its lease in {cfg.search.storage} was renewed "
+                                f"{time.time() - float(lease['renewed']):.0f} s ago); wait for it to end (or stop it) "
+                                "first")
+
+
+@contextlib.contextmanager
+def bucket_lease(cfg: Config, flag: str) -> Iterator[None]:
+    """Hold the search's lease in the bucket for the block: written, read back after :data:`SETTLE_S` (the
+    last of two drivers writing at once keeps it, the other is refused), renewed every :data:`RENEW_S` by a
+    thread, removed at the end. A driver that dies leaves it to expire after :data:`LEASE_S` (at once for
+    a driver of this machine whose process is gone). Nothing for a folder: its ``flock`` is enough."""
+    if not is_remote(cfg):
+        yield
+        return
+    import json
+    import secrets
+    import socket
+    import threading
+
+    storage = experiment_storage(cfg)
+    refuse_if_leased(cfg, flag)
+    token = secrets.token_hex(8)
+
+    def write() -> None:
+        storage.write_text(LEASE, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": token,
+                                              "renewed": time.time()}))
+
+    def ours() -> bool:
+        try:
+            return json.loads(storage.read_text(LEASE)).get("token") == token
+        except (FileNotFoundError, ValueError):
+            return False
+
+    write()
+    time.sleep(SETTLE_S)
+    if not ours():
+        refuse_if_leased(cfg, flag)
+        raise ConfigError(flag, f"the search {cfg.name!r} was started by another driver at the same time")
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(RENEW_S):
+            try:
+                write()
+            except OSError:  # the store is briefly away: the next renewal tries again
+                pass
+
+    thread = threading.Thread(target=renew, name="tune_mtard-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=RENEW_S)
+        if ours():
+            storage.delete(LEASE)
