@@ -1,6 +1,7 @@
-"""Specification of a search whose storage is an object store (docs/storage.md): ``--storage s3://bucket/prefix``
-against moto's real S3 server, started here on a free loopback port. Every driver is a separate process with its
-own local Ray, as a user runs it: the trials' workers get the endpoint and the credentials from its environment."""
+"""Specification of a search whose storage is an object store (docs/cluster.md, "Object storage"): ``--storage
+s3://bucket/prefix`` against moto's real S3 server, started here on a free loopback port. Every driver is a
+separate process with its own local Ray, as a user runs it: the trials' workers get the endpoint and the
+credentials from its environment."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import yaml
 from searchkit import child_env, mlflow_runs, search_args
 from services import s3_server
 
-from tune_mtard.config import load_config
 from tune_mtard.errors import ConfigError
+from tune_mtard.search.driver import SearchRequest, search_config
 
 BUCKET = "tune-mtard-search"
 KEYS = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
@@ -100,7 +101,7 @@ def test_a_digits_search_on_s3_keeps_its_files_and_checkpoints_in_the_bucket_and
     assert analyzed.returncode == 0, analyzed.stderr
     assert "sensitivity.md" in objects(endpoint, f"{prefix}/{name}")
 
-    # the same search with a folder, one after the other (docs/storage.md gives both wall times)
+    # the same search with a folder, one after the other (both wall times: docs/cluster.md, "Object storage")
     start = time.perf_counter()
     local = command("tune_mtard.search", [*search_args(space_file, tmp_path / "local", name, *SMALL)], env,
                     tmp_path / "local")
@@ -136,19 +137,22 @@ def test_an_unreachable_store_or_missing_bucket_exits_2_in_one_line_before_anyth
 
 
 def test_storage_options_are_validated_by_name(space_file):
+    def config(*overrides: str):
+        return search_config(SearchRequest(space=str(space_file), overrides=list(overrides)))
+
     with pytest.raises(ConfigError) as error:
-        load_config(space_file, ["search.storage=s3://b/p", "search.storage_options={endpoint: x}"],
-                    check_files=False)
+        config("search.storage=s3://b/p", "search.storage_options={endpoint: x}")
     assert error.value.key == "search.storage_options" and "endpoint" in error.value.message
     with pytest.raises(ConfigError) as error:
-        load_config(space_file, ["search.storage=s3://b/p", "search.storage_options={secret_key: x}"],
-                    check_files=False)
+        config("search.storage=s3://b/p", "search.storage_options={secret_key: x}")
     assert error.value.key == "search.storage_options" and "AWS_SECRET_ACCESS_KEY" in error.value.message
     with pytest.raises(ConfigError) as error:
-        load_config(space_file, ["search.storage_options={region: us-east-1}"], check_files=False)
+        config("search.storage_options={region: us-east-1}")
     assert "s3:// storage only" in error.value.message
-    cfg = load_config(space_file, ["search.storage=s3://b/p", "search.storage_options={endpoint_override: "
-                                   "127.0.0.1:9000, scheme: http}"], check_files=False)
+    with pytest.raises(ConfigError) as error:
+        config("search.storage=s3://b/p", "search.storage_options={connect_timeout: soon}")
+    assert error.value.key == "search.storage_options" and "connect_timeout" in error.value.message
+    cfg = config("search.storage=s3://b/p", "search.storage_options={endpoint_override: 127.0.0.1:9000, scheme: http}")
     assert cfg.search.storage == "s3://b/p" and cfg.search.storage_options["scheme"] == "http"
 
 

@@ -13,7 +13,6 @@ from tune_mtard.errors import ConfigError
 from tune_mtard.metrics import EPOCH_METRICS
 from tune_mtard.search.samplers import samplers
 from tune_mtard.search.schedulers import SCHEDULERS
-from tune_mtard.search.storage_fs import check_options
 
 
 @dataclass
@@ -79,8 +78,8 @@ class SearchConfig:
     resources: Resources = field(default_factory=Resources)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    storage: str = "./tune_results"  # a folder, or an object store: s3://bucket/prefix (docs/storage.md)
-    storage_options: dict[str, Any] = field(default_factory=dict)  # pyarrow S3FileSystem's options, for s3://
+    storage: str = "./tune_results"  # a folder, or s3://bucket/prefix (docs/cluster.md, "Object storage")
+    storage_options: dict[str, Any] = field(default_factory=dict)  # S3FileSystem's options (checked by the driver)
     optuna_storage: str = ""  # an SQLAlchemy URL of the Optuna study's database; "": optuna.db in the search folder
     max_failures: int = 5
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
@@ -124,10 +123,6 @@ class SearchConfig:
         require(self.sampler.n_startup_trials >= 0, "search.sampler.n_startup_trials", "must be >= 0")
         require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
         require(bool(self.storage), "search.storage", "must not be empty")
-        check_options(self.storage, self.storage_options)
-        require("secret_key" not in self.storage_options, "search.storage_options",
-                "holds secret_key, which search_space.yaml and the MLflow parent run would keep: give it in "
-                "AWS_SECRET_ACCESS_KEY instead")
         url = self.optuna_storage
         require(not url or re.match(r"^[a-z][a-z0-9+_]*://", url) is not None, "search.optuna_storage",
                 f"{url!r} is not an SQLAlchemy URL (dialect[+driver]://...)")

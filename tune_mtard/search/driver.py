@@ -40,6 +40,7 @@ from tune_mtard.search.remote import (
     Mirror,
     bucket_lease,
     check_reachable,
+    check_storage_options,
     driver_folder,
     experiment_storage,
     is_remote,
@@ -107,13 +108,14 @@ def search_config(request: SearchRequest) -> Config:
         cfg = cfg.with_values({"train.epochs": request.max_epochs,  # milestones are fractions: they scale
                                **{f"search.scheduler.{key}": value for key, value in fitted.items()}})
     check_first_rung(cfg.search.scheduler, cfg.train.epochs)
+    check_storage_options(cfg)
     check_trial_device(cfg.device, cfg.search.resources.gpu)
     return cfg
 
 
 def experiment_dir(cfg: Config) -> Path:
     """The search's folder on the driver's machine: ``<storage>/<name>``, or its copy of an object store's
-    (docs/storage.md)."""
+    (docs/cluster.md, "Object storage")."""
     return driver_folder(cfg)
 
 
@@ -240,7 +242,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
             mirror = Mirror.of(cfg)
             if not resume:
                 (folder / files.OPTUNA_DB).unlink(missing_ok=True)  # a copy's leftover of a search gone from it
-            mirror.pull()  # an object store's files, under the lock (docs/storage.md)
+            mirror.pull()  # an object store's files, under the lock (docs/cluster.md, "Object storage")
             check_experiment(cfg, resume)  # again, under the lock: another driver may have started it
             try:
                 with registered(mirror):

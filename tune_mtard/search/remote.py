@@ -1,4 +1,5 @@
-"""A search whose storage is an object store (``search.storage: s3://bucket/prefix``; docs/storage.md).
+"""A search whose storage is an object store, ``search.storage: s3://bucket/prefix`` (docs/cluster.md,
+"Object storage").
 
 Ray Tune keeps the experiment there itself (``RunConfig(storage_path=..., storage_filesystem=...)``): its
 state, every trial's results and checkpoints. The driver's own files of the search folder (``summary.json``,
@@ -26,7 +27,7 @@ from tune_mtard import files
 from tune_mtard.config import Config
 from tune_mtard.errors import ConfigError
 from tune_mtard.search.lock import LOCK_FILE
-from tune_mtard.search.storage_fs import Storage, is_uri, open_storage
+from tune_mtard.search.storage_fs import Storage, check_options, is_uri, open_storage
 
 # Never copied either way: the lock holds on the driver's machine only, and SQLite cannot live in a bucket.
 LOCAL_ONLY = (LOCK_FILE, ".driver.lease", files.OPTUNA_DB, f"{files.OPTUNA_DB}-journal", f"{files.OPTUNA_DB}-wal",
@@ -91,6 +92,17 @@ def ray_experiment(cfg: Config) -> tuple[str, Any]:
         return str(driver_folder(cfg)), None
     storage = experiment_storage(cfg)
     return storage.root, storage.fs
+
+
+def check_storage_options(cfg: Config) -> None:
+    """``search.storage_options``: pyarrow S3FileSystem's options by name and type, for ``s3://`` storage only,
+    and no ``secret_key`` (the config is kept in ``search_space.yaml`` and on the MLflow parent run)."""
+    assert cfg.search is not None
+    options = cfg.search.storage_options
+    check_options(cfg.search.storage, options)
+    if "secret_key" in options:
+        raise ConfigError("search.storage_options", "holds secret_key, which search_space.yaml and the MLflow "
+                                                    "parent run would keep: give it in AWS_SECRET_ACCESS_KEY instead")
 
 
 def check_reachable(cfg: Config, key: str = "search.storage") -> None:
