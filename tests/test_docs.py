@@ -312,6 +312,9 @@ def schema_defaults() -> dict[str, Any]:
 
     defaults = dict(flatten(Config().to_dict()))
     defaults.update(flatten(to_plain(SearchConfig()), "search."))
+    # a mapping whose default is empty (search.storage_options) is a leaf key too
+    defaults.update({f"search.{f.name}": {} for f in dataclasses.fields(SearchConfig)
+                     if to_plain(getattr(SearchConfig(), f.name)) == {}})
     for f in dataclasses.fields(Distribution):
         defaults[f"space.<key>.{f.name}"] = dataclasses.MISSING if f.default is dataclasses.MISSING else f.default
     return defaults

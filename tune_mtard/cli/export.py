@@ -12,7 +12,7 @@ def build_parser() -> ArgumentParser:
     """The ``export`` command's flags (docs/cli.md, "export")."""
     parser = parser_for("export", "Write a complete run config for the best (or the named) trial of a finished "
                                   "or interrupted search.")
-    parser.add_argument("--experiment", required=True, help="the search's folder, <storage>/<name>")
+    parser.add_argument("--experiment", required=True, help="the search's folder, <storage>/<name> (a folder or s3://bucket/prefix/name)")
     parser.add_argument("--trial", default=None, help="a trial id (default: the best, or the seed-confirmed, trial)")
     parser.add_argument("--pareto", action="store_true", help="print the search's Pareto front instead")
     parser.add_argument("--clean-weight", type=float, default=None, metavar="W",
@@ -35,5 +35,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = exported.trial
     print(f"trial {t.trial_id}: {exported.metric} {t.metric(exported.metric):.4f} after "
           f"{t.epochs}/{exported.full_epochs} epochs")
-    print(f"wrote {exported.path}")
+    print(f"wrote {exported.location or exported.path}")
     return 0

@@ -78,7 +78,8 @@ class SearchConfig:
     resources: Resources = field(default_factory=Resources)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    storage: str = "./tune_results"
+    storage: str = "./tune_results"  # a folder, or s3://bucket/prefix (docs/cluster.md, "Object storage")
+    storage_options: dict[str, Any] = field(default_factory=dict)  # S3FileSystem's options (checked by the driver)
     optuna_storage: str = ""  # an SQLAlchemy URL of the Optuna study's database; "": optuna.db in the search folder
     max_failures: int = 5
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)

@@ -10,7 +10,10 @@ from typing import Any
 from tune_mtard import files, tracking
 from tune_mtard.config import absolute_tracking_uri, load_config
 from tune_mtard.errors import ConfigError
+from tune_mtard.search.lock import SearchLock
+from tune_mtard.search.remote import Mirror, mirror_folder
 from tune_mtard.search.sensitivity import SensitivityReport, analyze_search, log_sensitivity
+from tune_mtard.search.storage_fs import is_uri, open_storage
 from tune_mtard.services import mask_secrets, masked_uri
 
 
@@ -29,10 +32,27 @@ class Analyzed:
 
 
 def analyze_experiment(request: AnalyzeRequest) -> Analyzed:
-    """Check the folder is a search's (ConfigError, exit 2, otherwise), analyze it, log the result."""
+    """Check the folder is a search's (ConfigError, exit 2, otherwise), analyze it, log the result.
+
+    An object store's search folder (``s3://bucket/prefix/name``) is analyzed in this machine's copy of its
+    files, the one its driver used (docs/cluster.md, "Object storage"), under the search's lock: the files
+    come from the bucket and the analysis goes back to it."""
+    if is_uri(request.experiment):
+        storage = open_storage(request.experiment, key="--experiment")
+        folder = mirror_folder(storage.uri)
+        with SearchLock(folder, "--experiment"):
+            mirror = Mirror(storage, folder)
+            mirror.pull()
+            done = _analyze(request, folder)
+            mirror.push()
+            return done
     folder = Path(request.experiment).expanduser().resolve()
     if not folder.is_dir():
         raise ConfigError("--experiment", f"{folder}: no such folder")
+    return _analyze(request, folder)
+
+
+def _analyze(request: AnalyzeRequest, folder: Path) -> Analyzed:
     if not (folder / files.SPACE).is_file():
         raise ConfigError("--experiment", f"{folder} is not a tune-mtard search folder (no {files.SPACE})")
     cfg = load_config(folder / files.SPACE, check_files=False)

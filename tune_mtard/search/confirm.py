@@ -19,6 +19,7 @@ from typing import Any
 from tune_mtard import atomic, files
 from tune_mtard.config import Config
 from tune_mtard.search.compat import quiet_preset_points
+from tune_mtard.search.remote import ray_experiment
 from tune_mtard.search.trials import TrialSummary, rank_trials, summarize_results
 
 SEED_KEY = "seed"
@@ -71,10 +72,12 @@ def confirm_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, pare
 
     # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.failures import FailureLines
+    from tune_mtard.search.mirror_sync import PushDriverFiles
     from tune_mtard.search.recorder import MlflowTrialRecorder
 
     quiet_preset_points()
     s = cfg.search
+    path, fs = ray_experiment(cfg)  # the seed confirmation's experiment is a folder of the search's
     recorder = MlflowTrialRecorder(cfg.mlflow.tracking_uri, experiment_id, parent_run_id, cfg.train.epochs, cfg.name,
                                    extra_tags={"confirm": "true"}, folder=folder)
     # Every point overrides the (constant) space, which only names the keys: exactly these trials run.
@@ -84,8 +87,8 @@ def confirm_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, pare
         tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=points),
                                     num_samples=len(points), max_concurrent_trials=s.max_concurrent,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=files.CONFIRM_FOLDER, storage_path=str(folder),
-                                  callbacks=[recorder, FailureLines()],
+        run_config=tune.RunConfig(name=files.CONFIRM_FOLDER, storage_path=path, storage_filesystem=fs,
+                                  callbacks=[recorder, FailureLines(), PushDriverFiles(str(folder))],
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0 if quiet else 1),
     )

@@ -29,13 +29,28 @@ from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError, Interrupted
 from tune_mtard.perf import check_trial_device, release_cuda_memory, resolve_device
 from tune_mtard.search import compat, interrupts, journal
-from tune_mtard.search.compat import largest_node, reopen_search_generator, unreachable_ray_address
+from tune_mtard.search.compat import reopen_search_generator, unreachable_ray_address
 from tune_mtard.search.confirm import confirm_tuner
 from tune_mtard.search.local_ray import ray_session
 from tune_mtard.search.lock import SearchLock, refuse_if_running
 from tune_mtard.search.nodes import check_nodes_see_storage
 from tune_mtard.search.outcome import SearchOutcome, conclude, interrupted
 from tune_mtard.search.plan import plan_search
+from tune_mtard.search.remote import (
+    Mirror,
+    bucket_lease,
+    check_reachable,
+    check_storage_options,
+    driver_folder,
+    experiment_storage,
+    is_remote,
+    mirror_of,
+    ray_experiment,
+    ray_storage,
+    refuse_if_leased,
+    registered,
+)
+from tune_mtard.search.resources import check_local_resources, check_resources
 from tune_mtard.search.resume import check_same_search
 from tune_mtard.search.schedulers import build_scheduler, check_first_rung, fit_to_epochs
 from tune_mtard.search.space_methods import searched_methods
@@ -95,21 +110,26 @@ def search_config(request: SearchRequest) -> Config:
         cfg = cfg.with_values({"train.epochs": request.max_epochs,  # milestones are fractions: they scale
                                **{f"search.scheduler.{key}": value for key, value in fitted.items()}})
     check_first_rung(cfg.search.scheduler, cfg.train.epochs)
-    if "://" in cfg.search.storage:
-        raise ConfigError("search.storage", f"{cfg.search.storage}: cloud URIs are not supported; use a folder "
-                                            "every node mounts at the same path")
+    check_storage_options(cfg)
     check_trial_device(cfg.device, cfg.search.resources.gpu)
     return cfg
 
 
 def experiment_dir(cfg: Config) -> Path:
-    assert cfg.search is not None
-    return Path(cfg.search.storage) / cfg.name
+    """The search's folder on the driver's machine: ``<storage>/<name>``, or its copy of an object store's
+    (docs/cluster.md, "Object storage")."""
+    return driver_folder(cfg)
 
 
-def started(folder: Path) -> bool:
-    """Whether a search ran in ``folder`` (Ray Tune wrote its state): only then can it be resumed."""
+def ran_in(folder: Path) -> bool:
+    """Whether a search ran in the local folder ``folder`` (Ray Tune wrote its state there)."""
     return (folder / files.TUNER_STATE).exists() and (folder / files.SPACE).exists()
+
+
+def started(cfg: Config) -> bool:
+    """Whether the search ran (Ray Tune wrote its state to the storage): only then can it be resumed."""
+    storage = experiment_storage(cfg)
+    return storage.exists(files.TUNER_STATE) and storage.exists(files.SPACE)
 
 
 # Where the driver's machine keeps the data and the teacher cache: a driver resuming from another working
@@ -117,14 +137,15 @@ def started(folder: Path) -> bool:
 DRIVER_PATHS = ("data.root", "teachers.cache_dir")
 
 
-# What a resumed search takes from this command, not from the interrupted search: where it is stored, and a
-# larger budget, more retries or more trials to continue with (docs/search.md). The rest is the saved config.
-RESUME_TAKES = ("storage", "budget", "max_failures", "num_samples")
+# What a resumed search takes from this command, not from the saved config: where it is stored (the same bucket,
+# seen from this machine), and a larger budget, more retries or more trials to continue with (docs/search.md).
+RESUME_TAKES = ("storage", "storage_options", "budget", "max_failures", "num_samples")
 
 
 def saved_config(cfg: Config) -> Config:
     """The interrupted search's config, with this driver's ``DRIVER_PATHS``."""
-    saved = load_config(experiment_dir(cfg) / files.SPACE, check_files=False)
+    with experiment_storage(cfg).local_file(files.SPACE) as path:
+        saved = load_config(path, check_files=False)
     return saved.with_values({key: cfg.get(key) for key in DRIVER_PATHS})
 
 
@@ -133,8 +154,9 @@ def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None,
     """A new search needs an unused name; a resumed one, a search of that name that ran, with the same config
     and search (``num_samples``: what ``--num-samples`` asked, if given)."""
     folder = experiment_dir(cfg)
-    if resume and not started(folder):
-        raise ConfigError("--resume", f"no interrupted search named {cfg.name!r} in {folder.parent}")
+    where = cfg.search.storage if is_remote(cfg) else folder.parent
+    if resume and not started(cfg):
+        raise ConfigError("--resume", f"no interrupted search named {cfg.name!r} in {where}")
     if resume:
         check_private(folder)
         saved = saved_config(cfg)
@@ -148,8 +170,8 @@ def check_experiment(cfg: Config, resume: bool, tracking_uri: str | None = None,
             raise ConfigError("--tracking-uri", f"the interrupted search records to "
                                                 f"{masked_uri(saved.mlflow.tracking_uri)}; "
                                                 "resume it with the same MLflow store")
-    elif started(folder):
-        raise ConfigError("name", f"a search named {cfg.name!r} already exists in {folder.parent}; "
+    elif started(cfg):
+        raise ConfigError("name", f"a search named {cfg.name!r} already exists in {where}; "
                                   "pass --resume to continue it, or --set name=NEW")
 
 
@@ -170,9 +192,11 @@ def search(request: SearchRequest) -> int:
                                              "--resume")
     cfg = search_config(request)
     check_address(request.address)
+    check_reachable(cfg, "--storage" if request.storage else "search.storage")  # an object store answers
     if request.plan:
         return plan(cfg, request)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")
+    refuse_if_leased(cfg, "--resume" if request.resume else "name")  # a driver of another machine
     check_experiment(cfg, request.resume, request.tracking_uri, request.num_samples)
     if request.resume:
         # The interrupted search's own config rules (its MLflow store and study too), except where it is stored.
@@ -219,43 +243,33 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
     with ray_session(address, log_to_driver=not quiet):
         check_resources(cfg)
         if not local_ray:  # a cluster: its other nodes may not see the storage
-            check_nodes_see_storage(cfg.search.storage, cfg.search.resources.cpu, cfg.search.resources.gpu)
-        with SearchLock(folder, "--resume" if resume else "name") as lock:
+            check_nodes_see_storage(cfg.search.storage, cfg.search.resources.cpu, cfg.search.resources.gpu,
+                                    cfg.search.storage_options)
+        flag = "--resume" if resume else "name"
+        with SearchLock(folder, flag) as lock, bucket_lease(cfg, flag):
+            mirror = Mirror.of(cfg)
+            if not resume:
+                (folder / files.OPTUNA_DB).unlink(missing_ok=True)  # a copy's leftover of a search gone from it
+            mirror.pull()  # an object store's files, under the lock (docs/cluster.md, "Object storage")
             check_experiment(cfg, resume)  # again, under the lock: another driver may have started it
             try:
-                return _run_locked(cfg, data, roles, folder, resume, quiet, start, retry_errored).exit_code
+                with registered(mirror):
+                    return _run_locked(cfg, data, roles, folder, resume, quiet, start, retry_errored).exit_code
             except BaseException:
-                if not resume and not started(folder):  # failed in its own setup: the name stays usable
-                    _remove_setup(cfg, folder, lock.created_folder)
+                if not resume and not started(cfg):  # failed in its own setup: the name stays usable
+                    _remove_setup(cfg, folder, lock.created_folder, mirror)
                 raise
 
 
-def check_resources(cfg: Config) -> None:
-    """Every trial asks ``search.resources`` of one node: some node of the cluster must have that much."""
-    cpu, gpu = largest_node()
-    r = cfg.search.resources
-    if r.cpu > cpu or r.gpu > gpu:
-        raise ConfigError("search.resources", f"a trial asks for {r.cpu:g} CPU and {r.gpu:g} GPU, but the largest "
-                                              f"node of the Ray cluster has {cpu:g} CPU and {gpu:g} GPU")
-
-
-def check_local_resources(cfg: Config) -> None:
-    import torch
-
-    r = cfg.search.resources
-    cpu, gpu = os.cpu_count() or 1, torch.cuda.device_count()
-    if r.cpu > cpu or r.gpu > gpu:
-        raise ConfigError("search.resources", f"a trial asks for {r.cpu:g} CPU and {r.gpu:g} GPU, but this machine "
-                                              f"has {cpu} CPU and {gpu} GPU (pass --address to use a Ray cluster)")
-
-
-def _remove_setup(cfg: Config, folder: Path, created_folder: bool) -> None:
+def _remove_setup(cfg: Config, folder: Path, created_folder: bool, mirror: Mirror) -> None:
     """What a driver that failed before its search started wrote, so a rerun of the same name starts clean."""
     delete_study(cfg)
+    names = (files.SPACE, files.OPTUNA_DB, files.PARENT_RUN_ID, files.TEACHERS_JSON, files.TUNER_STATE)
+    mirror.forget(names + (files.BUDGET_JSON, files.RECORDS_JOURNAL))
     if created_folder:
         shutil.rmtree(folder, ignore_errors=True)
         return
-    for name in (files.SPACE, files.OPTUNA_DB, files.PARENT_RUN_ID, files.TEACHERS_JSON, files.TUNER_STATE):
+    for name in names:
         (folder / name).unlink(missing_ok=True)
 
 
@@ -308,23 +322,28 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                 {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
             )
             start_budget_session(cfg, folder, resume)
+            path, fs = ray_experiment(cfg)
             if resume:
                 grown = compat.grow_search(folder, s.num_samples)
                 # A grown --num-samples, or another search.max_failures: a --resume of the saved file keeps them.
                 if grown or load_config(folder / files.SPACE, check_files=False).search.max_failures != s.max_failures:
                     cfg.dump(folder / files.SPACE, with_search=True)
+                mirror_of(folder).push()  # the state Ray restores from, as edited here
                 with compat.quiet_experiment_analysis():
-                    tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
+                    tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                               storage_filesystem=fs)
             else:
                 tuner = new_tuner(cfg, trainable, folder, experiment_id, parent.run_id, quiet)
+                mirror_of(folder).push()  # the search's files are in the storage before its first trial
             with interrupts.watched():
                 grid = tuner.fit()
             if interrupts.received() is None:
                 def rerun(points: list[dict[str, Any]]):
                     """The seed-confirmation trials, resumed where a killed driver left them."""
                     if resume and (folder / files.CONFIRM_FOLDER / files.TUNER_STATE).exists():
-                        confirm = tune.Tuner.restore(str(folder / files.CONFIRM_FOLDER), trainable,
-                                                     resume_unfinished=True, resume_errored=False)
+                        confirm = tune.Tuner.restore(f"{path}/{files.CONFIRM_FOLDER}", trainable,
+                                                     resume_unfinished=True, resume_errored=False,
+                                                     storage_filesystem=fs)
                     else:
                         confirm = confirm_tuner(cfg, trainable, folder, experiment_id, parent.run_id, points,
                                                 quiet)
@@ -344,6 +363,9 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     return outcome
 
 
+RAY_SYNC_S = 15  # how often Ray Tune sends its experiment state to an object store (its default: 300 s)
+
+
 def start_budget_session(cfg: Config, folder: Path, resume: bool) -> None:
     """``budget.json`` for this session: the limits and what the trials of earlier sessions spent."""
     # ray.tune loads at import of this: only a search that runs needs it
@@ -351,7 +373,7 @@ def start_budget_session(cfg: Config, folder: Path, resume: bool) -> None:
 
     if resume and read_reached(folder):  # the budget ended the last session: Tune marked the search finished
         reopen_search_generator(folder)
-    trials = load_experiment_trials(folder) if resume else []
+    trials = load_experiment_trials(*ray_experiment(cfg)) if resume else []
     start_session(cfg, folder, sum(float(t.metrics.get("time_total_s") or 0) for t in trials), resume)
 
 
@@ -366,6 +388,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.budget import BudgetMeter, BudgetStopper, with_budget
     from tune_mtard.search.failures import FailureLines
+    from tune_mtard.search.mirror_sync import PushDriverFiles
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
         PrunedAwareOptunaSearch,
@@ -395,6 +418,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     scheduler = with_budget(build_scheduler(s.scheduler, max_t=cfg.train.epochs), meter, cfg.search.budget)
     recorder = (recorder_class or MlflowTrialRecorder)(cfg.mlflow.tracking_uri, experiment_id, parent_run_id,
                                                        cfg.train.epochs, cfg.name, budget=meter, folder=folder)
+    storage_path, storage_filesystem = ray_storage(cfg)
     # Reused actors spare each trial a fresh worker process (and its torch import); a trial's state is
     # its own all the same, since the Trainer seeds every RNG and builds every model anew.
     return tune.Tuner(
@@ -402,7 +426,9 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=s.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=cfg.name, storage_path=str(folder.parent), callbacks=[recorder, FailureLines()],
+            name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+            callbacks=[recorder, FailureLines(), PushDriverFiles(str(folder))],
+            sync_config=tune.SyncConfig(sync_period=RAY_SYNC_S) if storage_filesystem else None,
             stop=BudgetStopper(folder),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

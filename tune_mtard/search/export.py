@@ -9,14 +9,18 @@ sha256), so ``train`` distils from exactly those.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tune_mtard import files
 from tune_mtard.config import load_config
 from tune_mtard.errors import ConfigError
 from tune_mtard.search.outcome import reproducible_values
 from tune_mtard.search.pareto import front_objectives, front_table, pareto_front, pick_by_clean_weight
+from tune_mtard.search.remote import Mirror
+from tune_mtard.search.storage_fs import is_uri, open_storage
 from tune_mtard.search.trials import TrialSummary, best_trial, load_experiment_trials
 
 
@@ -36,6 +40,7 @@ class Exported:
     metric: str
     full_epochs: int
     front_table: str = ""
+    location: str = ""  # where the config went, when not a local path (an object store's search folder)
 
 
 def export_trial(request: ExportRequest) -> Exported:
@@ -46,11 +51,25 @@ def export_trial(request: ExportRequest) -> Exported:
         raise ConfigError("--trial", "give one of --trial, --clean-weight and --pareto")
     if request.clean_weight is not None and not 0 <= request.clean_weight <= 1:
         raise ConfigError("--clean-weight", f"must be in [0, 1], got {request.clean_weight:g}")
+    if is_uri(request.experiment):  # an object store's search folder, read through a copy of its files
+        storage = open_storage(request.experiment, key="--experiment")
+        with tempfile.TemporaryDirectory() as tmp:
+            Mirror(storage, Path(tmp)).pull()
+            exported = _export(request, Path(tmp), (storage.root, storage.fs), storage.uri)
+            if request.out is None and exported.path is not None:  # beside the search's files, as for a folder
+                storage.write_bytes(exported.path.name, exported.path.read_bytes())
+                exported.path = Path(storage.uri) / exported.path.name
+                exported.location = f"{storage.uri.rstrip('/')}/{exported.path.name}"
+            return exported
     folder = Path(request.experiment).resolve()
+    return _export(request, folder, (str(folder), None), str(folder))
+
+
+def _export(request: ExportRequest, folder: Path, experiment: tuple[str, Any], named: str) -> Exported:
     if not (folder / files.SPACE).is_file():
-        raise ConfigError("--experiment", f"{folder} is not a tune-mtard search folder (no {files.SPACE})")
+        raise ConfigError("--experiment", f"{named} is not a tune-mtard search folder (no {files.SPACE})")
     cfg = load_config(folder / files.SPACE, check_files=False)
-    trials = load_experiment_trials(folder)
+    trials = load_experiment_trials(*experiment)
     full = cfg.train.epochs
     if request.pareto or request.clean_weight is not None:
         objectives, modes = front_objectives(cfg)
@@ -63,7 +82,7 @@ def export_trial(request: ExportRequest) -> Exported:
         chosen = [t for t in trials if t.trial_id == request.trial]
         if not chosen:
             known = ", ".join(t.trial_id for t in trials) or "none"
-            raise ConfigError("--trial", f"no trial {request.trial!r} in {folder} (trials: {known})")
+            raise ConfigError("--trial", f"no trial {request.trial!r} in {named} (trials: {known})")
         trial = chosen[0]
         default_name = f"trial_{trial.trial_id}.yaml"
     else:
@@ -71,7 +90,7 @@ def export_trial(request: ExportRequest) -> Exported:
         trial = next((t for t in trials if t.trial_id == confirmed), None) if confirmed else None
         trial = trial or best_trial(trials, cfg.search.metric, cfg.search.mode, full)
         if trial is None:
-            raise ConfigError("--experiment", f"no trial in {folder} has reported {cfg.search.metric} yet")
+            raise ConfigError("--experiment", f"no trial in {named} has reported {cfg.search.metric} yet")
         default_name = files.BEST_CONFIG
     if trial.failed:
         raise ConfigError("--trial", f"trial {trial.trial_id} failed ({trial.failure}): it has no result to export")

@@ -22,6 +22,7 @@ from tune_mtard.config import Config
 from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VALIDATION
 from tune_mtard.model_registry import register_student
 from tune_mtard.search import confirm as confirmation
+from tune_mtard.search.remote import ray_experiment
 from tune_mtard.search.sensitivity import analyze_search, log_sensitivity
 from tune_mtard.search.study_storage import optuna_storage_url
 from tune_mtard.search.trials import best_trial, load_experiment_trials, rank_at_epoch, summarize_results
@@ -52,7 +53,7 @@ def interrupted(cfg: Config, folder: Path, parent, start: float) -> SearchOutcom
     from tune_mtard.search.recorder import record_search
 
     (folder / files.BEST_CONFIG).unlink(missing_ok=True)
-    trials = load_experiment_trials(folder)
+    trials = load_experiment_trials(*ray_experiment(cfg))
     parent.kill_running_children()
     budget = budget_outcome(cfg, folder, trials, parent)
     summary = record_search(parent, cfg, folder, trials, None, time.perf_counter() - start, "interrupted",

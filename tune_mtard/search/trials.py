@@ -245,8 +245,9 @@ def summarize_results(grid: Any, metric: str | None = None) -> list[TrialSummary
     return summaries
 
 
-def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
-    """Every trial of a finished or interrupted search folder, with its last reported metrics.
+def load_experiment_trials(folder: str | Path, filesystem: Any = None) -> list[TrialSummary]:
+    """Every trial of a finished or interrupted search folder, with its last reported metrics (``filesystem``:
+    the ``pyarrow.fs`` filesystem ``folder`` is a path of, for object storage; None: a local folder).
 
     The last report is read from the trial's own results, which hold every report: the experiment
     snapshot an interrupted search left can be older.
@@ -254,7 +255,7 @@ def load_experiment_trials(folder: str | Path) -> list[TrialSummary]:
     from ray.tune import ExperimentAnalysis
 
     with quiet_experiment_analysis():
-        analysis = ExperimentAnalysis(str(folder))
+        analysis = ExperimentAnalysis(str(folder), storage_filesystem=filesystem)
         frames = analysis.trial_dataframes
         trials = []
         for trial in analysis.trials:

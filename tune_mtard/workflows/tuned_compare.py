@@ -31,10 +31,11 @@ from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError, Interrupted
 from tune_mtard.perf import resolve_device
 from tune_mtard.search import driver, interrupts
-from tune_mtard.search.driver import check_experiment, check_local_resources, started
+from tune_mtard.search.driver import check_experiment, ran_in
 from tune_mtard.search.local_ray import ray_session
 from tune_mtard.search.lock import SearchLock, refuse_if_running
 from tune_mtard.search.plan import plan_tuned_comparison
+from tune_mtard.search.resources import check_local_resources
 from tune_mtard.search.schedulers import describe_scheduler, fit_to_epochs
 from tune_mtard.teachers import check_teacher_files, roles_for
 from tune_mtard.workflows.compare import (
@@ -206,7 +207,7 @@ def check_out(plan: TunedPlan) -> None:
             raise ConfigError("--resume", f"the config differs from the interrupted comparison's in {key!r}")
     for method, cfg in plan.searches.items():
         refuse_if_running(plan.folder(method), "--resume")
-        if started(plan.folder(method)):
+        if ran_in(plan.folder(method)):
             check_experiment(cfg, resume=True)
 
 
@@ -280,7 +281,7 @@ def search_status(folder: Path) -> str:
         status = json.loads(summary.read_text())["status"]
         if status in DONE:
             return status
-    return "interrupted" if started(folder) else "new"
+    return "interrupted" if ran_in(folder) else "new"
 
 
 def run_searches(plan: TunedPlan, state: dict[str, Any], state_file: Path, parent) -> dict[str, MethodSearch]:
