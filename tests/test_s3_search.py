@@ -136,6 +136,16 @@ def test_an_unreachable_store_or_missing_bucket_exits_2_in_one_line_before_anyth
     assert not list((tmp_path / "work").iterdir())
 
 
+def test_a_plan_of_an_s3_search_goes_to_the_bucket(space_file, endpoint, tmp_path):
+    env = s3_env(endpoint, tmp_path / "cache")
+    planned = command("tune_mtard.search", [*s3_search_args(space_file, tmp_path, "planned", f"s3://{BUCKET}/plans"),
+                                            "--plan"], env, tmp_path / "work", timeout=600)
+    assert planned.returncode == 0, planned.stdout[-2000:] + planned.stderr[-2000:]
+    assert objects(endpoint, "plans/planned") == ["plan.json"]
+    assert f"s3://{BUCKET}/plans/planned/plan.json" in planned.stdout
+    assert not list((tmp_path / "work").iterdir())  # no local folder named after the URI
+
+
 def test_storage_options_are_validated_by_name(space_file):
     def config(*overrides: str):
         return search_config(SearchRequest(space=str(space_file), overrides=list(overrides)))
