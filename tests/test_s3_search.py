@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from searchkit import child_env, mlflow_runs, search_args
+from searchkit import child_env, mlflow_runs, search_args, tracking_uri
 from services import s3_server
 
 from tune_mtard.errors import ConfigError
@@ -94,6 +94,14 @@ def test_a_digits_search_on_s3_keeps_its_files_and_checkpoints_in_the_bucket_and
     assert exported.returncode == 0, exported.stderr
     best = bucket(endpoint).open_input_stream(f"{BUCKET}/{prefix}/{name}/best_config.yaml").read().decode()
     assert yaml.safe_load((tmp_path / "exported.yaml").read_text()) == yaml.safe_load(best)
+    # ... which trains the best trial again, to its very metrics (its teachers pinned, its values exported)
+    trained = command("tune_mtard.train", ["--config", str(tmp_path / "exported.yaml"), "--out", str(tmp_path / "run"),
+                                           "--no-progress", "--tracking-uri", tracking_uri(tmp_path / "train")],
+                      env, tmp_path / "train")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("val_clean_acc", "val_robust_acc", "val_w_robust_acc"):
+        assert metrics[key] == summary[f"best_{key}"], key
     # analyze reads the study and trials of the search and writes its analysis back to the bucket
     bucket(endpoint).delete_file(f"{BUCKET}/{prefix}/{name}/sensitivity.md")
     analyzed = command("tune_mtard.analyze", ["--experiment", f"s3://{BUCKET}/{prefix}/{name}"], env,
