@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from searchkit import child_env, mlflow_runs, search_args
+from searchkit import child_env, mlflow_runs, search_args, tracking_uri
 from services import s3_server
 
 from tune_mtard.errors import ConfigError
@@ -94,6 +94,14 @@ def test_a_digits_search_on_s3_keeps_its_files_and_checkpoints_in_the_bucket_and
     assert exported.returncode == 0, exported.stderr
     best = bucket(endpoint).open_input_stream(f"{BUCKET}/{prefix}/{name}/best_config.yaml").read().decode()
     assert yaml.safe_load((tmp_path / "exported.yaml").read_text()) == yaml.safe_load(best)
+    # ... which trains the best trial again, to its very metrics (its teachers pinned, its values exported)
+    trained = command("tune_mtard.train", ["--config", str(tmp_path / "exported.yaml"), "--out", str(tmp_path / "run"),
+                                           "--no-progress", "--tracking-uri", tracking_uri(tmp_path / "train")],
+                      env, tmp_path / "train")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("val_clean_acc", "val_robust_acc", "val_w_robust_acc"):
+        assert metrics[key] == summary[f"best_{key}"], key
     # analyze reads the study and trials of the search and writes its analysis back to the bucket
     bucket(endpoint).delete_file(f"{BUCKET}/{prefix}/{name}/sensitivity.md")
     analyzed = command("tune_mtard.analyze", ["--experiment", f"s3://{BUCKET}/{prefix}/{name}"], env,
@@ -134,6 +142,16 @@ def test_an_unreachable_store_or_missing_bucket_exits_2_in_one_line_before_anyth
     assert time.perf_counter() - started < 120
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
     assert not list((tmp_path / "work").iterdir())
+
+
+def test_a_plan_of_an_s3_search_goes_to_the_bucket(space_file, endpoint, tmp_path):
+    env = s3_env(endpoint, tmp_path / "cache")
+    planned = command("tune_mtard.search", [*s3_search_args(space_file, tmp_path, "planned", f"s3://{BUCKET}/plans"),
+                                            "--plan"], env, tmp_path / "work", timeout=600)
+    assert planned.returncode == 0, planned.stdout[-2000:] + planned.stderr[-2000:]
+    assert objects(endpoint, "plans/planned") == ["plan.json"]
+    assert f"s3://{BUCKET}/plans/planned/plan.json" in planned.stdout
+    assert not list((tmp_path / "work").iterdir())  # no local folder named after the URI
 
 
 def test_storage_options_are_validated_by_name(space_file):

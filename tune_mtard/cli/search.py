@@ -16,7 +16,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--num-samples", type=int, default=None, help="number of trials (search.num_samples)")
     parser.add_argument("--max-epochs", type=int, default=None,
                         help="shrink train.epochs (the schedule scales with it)")
-    parser.add_argument("--storage", default=None, help="folder for results (search.storage)")
+    parser.add_argument("--storage", default=None, help="folder, or s3://bucket/prefix, for results (search.storage)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (mlflow.tracking_uri)")
     parser.add_argument("--address", default=None, help="connect to an existing Ray cluster (e.g. auto, ray://host:10001)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")

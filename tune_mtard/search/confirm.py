@@ -72,7 +72,6 @@ def confirm_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, pare
 
     # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.failures import FailureLines
-    from tune_mtard.search.mirror_sync import PushDriverFiles
     from tune_mtard.search.recorder import MlflowTrialRecorder
 
     quiet_preset_points()
@@ -88,7 +87,7 @@ def confirm_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, pare
                                     num_samples=len(points), max_concurrent_trials=s.max_concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=files.CONFIRM_FOLDER, storage_path=path, storage_filesystem=fs,
-                                  callbacks=[recorder, FailureLines(), PushDriverFiles(str(folder))],
+                                  callbacks=[recorder, FailureLines()],
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0 if quiet else 1),
     )

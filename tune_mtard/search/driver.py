@@ -248,7 +248,7 @@ def run_search(cfg: Config, resume: bool = False, address: str | None = None, qu
         flag = "--resume" if resume else "name"
         with SearchLock(folder, flag) as lock, bucket_lease(cfg, flag):
             mirror = Mirror.of(cfg)
-            if not resume:
+            if is_remote(cfg) and not resume:
                 (folder / files.OPTUNA_DB).unlink(missing_ok=True)  # a copy's leftover of a search gone from it
             mirror.pull()  # an object store's files, under the lock (docs/cluster.md, "Object storage")
             check_experiment(cfg, resume)  # again, under the lock: another driver may have started it
@@ -388,7 +388,6 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
     # ray and optuna load at import of these: only a running search needs them
     from tune_mtard.search.budget import BudgetMeter, BudgetStopper, with_budget
     from tune_mtard.search.failures import FailureLines
-    from tune_mtard.search.mirror_sync import PushDriverFiles
     from tune_mtard.search.recorder import MlflowTrialRecorder
     from tune_mtard.search.searcher import (
         PrunedAwareOptunaSearch,
@@ -427,7 +426,7 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
                                     num_samples=s.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-            callbacks=[recorder, FailureLines(), PushDriverFiles(str(folder))],
+            callbacks=[recorder, FailureLines()],
             sync_config=tune.SyncConfig(sync_period=RAY_SYNC_S) if storage_filesystem else None,
             stop=BudgetStopper(folder),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),

@@ -28,6 +28,7 @@ from tune_mtard.costs import TrainingCosts, measure_training, validations
 from tune_mtard.data import load_data
 from tune_mtard.errors import ConfigError
 from tune_mtard.perf import resolve_device
+from tune_mtard.search.remote import experiment_storage, is_remote
 from tune_mtard.search.schedule_model import DRAWS, SimulatedSearch, asha_rungs, random_values, simulate
 from tune_mtard.search.space_methods import searched_methods
 from tune_mtard.teachers import recipe_config, roles_for, teacher_path
@@ -219,6 +220,11 @@ def plan_search(cfg: Config, roles: tuple[str, ...], plan_device: str | None, pl
     elif given_steps_per_s is not None:
         cluster = Cluster(cluster.cpu, cluster.gpu, cluster.source + "; pass --plan-cluster for another")
     plan = forecast(cfg, costs, cluster, ray_start_s, setup_s, recipes)
+    if is_remote(cfg):  # an object store's search folder (docs/cluster.md, "Object storage")
+        storage = experiment_storage(cfg)
+        storage.write_text(files.PLAN_JSON, json.dumps(plan, indent=2))
+        print_plan(plan, f"{storage.uri}/{files.PLAN_JSON}")
+        return plan
     folder = Path(cfg.search.storage) / cfg.name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / files.PLAN_JSON
@@ -264,7 +270,7 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def print_plan(plan: dict[str, Any], path: Path) -> None:
+def print_plan(plan: dict[str, Any], path: Path | str) -> None:
     e, w = plan["expected"], plan["worst_case"]
     unit = plan["device_hours_unit"]
     print(f"plan of search {plan['search']}: {plan['num_samples']} trials, {plan['lanes']} at a time, "

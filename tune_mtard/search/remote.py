@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,7 +141,7 @@ class Mirror:
         self.folder = folder
         self.active = not storage.is_local
         self._sent: dict[str, tuple[int, int]] = {}  # what the bucket holds as of the last pull or push
-        self._pushed_at = 0.0
+        self._lock = threading.Lock()  # the driver's thread and the pushing thread
 
     @classmethod
     def of(cls, cfg: Config) -> Mirror:
@@ -178,12 +179,15 @@ class Mirror:
                 target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 target.write_bytes(self.storage.read_bytes(relative))
         self._sent = self._local_files()
-        self._pushed_at = time.monotonic()
 
     def push(self) -> None:
         """Send what changed in the local copy since the last pull or push: new and changed files, removals."""
         if not self.active:
             return
+        with self._lock:
+            self._push()
+
+    def _push(self) -> None:
         now = self._local_files()
         for relative, stamp in now.items():
             if self._sent.get(relative) != stamp:
@@ -191,11 +195,6 @@ class Mirror:
         for relative in set(self._sent) - set(now):
             self.storage.delete(relative)
         self._sent = now
-        self._pushed_at = time.monotonic()
-
-    def push_if_due(self) -> None:
-        if self.active and time.monotonic() - self._pushed_at >= PUSH_EVERY_S:
-            self.push()
 
     def forget(self, names: tuple[str, ...]) -> None:
         """Remove files a failed setup left, from the bucket too (a rerun of the name starts clean)."""
@@ -212,13 +211,28 @@ _ACTIVE: dict[str, Mirror] = {}  # the mirror of each search this driver process
 
 @contextlib.contextmanager
 def registered(mirror: Mirror) -> Iterator[Mirror]:
-    """The block's search has ``mirror`` (found by :func:`mirror_of`); pushed once more when the block ends,
-    however it ends."""
+    """The block's search has ``mirror`` (found by :func:`mirror_of`): a thread pushes it every
+    :data:`PUSH_EVERY_S` while the block runs, and it is pushed once more when the block ends, however it ends."""
     key = str(mirror.folder)
     _ACTIVE[key] = mirror
+    done = threading.Event()
+
+    def keep_pushing() -> None:
+        while not done.wait(PUSH_EVERY_S):
+            try:
+                mirror.push()
+            except OSError:  # the store is briefly away: the next push sends it
+                pass
+
+    thread = threading.Thread(target=keep_pushing, name="tune_mtard-push", daemon=True)
+    if mirror.active:
+        thread.start()
     try:
         yield mirror
     finally:
+        done.set()
+        if thread.is_alive():
+            thread.join(timeout=60)
         try:
             mirror.push()
         finally:
@@ -286,7 +300,6 @@ def bucket_lease(cfg: Config, flag: str) -> Iterator[None]:
     import json
     import secrets
     import socket
-    import threading
 
     storage = experiment_storage(cfg)
     refuse_if_leased(cfg, flag)
