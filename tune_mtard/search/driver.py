@@ -41,6 +41,7 @@ from tune_mtard.search.schedulers import build_scheduler, check_first_rung, fit_
 from tune_mtard.search.space_methods import searched_methods
 from tune_mtard.search.study_storage import check_database, delete_study, optuna_storage_url
 from tune_mtard.search.trials import load_experiment_trials
+from tune_mtard.search.workers import DRIVER_CPU as WORKERS_DRIVER_CPU
 from tune_mtard.services import check_private, check_search_folder, check_tracking_uri, masked_uri
 from tune_mtard.teachers import check_teacher_files, prepare_teachers, roles_for
 
@@ -229,6 +230,28 @@ def check_resources(cfg: Config) -> None:
     if r.cpu > cpu or r.gpu > gpu:
         raise ConfigError("search.resources", f"a trial asks for {r.cpu:g} CPU and {r.gpu:g} GPU, but the largest "
                                               f"node of the Ray cluster has {cpu:g} CPU and {gpu:g} GPU")
+    if cfg.train.workers > 1:  # workers may span nodes: the cluster as a whole must hold one trial
+        import ray
+
+        total = ray.cluster_resources()
+        check_workers_fit(cfg, float(total.get("CPU", 0)), float(total.get("GPU", 0)), "the Ray cluster")
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What Ray Tune reserves for a trial: ``search.resources``; with ``train.workers`` > 1 next to nothing, as
+    the trial only waits for its Ray Train workers, which reserve ``search.resources`` each (docs/scale.md)."""
+    r = cfg.search.resources
+    return {"cpu": r.cpu, "gpu": r.gpu} if cfg.train.workers == 1 else {"cpu": WORKERS_DRIVER_CPU}
+
+
+def check_workers_fit(cfg: Config, cpu: float, gpu: float, where: str) -> None:
+    """A trial's ``train.workers`` workers of ``search.resources`` each, and the trial itself, fit in ``where``."""
+    n, r = cfg.train.workers, cfg.search.resources
+    need_cpu = n * r.cpu + WORKERS_DRIVER_CPU
+    if n > 1 and (need_cpu > cpu + 1e-9 or n * r.gpu > gpu + 1e-9):
+        raise ConfigError("train.workers", f"{n} workers of {r.cpu:g} CPU and {r.gpu:g} GPU each (search.resources) "
+                                           f"and the trial's {WORKERS_DRIVER_CPU:g} CPU need {need_cpu:g} CPU and "
+                                           f"{n * r.gpu:g} GPU, but {where} has {cpu:g} CPU and {gpu:g} GPU")
 
 
 def check_local_resources(cfg: Config) -> None:
@@ -239,6 +262,7 @@ def check_local_resources(cfg: Config) -> None:
     if r.cpu > cpu or r.gpu > gpu:
         raise ConfigError("search.resources", f"a trial asks for {r.cpu:g} CPU and {r.gpu:g} GPU, but this machine "
                                               f"has {cpu} CPU and {gpu} GPU (pass --address to use a Ray cluster)")
+    check_workers_fit(cfg, cpu, gpu, "this machine")
 
 
 def _remove_setup(cfg: Config, folder: Path, created_folder: bool) -> None:
@@ -292,8 +316,8 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
             finished = finished_optuna_trials(optuna_storage_url(cfg, folder), cfg.name) if resume else set()
             trainable = tune.with_resources(
                 tune.with_parameters(train_bmtard, base=cfg.run_config(), data=data, teachers=teacher_weights,
-                                     finished=finished),
-                {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
+                                     finished=finished, worker_resources=(s.resources.cpu, s.resources.gpu)),
+                trial_resources(cfg),
             )
             start_budget_session(cfg, folder, resume)
             if resume:
