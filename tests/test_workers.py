@@ -7,13 +7,21 @@ measurably not (so the comparison can fail).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from searchkit import child_env, mlflow_runs, optuna_trials, ray_reports
+from test_faults import run_search
 
+from tune_mtard import files
+from tune_mtard.config import load_config
 from tune_mtard.distributed import Shard, shard_of
 
 WORKER = textwrap.dedent("""
@@ -93,3 +101,71 @@ def test_two_workers_train_as_one_process_does(tmp_path, tiny_config_path, metho
     print(f"{method}: unsynced gap trace {trace_gap_unsynced:.2e} student {student_gap_unsynced:.2e}")
     # Each worker's BatchNorm normalises by its half-batch's statistics: another model, visibly.
     assert max(trace_gap_unsynced, student_gap_unsynced) > 100 * max(trace_gap, student_gap, 1e-7)
+
+
+# ---- the commands on Ray Train workers ------------------------------------------------------------------------
+
+def _train(config, out, address, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tune_mtard.train", "--config", str(config), "--out", str(out),
+                           "--no-progress", "--address", address, "--set", "train.epochs=5", *extra],
+                          env=child_env(), capture_output=True, text=True, timeout=900)
+
+
+def test_train_on_two_ray_train_workers_is_the_one_process_run(tmp_path, tiny_config_path, tiny_teachers, ray_address):
+    # digits: 10 steps an epoch (9 of 64 + 64 rows, a last one of 35 + 35), 5 epochs: the first 50 steps.
+    one = _train(tiny_config_path, tmp_path / "one", ray_address, "--set", "mlflow.experiment=one-worker")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _train(tiny_config_path, tmp_path / "two", ray_address, "--set", "train.workers=2",
+                 "--set", "mlflow.experiment=two-workers")
+    assert two.returncode == 0, two.stderr[-3000:]
+    trace_one = np.loadtxt(tmp_path / "one" / "balance_trace.csv", delimiter=",", skiprows=1)
+    trace_two = np.loadtxt(tmp_path / "two" / "balance_trace.csv", delimiter=",", skiprows=1)
+    assert trace_one.shape == trace_two.shape == (50, 10)
+    gap = np.abs(trace_one - trace_two) / np.maximum(np.abs(trace_one), 1e-6)
+    print(f"largest relative gap of the balance traces over 50 steps: {np.nanmax(gap):.2e}")
+    # Measured: 2e-7 (float32 sums over the shards in another order, as in the two-process test above); the
+    # issue's bound is 1e-4, and without synchronised BatchNorm the gap is ~1e-3 (that test's unsynced case).
+    assert np.nanmax(gap) < 1e-4
+    metrics_one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    metrics_two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in ("val_clean_acc", "val_robust_acc"):  # eval.n_examples 64: one image is 1/64
+        assert abs(metrics_one[key] - metrics_two[key]) <= 1 / 64, key
+    assert set(metrics_one) == set(metrics_two)
+    assert not (tmp_path / "two" / ".workers").exists()  # Ray Train's own folder goes at the end
+
+    client = MlflowClient(tracking_uri=load_config(tiny_config_path, check_files=False).mlflow.tracking_uri)
+    for experiment in ("one-worker", "two-workers"):
+        [record] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert record.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(record.info.run_id, "val_w_robust_acc")] == [1, 2, 3, 4, 5]
+        assert "test_clean_acc" in record.data.metrics
+        assert {"balance_trace.csv", "metrics.json", "model"} <= {a.path for a in client.list_artifacts(
+            record.info.run_id)}
+    assert record.data.params["train.workers"] == "2"
+
+
+def test_a_search_with_two_workers_per_trial_keeps_complete_records(space_file, tmp_path, ray_address):
+    # Each trial: 2 workers of 0.5 CPU (the session's Ray has 2 CPUs) and the trial itself, holding 0.01 CPU.
+    name = "two-workers"
+    code, out, err = run_search(space_file, tmp_path, name, "--num-samples", "2", "--set", "train.workers=2",
+                                "--set", "search.resources.cpu=0.5", "--set", "search.max_concurrent=1",
+                                "--set", "search.scheduler.type=fifo")
+    assert code == 0, (out + err)[-4000:]
+    folder = tmp_path / "results" / name
+    reports = ray_reports(folder)
+    assert len(reports) == 2 and all([r["epoch"] for r in rows] == [1, 2, 3] for rows in reports.values())
+    assert all(0 <= r["val_w_robust_acc"] <= 1 and "entropy_gap" in r for rows in reports.values() for r in rows)
+    for trial in folder.glob("train_bmtard_*"):  # checkpoints in the trial's folder, as a one-process trial's
+        assert len(list(trial.glob(f"checkpoint_*/{files.TRIAL_STATE}"))) >= 1
+        assert not list(trial.glob("workers-*"))
+    assert [t.state for t in optuna_trials(folder, name)] == [TrialState.COMPLETE] * 2
+    client, parents, children = mlflow_runs(tmp_path, name)
+    assert len(parents) == 1 and sorted(r.data.tags["trial_id"] for r in children) == sorted(reports)  # one per trial
+    for record in children:
+        rows = reports[record.data.tags["trial_id"]]
+        history = client.get_metric_history(record.info.run_id, "val_w_robust_acc")
+        assert {m.step: m.value for m in history} == pytest.approx({r["epoch"]: r["val_w_robust_acc"] for r in rows})
+        assert record.info.status == "FINISHED"
+        assert {"balance_trace.csv", "model"} <= {a.path for a in client.list_artifacts(record.info.run_id)}
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["records"] == "complete" and summary["n_complete"] == 2
