@@ -8,6 +8,8 @@ measurably not (so the comparison can fail).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,8 +19,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from searchkit import child_env, mlflow_runs, optuna_trials, ray_reports
-from test_faults import run_search
+from searchkit import EPOCHS, child_env, mlflow_runs, optuna_trials, ray_reports
+from test_faults import run_search, spawn_search, tune_states, wait_for
+from test_retries import trial_workers
 
 from tune_mtard import files
 from tune_mtard.config import load_config
@@ -169,3 +172,42 @@ def test_a_search_with_two_workers_per_trial_keeps_complete_records(space_file, 
         assert {"balance_trace.csv", "model"} <= {a.path for a in client.list_artifacts(record.info.run_id)}
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["records"] == "complete" and summary["n_complete"] == 2
+
+
+def test_a_sigkilled_worker_is_an_infra_failure_and_its_trial_resumes_from_its_checkpoint(space_file, tmp_path,
+                                                                                          ray_address):
+    name = "worker-killed"
+    driver = spawn_search(space_file, tmp_path, name, ray_address, "--num-samples", "1", "--set", "train.workers=2",
+                          "--set", "search.resources.cpu=0.5", "--set", "search.scheduler.type=fifo")
+    folder = tmp_path / "results" / name
+
+    def first_report() -> bool:
+        assert driver.poll() is None, driver.communicate()
+        return any(ray_reports(folder).values())
+
+    # Once the trial has reported an epoch (a checkpoint to resume from); with the driver stopped the trial cannot
+    # take its next report, so it cannot finish before the kill.
+    wait_for(first_report, 300, "the trial's first report", every=0.1)
+    driver.send_signal(signal.SIGSTOP)
+    try:
+        rows = [row for rows in ray_reports(folder).values() for row in rows]
+        assert max(row["epoch"] for row in rows) < EPOCHS, rows
+        workers = sorted(trial_workers(b"RayTrainWorker"))
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+    finally:
+        driver.send_signal(signal.SIGCONT)
+    out, err = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out + err
+    [trial_id] = tune_states(folder)
+    assert tune_states(folder) == {trial_id: "TERMINATED"}
+    rows = ray_reports(folder)[trial_id]
+    assert rows[-1]["epoch"] == EPOCHS and rows[-1]["resumed_from_epoch"] >= 1  # it went on from its checkpoint
+    [trial_folder] = folder.glob("train_bmtard_*")
+    errors = (trial_folder / "error.txt").read_text()
+    assert errors.count("Failure # ") == 1 and "WorkerLostError" in errors
+    assert out.count(f"trial {trial_id}: infra failure") == 1 and "Traceback" not in out + err
+    [study_trial] = optuna_trials(folder, name)
+    assert study_trial.state == TrialState.COMPLETE and "failure_kind" not in study_trial.user_attrs
+    _, _, children = mlflow_runs(tmp_path, name)
+    assert [(run.data.tags["trial_id"], run.info.status) for run in children] == [(trial_id, "FINISHED")]

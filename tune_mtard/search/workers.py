@@ -41,6 +41,10 @@ from tune_mtard.pipeline import run_pipeline
 from tune_mtard.search.trials import error_kind
 
 DRIVER_CPU = 0.01  # what a trial holds itself while its workers train (Ray refuses a bundle of nothing)
+# What Ray Train's controller hands back for a worker it lost (ray/train/v2/_internal/exceptions.py, private:
+# matched by name) or could not start: the machinery's failure, not the run's.
+LOST = ("WorkerHealthCheckFailedError", "WorkerHealthCheckTimeoutError", "WorkerGroupStartupTimeoutError",
+        "WorkerGroupStartupFailedError")
 DIVERGED = "tune_mtard_diverged"  # in a report's metrics: [step, epoch] of the divergence
 
 
@@ -167,7 +171,7 @@ def _classified(error: BaseException) -> BaseException:
     if isinstance(error, WorkerGroupError):
         failures = sorted(error.worker_failures.items())
         for rank, failure in failures:
-            if isinstance(failure, RayActorError) or error_kind(failure) == "infra":
+            if isinstance(failure, RayActorError) or type(failure).__name__ in LOST or error_kind(failure) == "infra":
                 first = (str(failure).strip().splitlines() or [""])[0]
                 return WorkerLostError(f"worker {rank} was lost ({type(failure).__name__}: {first})")
         rank, failure = failures[0]
