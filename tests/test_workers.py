@@ -2,7 +2,8 @@
 
 Two real ``gloo`` processes, each training its shard of every batch, against one process on the whole batch:
 the same balance trace and the same student within float tolerance, with synchronised BatchNorm; without it,
-measurably not (so the comparison can fail).
+measurably not (so the comparison can fail). Then the commands on Ray Train's workers (``train.workers: 2``):
+``train`` against one process, a search's records, and a SIGKILLed worker retried as an infra failure.
 """
 
 from __future__ import annotations
