@@ -212,3 +212,28 @@ def test_a_sigkilled_worker_is_an_infra_failure_and_its_trial_resumes_from_its_c
     assert study_trial.state == TrialState.COMPLETE and "failure_kind" not in study_trial.user_attrs
     _, _, children = mlflow_runs(tmp_path, name)
     assert [(run.data.tags["trial_id"], run.info.status) for run in children] == [(trial_id, "FINISHED")]
+
+
+def test_train_resumed_on_two_workers_continues_as_one_process_run_never_stopped(tmp_path, tiny_config_path,
+                                                                                 tiny_teachers, ray_address):
+    # No milestones: the learning rate is the same whatever train.epochs, which the resume raises from 2 to 4.
+    steady = ("--set", "train.lr_milestones=[]", "--set", "mlflow.experiment=resumed-workers")
+    first = _train(tiny_config_path, tmp_path / "two", ray_address, "--set", "train.workers=2", *steady,
+                   "--set", "train.epochs=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _train(tiny_config_path, tmp_path / "two", ray_address, "--set", "train.workers=2", *steady,
+                     "--set", "train.epochs=4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = _train(tiny_config_path, tmp_path / "one", ray_address, *steady[:2], "--set", "train.epochs=4",
+                   "--set", "mlflow.experiment=whole-one-worker")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    trace_two = np.loadtxt(tmp_path / "two" / "balance_trace.csv", delimiter=",", skiprows=1)
+    trace_one = np.loadtxt(tmp_path / "one" / "balance_trace.csv", delimiter=",", skiprows=1)
+    assert trace_two.shape == trace_one.shape == (40, 10)
+    gap = np.abs(trace_one - trace_two) / np.maximum(np.abs(trace_one), 1e-6)
+    print(f"resumed on two workers: largest relative trace gap {np.nanmax(gap):.2e}")
+    assert np.nanmax(gap) < 1e-4
+    client = MlflowClient(tracking_uri=load_config(tiny_config_path, check_files=False).mlflow.tracking_uri)
+    [record] = client.search_runs([client.get_experiment_by_name("resumed-workers").experiment_id])
+    assert record.info.status == "FINISHED"  # one run, reopened by the resume
+    assert [m.step for m in client.get_metric_history(record.info.run_id, "val_w_robust_acc")] == [1, 2, 3, 4]
