@@ -27,6 +27,7 @@ from test_retries import trial_workers
 from tune_mtard import files
 from tune_mtard.config import load_config
 from tune_mtard.distributed import Shard, shard_of
+from tune_mtard.errors import ConfigError
 
 WORKER = textwrap.dedent("""
     import sys
@@ -237,3 +238,28 @@ def test_train_resumed_on_two_workers_continues_as_one_process_run_never_stopped
     [record] = client.search_runs([client.get_experiment_by_name("resumed-workers").experiment_id])
     assert record.info.status == "FINISHED"  # one run, reopened by the resume
     assert [m.step for m in client.get_metric_history(record.info.run_id, "val_w_robust_acc")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["train.workers=0"], "train.workers", "must be >= 1"),
+    (["train.workers=1.5"], "train.workers", "expected an integer"),
+    (["train.workers=3"], "data.batch_size", "must divide into train.workers = 3"),  # 128 is the global batch
+    (["train.workers=2", "data.batch_size=65"], "data.batch_size", "must divide"),
+])
+def test_train_workers_is_an_integer_that_divides_the_global_batch(tiny_config_path, overrides, key, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(tiny_config_path, overrides, check_files=False)
+    assert error.value.key == key and words in str(error.value)
+    assert load_config(tiny_config_path, ["train.workers=4"], check_files=False).train.workers == 4
+
+
+def test_a_trial_holds_its_workers_resources_and_a_search_refuses_one_that_cannot_fit(space_file):
+    from tune_mtard.search.driver import check_workers_fit, trial_resources
+
+    cfg = load_config(space_file, ["train.workers=2", "search.resources.cpu=1"], check_files=False)
+    assert trial_resources(cfg) == {"cpu": 0.01}  # the trial only waits; each worker holds search.resources
+    assert trial_resources(load_config(space_file, check_files=False)) == {"cpu": 1, "gpu": 0}
+    check_workers_fit(cfg, 3, 0, "this machine")
+    with pytest.raises(ConfigError) as error:
+        check_workers_fit(cfg, 2, 0, "this machine")  # 2 x 1 CPU and the trial's 0.01
+    assert error.value.key == "train.workers" and "need 2.01 CPU" in str(error.value)
