@@ -21,7 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from searchkit import EPOCHS, child_env, mlflow_runs, optuna_trials, ray_reports
-from test_faults import run_search, spawn_search, tune_states, wait_for
+from test_faults import DIVERGING_LR, run_search, spawn_search, tune_states, wait_for
 from test_retries import trial_workers
 
 from tune_mtard import files
@@ -263,3 +263,17 @@ def test_a_trial_holds_its_workers_resources_and_a_search_refuses_one_that_canno
     with pytest.raises(ConfigError) as error:
         check_workers_fit(cfg, 2, 0, "this machine")  # 2 x 1 CPU and the trial's 0.01
     assert error.value.key == "train.workers" and "need 2.01 CPU" in str(error.value)
+
+
+def test_a_trial_diverging_on_two_workers_is_recorded_as_diverged_once(space_file, tmp_path, ray_address):
+    name = "workers-diverge"
+    code, out, err = run_search(space_file, tmp_path, name, "--num-samples", "1", "--set", "train.workers=2",
+                                "--set", "search.resources.cpu=0.5",
+                                "--set", f"space.train.lr={{type: categorical, choices: [{DIVERGING_LR}]}}")
+    assert code == 1, (out + err)[-3000:]  # its only trial diverged: no usable trial
+    folder = tmp_path / "results" / name
+    [trial_folder] = folder.glob("train_bmtard_*")
+    assert (trial_folder / "error.txt").read_text().count("Failure # ") == 1  # not retried
+    assert (trial_folder / "balance_trace.csv").is_file()  # the steps up to the divergence, as one process leaves
+    _, _, [child] = mlflow_runs(tmp_path, name)
+    assert child.info.status == "FAILED" and child.data.tags["failure_kind"] == "diverged"
