@@ -41,7 +41,7 @@ from tune_mtard.pipeline import run_pipeline
 from tune_mtard.search.trials import error_kind
 
 DRIVER_CPU = 0.01  # what a trial holds itself while its workers train (Ray refuses a bundle of nothing)
-# What Ray Train's controller hands back for a worker it lost (ray/train/v2/_internal/exceptions.py, private:
+# What Ray Train's controller hands back for a worker it lost (classes of Ray Train V2's private exceptions,
 # matched by name) or could not start: the machinery's failure, not the run's.
 LOST = ("WorkerHealthCheckFailedError", "WorkerHealthCheckTimeoutError", "WorkerGroupStartupTimeoutError",
         "WorkerGroupStartupFailedError")
