@@ -148,6 +148,8 @@ def test_ablations_switch_the_balancers_and_keep_everything_else(tmp_path):
     (["--methods", "natural", "--attacks", "pgd7"], "--attacks"),
     (["--methods", "natural", "--set", "train.epochs=0"], "train.epochs"),
     (["--methods", "natural", "--set", "balance.nope=1"], "balance.nope"),
+    (["--methods", "natural", "--set", "train.workers=2"], "train.workers"),  # one process per run
+    (["--methods", "natural", "--tune", "1", "--set", "train.workers=2"], "train.workers"),
     ([], "--methods"),
 ])
 def test_bad_input_exits_2_with_one_line_before_anything_is_written(tmp_path, capsys, flags, names):

@@ -91,9 +91,9 @@ def test_ray_retries_a_dead_worker_up_to_the_count_but_never_a_trial_error(ray_a
     assert error_file.read_text().count("Failure # ") == failures
 
 
-def trial_workers() -> set[int]:
-    """The pids of the trial actors this test session's Ray runs (its own descendants only, never another
-    session's workers on the same machine)."""
+def trial_workers(actor: bytes = b"ImplicitFunc") -> set[int]:
+    """The pids of the trial actors (or other ``actor`` processes) this test session's Ray runs (its own
+    descendants only, never another session's workers on the same machine)."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -105,7 +105,7 @@ def trial_workers() -> set[int]:
     workers = set()
     for pid in mine:
         with contextlib.suppress(OSError):
-            if b"ImplicitFunc" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if actor in Path(f"/proc/{pid}/cmdline").read_bytes():
                 workers.add(pid)
     return workers
 

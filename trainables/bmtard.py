@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs
 import ray
@@ -24,11 +24,12 @@ from tune_mtard.data import DataBundle
 from tune_mtard.diagnostics import Diagnostician
 from tune_mtard.engine import Trainer
 from tune_mtard.errors import Diverged
-from tune_mtard.models import create_model, load_state, save_checkpoint
+from tune_mtard.models import save_checkpoint
 from tune_mtard.perf import trial_device
 from tune_mtard.search import compat
 from tune_mtard.search.storage_fs import Storage, folder_on
 from tune_mtard.search.trials import read_divergence, write_divergence
+from tune_mtard.search.workers import Report, WorkerJob, run_workers, teacher_from_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,6 @@ EPOCH_KEY = "epoch"  # in each checkpoint's metadata: the epochs it has trained
 def trial_config(base: Config, sampled: dict[str, Any]) -> Config:
     """The run config of one trial: the base run config with the sampled dotted keys set."""
     return base.run_config().with_values(sampled)
-
-
-def teacher_from_weights(arch: str, weights: dict[str, torch.Tensor], data: DataBundle) -> torch.nn.Module:
-    """A frozen teacher in eval mode from its architecture and state dict (its normalisation buffers included)."""
-    model = create_model(arch, data.num_classes, data.in_channels)
-    load_state(model, weights, f"the {arch} teacher's weights", arch)
-    return model.eval().requires_grad_(False)
 
 
 def find_checkpoints(fs: pyarrow.fs.FileSystem, experiment_path: str, trial_dir: str,
@@ -92,9 +86,10 @@ class CheckpointError(RuntimeError):
     """A trial's checkpoint is complete but cannot be loaded into the trial: failing beats silently restarting."""
 
 
-def _resume(trainer: Trainer, resumed_search: bool) -> bool:
-    """Load the furthest checkpoint (False when there is none): in any folder of the trial when the search was
-    resumed, else in the trial's own folder, and only when Ray restarts the trial with a checkpoint.
+def _resume(load: Callable[[dict[str, Any]], None], resumed_search: bool) -> tune.Checkpoint | None:
+    """Hand ``load`` the loop state of the furthest checkpoint, and return that checkpoint (None when there is
+    none): in any folder of the trial when the search was resumed, else in the trial's own folder, and only when
+    Ray restarts the trial with a checkpoint.
 
     A torn copy (cut short by a kill mid-copy: no metadata, or a state file that cannot be read) is skipped
     with a warning, and the one before it is taken. A complete checkpoint that does not load into this
@@ -103,7 +98,7 @@ def _resume(trainer: Trainer, resumed_search: bool) -> bool:
     """
     given = tune.get_checkpoint()
     if given is None and not resumed_search:  # a trial's first start in this search: nothing to look for
-        return False
+        return None
     fs, experiment_path, trial_dir = compat.trial_storage()
     candidates = find_checkpoints(fs, experiment_path, trial_dir, tune.get_context().get_trial_name(),
                                   everywhere=resumed_search)
@@ -117,12 +112,12 @@ def _resume(trainer: Trainer, resumed_search: bool) -> bool:
                 log.warning("skipping the torn checkpoint %s: %s", checkpoint.path, str(exc).splitlines()[0])
                 continue
             try:
-                trainer.load_state_dict(state)
+                load(state)
             except Exception as exc:
                 raise CheckpointError(f"the checkpoint {checkpoint.path} cannot be loaded into trial "
                                       f"{tune.get_context().get_trial_id()}: {str(exc).splitlines()[0]}") from exc
-        return True
-    return False
+        return checkpoint
+    return None
 
 
 def _trial_folder() -> Storage:
@@ -143,25 +138,30 @@ def _record_divergence(trainer: Trainer, error: Diverged) -> None:
 
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
                  teachers: dict[str, tuple[str, dict[str, torch.Tensor]]], finished: set[str] = frozenset(),
-                 resumed_search: bool = False) -> None:
+                 resumed_search: bool = False, worker_resources: tuple[float, float] = (1.0, 0.0)) -> None:
     """One trial. ``teachers`` maps role to ``(arch, state dict)``; ``data`` is the whole dataset;
     ``resumed_search``: whether the driver resumed the search (checkpoints are then looked for everywhere).
 
     ``finished`` holds the ids of trials that a killed driver had already finished (told to Optuna): when
     a resumed search restarts one, it only reports its last epoch again, so Ray records its final result.
+    With ``train.workers`` > 1 the trial trains on that many Ray Train workers of ``worker_resources`` (CPU, GPU)
+    each (:func:`_train_on_workers`).
     """
     compat.quiet_checkpoint_log()
     diverged = read_divergence(_trial_folder())
     if diverged is not None:
         raise Diverged(diverged["diverged_step"], diverged["diverged_epoch"])
     cfg = trial_config(base, sampled)
+    if cfg.train.workers > 1:
+        _train_on_workers(cfg, data, teachers, finished, worker_resources, resumed_search or bool(finished))
+        return
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(cfg.perf.threads or max(1, int(assigned.get("CPU", 1))))
     trainer = Trainer(cfg, data, {role: teacher_from_weights(arch, weights, data)
                                   for role, (arch, weights) in teachers.items()},
                       device=trial_device(cfg.device, assigned.get("GPU", 0)))
     node_id = ray.get_runtime_context().get_node_id()
-    resumed = _resume(trainer, resumed_search or bool(finished))
+    resumed = _resume(trainer.load_state_dict, resumed_search or bool(finished)) is not None
     resumed_from_epoch = trainer.epoch  # 0 for a fresh start: shows in the results that a restart continued
     diagnostician = Diagnostician(cfg)  # reads each trace row once over the trial
 
@@ -186,3 +186,37 @@ def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
     except Diverged as error:
         _record_divergence(trainer, error)
         raise
+
+
+def _train_on_workers(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, dict[str, torch.Tensor]]],
+                      finished: set[str], resources: tuple[float, float], resumed_search: bool) -> None:
+    """The trial as ``train.workers`` Ray Train workers (tune_mtard/search/workers.py): this process holds next to
+    nothing (``DRIVER_CPU``) and hands Ray Tune rank 0's reports, each with the checkpoint rank 0 wrote, as a
+    one-process trial reports them; it continues from its last checkpoint as such a trial does."""
+    states: list[dict[str, Any]] = []
+    resumed = _resume(states.append, resumed_search)
+    state = states[-1] if resumed is not None else None
+    node_id = ray.get_runtime_context().get_node_id()
+    resumed_from_epoch = int(state["epoch"]) if state is not None else 0
+    if resumed is not None and state["history"]:  # the driver may never have received it: report it again
+        diagnosis = Diagnostician(cfg).latest(state["trace"]).metrics()
+        tune.report(dict(state["history"][-1], **diagnosis, node_id=node_id, resumed_from_epoch=resumed_from_epoch),
+                    checkpoint=resumed)
+    if tune.get_context().get_trial_id() in finished:
+        return
+    fs, experiment_path, trial_dir = compat.trial_storage()
+    folder = _trial_folder()
+
+    def on_report(report: Report) -> None:
+        if report.diverged is not None:  # the trace up to the divergence, where a one-process trial leaves it
+            with report.checkpoint.as_directory() as tmp:
+                folder.write_bytes(files.TRACE_CSV, (Path(tmp) / files.TRACE_CSV).read_bytes())
+            write_divergence(folder, Diverged(*report.diverged))
+            return
+        checkpoint = tune.Checkpoint(report.checkpoint.path, filesystem=report.checkpoint.filesystem)
+        checkpoint.set_metadata({EPOCH_KEY: int(report.metrics["epoch"])})
+        tune.report(dict(report.metrics, node_id=node_id, resumed_from_epoch=resumed_from_epoch), checkpoint=checkpoint)
+
+    job = WorkerJob(cfg, ray.put(data), ray.put(teachers), None if state is None else ray.put(state))
+    run_workers(job, cpu=resources[0], gpu=resources[1], storage=f"{experiment_path}/{trial_dir}", filesystem=fs,
+                on_report=on_report)

@@ -220,7 +220,7 @@ class Trainer:
         epoch_time = time.perf_counter() - start
 
         metrics: dict[str, float] = {EPOCH: self.epoch}
-        if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.train.epochs:
+        if self.validates(self.epoch):
             if self.workers is None or self.workers.is_first:  # the others train on; validation moves no RNG
                 metrics.update(self.validate())
             means = epoch_rows.nanmean(0)
@@ -232,6 +232,11 @@ class Trainer:
             metrics[EPOCH_TIME_S] = epoch_time
             self.history.append(metrics)
         return EpochResult(self.epoch, metrics)
+
+    def validates(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (1-based) ends with validation (on rank 0 alone among workers): every
+        ``eval.every`` epochs and the last."""
+        return epoch % self.cfg.eval.every == 0 or epoch == self.cfg.train.epochs
 
     def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The training batches of ``epoch`` (0-based), on the device.
@@ -253,11 +258,15 @@ class Trainer:
             loss, row = self.objective.step(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        watched = loss.detach()
         if shard is not None:
             self.workers.average_gradients(self.student.parameters(), shard)
-            row = self.workers.mean_row(shard, row)
+            # The loss travels with the row: every worker judges divergence on the same numbers, so all stop
+            # at the same step (one worker stopping alone would leave the others waiting in an all-reduce).
+            reduced = self.workers.mean_row(shard, torch.cat([row, watched.reshape(1).to(row.dtype)]))
+            row, watched = reduced[:-1], reduced[-1]
         self.optimizer.step()
-        self._watch.observe(loss, row, self.objective.traced)
+        self._watch.observe(watched, row, self.objective.traced)
         return row
 
     # ------------------------------------------------------------------------------------ validation

@@ -64,7 +64,7 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
     """
     cfg = trainer.cfg
     if run is not None and trainer.history:
-        _log_missing_epochs(run, trainer.history)
+        log_missing_epochs(run, trainer.history)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / files.RUN_CONFIG, to_yaml(cfg))
 
@@ -96,15 +96,19 @@ def run_pipeline(trainer: Trainer, data: DataBundle, out: Path, *, run: RunHandl
 
     plot_trace(out / files.TRACE_CSV, out / files.TRACE_PNG, title=f"{cfg.name}: {cfg.method} balance trace")
     if run is not None:
-        # The val_* values are the last epoch's, already logged at this step.
-        run.log_metrics({k: v for k, v in metrics.items() if k not in last}, step=trainer.epoch)
-        run.log_artifacts([out / name for name in (files.TRACE_CSV, files.TRACE_PNG, files.RUN_CONFIG,
-                                                   files.METRICS_JSON)])
-        run.log_artifacts([out / files.STUDENT], "model")
+        log_finished_run(run, out, metrics, last)
     return RunResult(metrics, trainer, out)
 
 
-def _log_missing_epochs(run: RunHandle, history: list[dict[str, float]]) -> None:
+def log_finished_run(run: RunHandle, out: Path, metrics: dict[str, Any], last: dict[str, float]) -> None:
+    """A finished run's final metrics (``metrics.json``'s, at its last epoch) and files to ``run``; ``last`` is the
+    last epoch's metrics, whose val_* values were logged with it already."""
+    run.log_metrics({k: v for k, v in metrics.items() if k not in last}, step=int(metrics["epochs"]))
+    run.log_artifacts([out / name for name in (files.TRACE_CSV, files.TRACE_PNG, files.RUN_CONFIG, files.METRICS_JSON)])
+    run.log_artifacts([out / files.STUDENT], "model")
+
+
+def log_missing_epochs(run: RunHandle, history: list[dict[str, float]]) -> None:
     """Log the epochs a killed run checkpointed but never logged (it died between the two), so none is lost."""
     logged = run.logged_steps(VAL_W_ROBUST_ACC)
     for metrics in history:

@@ -19,6 +19,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--register", default=None, metavar="NAME",
                         help="register the final student in the MLflow Model Registry as NAME (pt2 format)")
+    parser.add_argument("--address", default=None,
+                        help="with train.workers > 1: the Ray cluster its workers run on (default: a local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -30,5 +32,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tune_mtard.workflows.train import TrainRequest, train
 
     train(TrainRequest(config=args.config, out=args.out, overrides=args.overrides, tracking_uri=args.tracking_uri,
-                       resume=args.resume, progress=progress_wanted(args.no_progress), register=args.register))
+                       resume=args.resume, progress=progress_wanted(args.no_progress), register=args.register,
+                       address=args.address))
     return 0

@@ -79,6 +79,9 @@ class Config:
         require_name(self.method, METHODS.names(), "method", "method")
         self.attack.check()
         self.train.check()
+        require(self.data.batch_size % self.train.workers == 0, "data.batch_size",
+                f"{self.data.batch_size} (the global batch) must divide into train.workers = {self.train.workers} "
+                "equal shards")
         self.balance.check()
         self.baselines.check()
         self.diagnostics.check()

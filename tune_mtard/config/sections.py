@@ -149,9 +149,12 @@ class TrainConfig:
     weight_decay: float = 2.0e-4
     lr_milestones: list[float] = field(default_factory=lambda: [0.7167, 0.8667, 0.95])  # fractions of epochs
     lr_gamma: float = 0.1
+    workers: int = 1  # data-parallel workers of a run or trial, each on its shard of every batch (docs/scale.md)
+    sync_batch_norm: bool = True  # with workers > 1: BatchNorm normalises by the global batch's statistics
 
     def check(self) -> None:
         require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        require(self.workers >= 1, "train.workers", f"must be >= 1, got {self.workers}")
         require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr:g}")
         require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
         require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")

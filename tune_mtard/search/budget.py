@@ -127,6 +127,7 @@ def start_session(cfg: Config, folder: Path, trials_time_s: float, resume: bool)
     before = json.loads(path.read_text()) if resume and path.is_file() else {}
     wall_before = before.get("spent", {}).get("wall_hours", 0.0) * 3600
     share, unit = cfg.search.resources.device_share()
+    share *= cfg.train.workers  # a trial's workers each hold search.resources
     state = {"limits": {"device_hours": budget.device_hours, "wall_hours": budget.wall_hours}, "unit": unit,
              "share": share, "device_s_before": trials_time_s * share, "wall_s_before": wall_before,
              "session_start": time.time(), "stopped_trials": before.get("stopped_trials", []), "reached": None}

@@ -50,7 +50,7 @@ from tune_mtard.search.remote import (
     refuse_if_leased,
     registered,
 )
-from tune_mtard.search.resources import check_local_resources, check_resources
+from tune_mtard.search.resources import check_local_resources, check_resources, trial_resources
 from tune_mtard.search.resume import check_same_search
 from tune_mtard.search.schedulers import build_scheduler, check_first_rung, fit_to_epochs
 from tune_mtard.search.space_methods import searched_methods
@@ -318,8 +318,9 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
                         if resume else set())
             trainable = tune.with_resources(
                 tune.with_parameters(train_bmtard, base=cfg.run_config(), data=data, teachers=teacher_weights,
-                                     finished=finished, resumed_search=resume),
-                {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
+                                     finished=finished, resumed_search=resume,
+                                     worker_resources=(s.resources.cpu, s.resources.gpu)),
+                trial_resources(cfg),
             )
             start_budget_session(cfg, folder, resume)
             path, fs = ray_experiment(cfg)

@@ -51,10 +51,10 @@ class Cluster:
 
 def lanes(cfg: Config, cluster: Cluster) -> int:
     """How many trials run at once: ``max_concurrent``, ``num_samples`` and what the cluster holds."""
-    s = cfg.search
-    fit = math.floor(cluster.cpu / s.resources.cpu + 1e-9)
+    s, n = cfg.search, cfg.train.workers  # each of a trial's train.workers workers holds search.resources
+    fit = math.floor(cluster.cpu / (n * s.resources.cpu) + 1e-9)
     if s.resources.gpu > 0:
-        fit = min(fit, math.floor(cluster.gpu / s.resources.gpu + 1e-9))
+        fit = min(fit, math.floor(cluster.gpu / (n * s.resources.gpu) + 1e-9))
     return max(1, min(s.max_concurrent, s.num_samples, fit))
 
 
@@ -128,6 +128,7 @@ def forecast(cfg: Config, costs: TrainingCosts, cluster: Cluster, ray_start_s: f
                 for role, r in teacher_recipes.items()}
     teacher_s = sum(t["seconds"] for t in teachers.values())
     share, unit = s.resources.device_share()
+    share *= cfg.train.workers  # a trial's workers each hold search.resources
     fixed_s = ray_start_s + setup_s + teacher_s + CONCLUDE_S
 
     def figures(sims: list[SimulatedSearch]) -> dict[str, float]:

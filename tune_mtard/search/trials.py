@@ -151,7 +151,7 @@ def read_divergence(trial_dir: Storage) -> dict[str, int] | None:
 # What the machinery around a trial raises when it, not the trial, failed: a lost worker, actor or node, the
 # host's or a card's memory, a full disk. Matched in the error's text, as Ray hands back each error.
 INFRA_MARKERS = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
-                 "ObjectLostError", "OwnerDiedError", "OutOfMemoryError", "CUDA out of memory",
+                 "WorkerLostError", "ObjectLostError", "OwnerDiedError", "OutOfMemoryError", "CUDA out of memory",
                  "No space left on device", "ENOSPC", "[Errno 28]")
 
 

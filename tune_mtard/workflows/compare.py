@@ -283,6 +283,13 @@ def run_one(method: str, seed: int, cfg: Config, data: DataBundle, teachers: dic
     return SeedRun(method, seed, FINISHED, result.metrics, run_id)
 
 
+def refuse_workers(base: Config) -> None:
+    """compare trains each of its runs in one process: ``train.workers`` > 1 is refused (exit 2), not ignored."""
+    if base.train.workers > 1:
+        raise ConfigError("train.workers", f"compare trains each run in one process, so it takes only 1, got "
+                                           f"{base.train.workers} (train and search run on several workers)")
+
+
 def plan_comparison(request: CompareRequest) -> tuple[Config, list[str], list[int], dict[tuple[str, int], Config],
                                                       Path]:
     """Everything checked before anything runs, is written or is logged: the base config, methods, seeds,
@@ -293,6 +300,7 @@ def plan_comparison(request: CompareRequest) -> tuple[Config, list[str], list[in
     methods = parse_methods(request.methods)
     seeds = parse_seeds(request.seeds)
     base = base_config(request).run_config()
+    refuse_workers(base)
     resolve_device(base.device)
     configs = run_configs(base, methods, seeds)
     check_teacher_files(base, roles_for({c.method for c in configs.values()}))

@@ -8,7 +8,9 @@ ignored.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,15 +20,19 @@ import torch
 from tune_mtard import atomic, files, tracking
 from tune_mtard.config import Config, load_config
 from tune_mtard.config.rules import check_model_name
-from tune_mtard.data import load_data
+from tune_mtard.data import DataBundle, load_data
 from tune_mtard.engine import EpochResult
-from tune_mtard.errors import ConfigError
-from tune_mtard.metrics import VAL_CLEAN_ACC, VAL_ROBUST_ACC, VAL_W_ROBUST_ACC
+from tune_mtard.errors import ConfigError, Diverged
+from tune_mtard.metrics import EPOCH, VAL_CLEAN_ACC, VAL_ROBUST_ACC, VAL_W_ROBUST_ACC
 from tune_mtard.model_registry import register_student
+from tune_mtard.models import create_model, load_checkpoint
 from tune_mtard.perf import resolve_device
-from tune_mtard.pipeline import new_trainer, run_pipeline
+from tune_mtard.pipeline import log_finished_run, log_missing_epochs, new_trainer, run_pipeline
+from tune_mtard.search.local_ray import ray_session
+from tune_mtard.search.workers import Report, WorkerJob, loop_state, run_workers
 from tune_mtard.services import check_tracking_uri, unwritable_folder
-from tune_mtard.teachers import prepare_teachers
+from tune_mtard.teachers import TeacherSet, prepare_teachers
+from tune_mtard.tracking import RunHandle
 
 # Keys a resumed run may change: where things are stored and logged, and how long it trains.
 RESUMABLE_CHANGES = ("train.epochs", "data.root", "teachers.cache_dir")
@@ -41,6 +47,7 @@ class TrainRequest:
     resume: bool = False
     progress: bool = False
     register: str | None = None  # register the final student as this MLflow model
+    address: str | None = None  # the Ray cluster train.workers > 1 runs on (None: a local Ray of its own)
 
 
 @dataclass
@@ -93,7 +100,10 @@ def train(request: TrainRequest) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     teachers = prepare_teachers(cfg, data, device, progress=p.progress)
     teachers.announce()
-    trainer = new_trainer(cfg, data, teachers.models, out, resume=p.resume)
+    if cfg.train.workers > 1:
+        state = _saved_state(out) if p.resume else None  # checked before anything is written or logged
+    else:
+        trainer = new_trainer(cfg, data, teachers.models, out, resume=p.resume)
     out.mkdir(parents=True, exist_ok=True)
     id_file = out / files.RUN_ID
     with tracking.command_run(cfg.mlflow, cfg.name, "train", out, id_file=id_file, resume=p.resume) as run:
@@ -103,17 +113,72 @@ def train(request: TrainRequest) -> dict[str, Any]:
             atomic.write_text(id_file, run.run_id)
         print(f"run {cfg.name}: {cfg.method} on {cfg.data.dataset}, {cfg.train.epochs} epochs on {device}; "
               f"output in {out}; MLflow run {run.run_id}", flush=True)
-        result = run_pipeline(trainer, data, out, run=run, progress=p.progress, on_epoch=_print_epoch)
+        if cfg.train.workers > 1:
+            metrics = _train_on_workers(cfg, data, teachers, out, run, state, request.address)
+            student = create_model(cfg.student.arch, data.num_classes, data.in_channels, cfg.student.normalization)
+            load_checkpoint(student, out / files.STUDENT)
+        else:
+            result = run_pipeline(trainer, data, out, run=run, progress=p.progress, on_epoch=_print_epoch)
+            metrics, student = result.metrics, result.trainer.student
         if request.register:
-            scores = {k: v for k, v in result.metrics.items() if k.startswith(("val_", "test_"))}
-            registered = register_student(run.client, run.run_id, result.trainer.student, data, request.register,
+            scores = {k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))}
+            registered = register_student(run.client, run.run_id, student, data, request.register,
                                           {"run_id": run.run_id, "config": (out / files.RUN_CONFIG).read_text(),
                                            **scores})
             run.set_tags({"registered_model": registered.model_uri})
             print(f"registered: {registered.model_uri}", flush=True)
-    print(_summary(result.metrics, out))
+    print(_summary(metrics, out))
     print(tracking.ui_hint(cfg.mlflow.tracking_uri, cfg.mlflow.experiment))
-    return result.metrics
+    return metrics
+
+
+def _saved_state(out: Path) -> dict[str, Any]:
+    """The loop state a resumed multi-worker run hands its workers; ConfigError (exit 2) when it cannot be read."""
+    try:
+        return loop_state(out / files.CHECKPOINT)
+    except Exception as exc:  # a torn or foreign file is bad input, not a crash
+        raise ConfigError(str(out / files.CHECKPOINT), f"cannot resume from it: {str(exc).splitlines()[0]}") from None
+
+
+def _train_on_workers(cfg: Config, data: DataBundle, teachers: TeacherSet, out: Path, run: RunHandle,
+                      state: dict[str, Any] | None, address: str | None) -> dict[str, Any]:
+    """The run as ``train.workers`` Ray Train workers (docs/scale.md, "Workers"): rank 0 writes the run's files into
+    ``out`` as one process would; this process logs each validated epoch it reports, then the final metrics and
+    files, to ``run``. Each worker gets ``perf.threads`` CPUs (1 when 0) and, on a GPU device, one GPU."""
+    import ray
+
+
+    if state is not None and state["history"]:
+        log_missing_epochs(run, state["history"])
+    weights = {role: (t.arch, {k: v.detach().cpu() for k, v in t.model.state_dict().items()})
+               for role, t in teachers.teachers.items()}
+    gpu = 1.0 if resolve_device(cfg.device).type == "cuda" else 0.0
+
+    def on_report(report: Report) -> None:
+        if report.diverged is None:
+            run.log_metrics({k: v for k, v in report.metrics.items() if k != EPOCH}, step=int(report.metrics[EPOCH]))
+            _print_epoch(EpochResult(int(report.metrics[EPOCH]), report.metrics))
+
+    storage = out / ".workers"  # Ray Train's own records of the run, removed at its end
+    with ray_session(address):
+        job = WorkerJob(cfg, ray.put(data), ray.put(weights), None if state is None else ray.put(state), out=str(out))
+        try:
+            run_workers(job, cpu=float(cfg.perf.threads or 1), gpu=gpu, storage=str(storage), on_report=on_report)
+        except Diverged as error:  # rank 0 wrote the trace of the steps done
+            run.set_tags(error.tags())
+            run.log_artifacts([out / files.TRACE_CSV])
+            raise
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
+    metrics = json.loads((out / files.METRICS_JSON).read_text())
+    history = _history(out)
+    log_finished_run(run, out, metrics, history[-1] if history else {})
+    return metrics
+
+
+def _history(out: Path) -> list[dict[str, float]]:
+    """The validated epochs' metrics of the finished run, from its last checkpoint."""
+    return list(loop_state(out / files.CHECKPOINT)["history"])
 
 
 def _print_epoch(result: EpochResult) -> None:

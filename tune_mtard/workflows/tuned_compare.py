@@ -50,6 +50,7 @@ from tune_mtard.workflows.compare import (
     parse_seeds,
     read_results,
     record_comparison,
+    refuse_workers,
     report_failures,
     run_seeds,
     summarize,
@@ -146,6 +147,7 @@ def plan_tuned(request: CompareRequest) -> TunedPlan:
     seeds = parse_seeds(request.seeds)
     loaded = base_config(request)
     base = loaded.run_config()
+    refuse_workers(base)
     resolve_device(base.device)
     epochs = request.tune_epochs or base.train.epochs
     out = Path(request.out or Path("runs") / f"{base.name}-compare-tuned").resolve()
