@@ -35,6 +35,7 @@ from tune_mtard.metrics import (
 )
 from tune_mtard.search.local_ray import ray_session
 
+RECORDS_WAIT_S = 1800.0  # at most, for the journal's writer to send a search's records to MLflow
 ROWS_PER_EPOCH = 24  # optimiser steps per epoch of a digits trial: the trace a checkpoint carries grows so
 
 
@@ -95,6 +96,8 @@ def _search(cfg: Config, trials: int, epochs: int, folder: Path) -> dict[str, An
         grid = tuner.fit()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         drain_start = time.perf_counter()
+        # A search waits journal.DRAIN_S for its records; the benchmark waits until all are sent, to count them.
+        journal.writer_for(search_folder, cfg.mlflow.tracking_uri).drain(RECORDS_WAIT_S)
     drain = time.perf_counter() - drain_start
     errors = [r.error for r in grid if r.error]
     if errors:
