@@ -139,7 +139,9 @@ def _record_divergence(trainer: Trainer, error: Diverged) -> None:
 def train_bmtard(sampled: dict[str, Any], *, base: Config, data: DataBundle,
                  teachers: dict[str, tuple[str, dict[str, torch.Tensor]]], finished: set[str] = frozenset(),
                  resumed_search: bool = False, worker_resources: tuple[float, float] = (1.0, 0.0)) -> None:
-    """One trial. ``teachers`` maps role to ``(arch, state dict)``; ``data`` is the whole dataset;
+    """One trial, of whichever method its config names (B-MTARD, an ablation or a baseline; the name is kept
+    because Ray Tune names every trial folder after it, ``train_bmtard_<id>``, and a resumed search must find
+    its folders). ``teachers`` maps role to ``(arch, state dict)``; ``data`` is the whole dataset;
     ``resumed_search``: whether the driver resumed the search (checkpoints are then looked for everywhere).
 
     ``finished`` holds the ids of trials that a killed driver had already finished (told to Optuna): when
