@@ -34,7 +34,7 @@ def _timed_trial(sampled: dict[str, Any], *, base: Config, data: DataBundle,
     from ray import tune
 
     # only the benchmark that measures it loads the search stack
-    from tune_mtard.trainables.bmtard import train_bmtard
+    from tune_mtard.search.trial import train_bmtard
 
     start, cpu_start = time.perf_counter(), time.process_time()
     train_bmtard(sampled, base=base, data=data, teachers=teachers)
@@ -46,7 +46,7 @@ def _bare_trial(cfg: Config, data: DataBundle, teachers: dict[str, tuple[str, di
                 threads: int) -> dict[str, float]:
     """What the trainable does, without Ray or MLflow: wall and CPU seconds, sum of epoch_time_s."""
     # only the benchmark that measures it loads the search stack
-    from tune_mtard.trainables.bmtard import teacher_from_weights
+    from tune_mtard.search.trial import teacher_from_weights
 
     torch.set_num_threads(threads)
     start, cpu_start = time.perf_counter(), time.process_time()

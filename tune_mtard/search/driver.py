@@ -1,7 +1,7 @@
 """The search driver: a space file to a finished search (docs/search.md).
 
 Optuna's TPE proposes configurations (study persisted at ``<storage>/<name>/optuna.db``), Ray Tune runs
-them as trials of the B-MTARD loop (``tune_mtard.trainables.bmtard``), ASHA stops weak ones early on
+them as trials of the B-MTARD loop (``tune_mtard.search.trial``), ASHA stops weak ones early on
 validation W-Robust Acc, MLflow records a parent run for the search and a child run per trial, and the
 best trial's config is written to ``<storage>/<name>/best_config.yaml`` for the final training run.
 
@@ -282,7 +282,7 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
     from tune_mtard.search.recorder import log_teachers, start_parent
     from tune_mtard.search.retry import prepare_retries
     from tune_mtard.search.searcher import finished_optuna_trials
-    from tune_mtard.trainables.bmtard import train_bmtard
+    from tune_mtard.search.trial import train_bmtard
 
     s = cfg.search
     with interrupts.sigterm_as_interrupt():
