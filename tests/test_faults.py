@@ -344,9 +344,8 @@ def test_two_processes_needing_the_same_teacher_both_succeed_and_train_it_once(t
 
 def test_a_restarted_trial_skips_a_torn_checkpoint_but_fails_on_one_that_does_not_load(tmp_path, monkeypatch,
                                                                                        tiny_config, tiny_digits):
-    from tune_mtard.trainables import bmtard
-
     from tune_mtard.engine import Trainer
+    from tune_mtard.search import trial as bmtard
 
     trial_dir = "train_bmtard_aa11bb22_1_x_2026-11-29"
     good, torn, foreign = (tmp_path / trial_dir / f"checkpoint_00000{i}" for i in range(3))
@@ -373,13 +372,13 @@ def test_a_restarted_trial_skips_a_torn_checkpoint_but_fails_on_one_that_does_no
 
     torch.save({"not": "a trainer state"}, foreign / "state.pt")
     with pytest.raises(bmtard.CheckpointError, match="cannot be loaded into trial aa11bb22"):
-        bmtard._resume(fresh, resumed_search=True)
+        bmtard._resume(fresh.load_state_dict, resumed_search=True)
 
     (foreign / "state.pt").unlink()  # now torn too: both skipped, the good one loaded
-    assert bmtard._resume(fresh, resumed_search=True) is True and fresh.epoch == 1
+    assert bmtard._resume(fresh.load_state_dict, resumed_search=True) is not None and fresh.epoch == 1
     # A trial's first start in a new search (Ray gives it no checkpoint) looks for none.
     first = Trainer(tiny_config.with_values({"method": "natural", "train.epochs": 1}), tiny_digits)
-    assert bmtard._resume(first, resumed_search=False) is False and first.epoch == 0
+    assert bmtard._resume(first.load_state_dict, resumed_search=False) is None and first.epoch == 0
 
 
 # ---- the exported config reproduces its trial --------------------------------------------------------------
