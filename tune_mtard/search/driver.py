@@ -39,8 +39,8 @@ from tune_mtard.search.plan import plan_search
 from tune_mtard.search.remote import (
     Mirror,
     bucket_lease,
-    check_reachable,
     check_storage_options,
+    check_store_reachable,
     driver_folder,
     experiment_storage,
     is_remote,
@@ -192,7 +192,7 @@ def search(request: SearchRequest) -> int:
                                              "--resume")
     cfg = search_config(request)
     check_address(request.address)
-    check_reachable(cfg, "--storage" if request.storage else "search.storage")  # an object store answers
+    check_store_reachable(cfg, "--storage" if request.storage else "search.storage")  # an object store answers
     if request.plan:
         return plan(cfg, request)
     refuse_if_running(experiment_dir(cfg), "--resume" if request.resume else "name")

@@ -106,7 +106,7 @@ def check_storage_options(cfg: Config) -> None:
                                                     "parent run would keep: give it in AWS_SECRET_ACCESS_KEY instead")
 
 
-def check_reachable(cfg: Config, key: str = "search.storage") -> None:
+def check_store_reachable(cfg: Config, key: str = "search.storage") -> None:
     """Write and remove a probe object in the storage: a wrong endpoint, missing bucket or missing credential is
     one line (exit 2) before anything starts."""
     if not is_remote(cfg):

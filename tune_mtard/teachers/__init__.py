@@ -32,7 +32,7 @@ from tune_mtard.models import AS_SAVED, create_model, load_mapped
 from tune_mtard.models.normalization import normalization_of
 from tune_mtard.perf import resolve_device
 from tune_mtard.pipeline import new_trainer, run_pipeline
-from tune_mtard.teachers.cache import exclusive, file_sha256, quality_record_path, read_json, write_json
+from tune_mtard.teachers.cache import exclusive, file_sha256, quality_record_path, read_record, write_json
 from tune_mtard.teachers.recipes import recipe_config, recipe_key, teacher_path, teacher_settings
 
 ROLES = ("clean", "robust")
@@ -160,7 +160,7 @@ def _quality(cfg: Config, path: Path, sha256: str, model: nn.Module, data: DataB
     if normalization is not None:  # the same file under another declared normalisation is another model
         settings["normalization"] = list(normalization)
     record_path = quality_record_path(cfg.teachers.cache_dir, sha256, settings)
-    record = read_json(record_path)
+    record = read_record(record_path)
     if record is None or record.get("settings") != settings:
         quality = measure_quality(cfg, model.to(device), data, device)
         model.cpu()

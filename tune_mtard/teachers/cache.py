@@ -52,7 +52,7 @@ def quality_record_path(cache_dir: str | Path, sha256: str, settings: dict[str, 
     return Path(cache_dir) / "quality" / f"{sha256[:16]}-{digest}.json"
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def read_record(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
