@@ -68,30 +68,6 @@ def tolerate_deleted_checkpoints() -> None:
     checkpoint_manager._delete_fs_path = delete_if_present
 
 
-def snapshot_on_schedule_only() -> None:
-    """Snapshot the experiment on Tune's own schedule (at most 5% of the driver's time, every 10 s at least),
-    not also each time a trial has checkpointed ``num_to_keep`` times since the last snapshot.
-
-    With a checkpoint every epoch and ``num_to_keep=2`` that forced a snapshot (every trial pickled, the
-    searcher saved) every second report of any trial: a cost per report that grows with the search
-    (docs/search.md, "What the driver costs"). A snapshot may then name a checkpoint deleted since; the
-    trainable takes the furthest checkpoint it finds in the trial's folders (``find_checkpoints``) and the
-    deletion of one already gone is tolerated (:func:`tolerate_deleted_checkpoints`).
-    Private: ``ray.tune.execution.experiment_state._ExperimentCheckpointManager.on_trial_checkpoint``.
-    """
-    from ray.tune.execution import experiment_state
-
-    manager = experiment_state._ExperimentCheckpointManager
-    if getattr(manager.on_trial_checkpoint, "on_schedule_only", False):
-        return
-
-    def on_trial_checkpoint(self: Any, trial: Any) -> None:
-        return None
-
-    on_trial_checkpoint.on_schedule_only = True
-    manager.on_trial_checkpoint = on_trial_checkpoint
-
-
 def trial_storage() -> tuple[Any, str, str]:
     """Inside a trial: its storage filesystem, the experiment's path on it and the trial's folder name.
 

@@ -298,7 +298,6 @@ def _run_locked(cfg: Config, data, roles: tuple[str, ...], folder: Path, resume:
         # Every trial checkpoints each epoch, so Tune's snapshots of the experiment are frequent by design.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         compat.tolerate_deleted_checkpoints()
-        compat.snapshot_on_schedule_only()
         journal.bounded_http_retries()
         retry_infra_failures_only(s.max_failures)
         client = tracking.client_for(cfg.mlflow.tracking_uri)
@@ -398,7 +397,6 @@ def new_tuner(cfg: Config, trainable, folder: Path, experiment_id: str, parent_r
 
     s = cfg.search
     compat.tolerate_deleted_checkpoints()
-    compat.snapshot_on_schedule_only()
     storage = optuna.storages.RDBStorage(optuna_storage_url(cfg, folder))
     point, notes = default_point(cfg)
     for note in notes:
