@@ -24,7 +24,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from searchkit import child_env, mlflow_runs, optuna_trials, ray_reports, search_args, tracking_uri
+from searchkit import EPOCHS, child_env, mlflow_runs, optuna_trials, ray_reports, search_args, tracking_uri
 
 from tune_mtard.cli import search, train
 from tune_mtard.cli.common import run
@@ -53,6 +53,26 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.5) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(every)
+
+
+@contextlib.contextmanager
+def stopped_at_first_report(driver: subprocess.Popen, folder: Path):
+    """Wait for a trial's first report, then hold the driver (SIGSTOP) until the block ends, and yield every
+    report so far. A function trainable's report waits until the driver takes it, so with the driver stopped no
+    trial can finish before the block kills one, however loaded the machine (a trial's epochs are seconds; a
+    poll can come too late for them)."""
+    def first_report() -> bool:
+        assert driver.poll() is None, driver.communicate()
+        return any(ray_reports(folder).values())
+
+    wait_for(first_report, 300, "a trial's first report", every=0.1)
+    driver.send_signal(signal.SIGSTOP)
+    try:
+        rows = [row for rows in ray_reports(folder).values() for row in rows]
+        assert max(row["epoch"] for row in rows) < EPOCHS, rows  # the driver has not yet taken a last epoch
+        yield rows
+    finally:
+        driver.send_signal(signal.SIGCONT)
 
 
 def summary(folder: Path) -> dict:

@@ -21,7 +21,15 @@ import torch
 import yaml
 from ray.exceptions import ActorDiedError, OutOfMemoryError, RayTaskError
 from searchkit import EPOCHS, mlflow_runs, optuna_trials, ray_reports
-from test_faults import DIVERGING_LR, nothing_written, run_search, spawn_search, tune_states, wait_for
+from test_faults import (
+    DIVERGING_LR,
+    nothing_written,
+    run_search,
+    spawn_search,
+    stopped_at_first_report,
+    tune_states,
+    wait_for,
+)
 
 from tune_mtard.errors import Diverged
 from tune_mtard.search.retry import infra_failed
@@ -118,10 +126,6 @@ def test_a_trial_whose_worker_is_sigkilled_twice_resumes_from_its_checkpoint_and
     folder = tmp_path / "results" / name
     killed: list[int] = []
 
-    def first_report() -> bool:
-        assert driver.poll() is None, driver.communicate()
-        return any(ray_reports(folder).values())
-
     def second_worker() -> bool:
         assert driver.poll() is None, driver.communicate()
         fresh = sorted(trial_workers() - set(killed))
@@ -130,18 +134,10 @@ def test_a_trial_whose_worker_is_sigkilled_twice_resumes_from_its_checkpoint_and
             os.kill(pid, signal.SIGKILL)
         return bool(fresh)
 
-    # First once it has reported an epoch (a checkpoint to resume from), then its next worker at once. A worker's
-    # report waits until the driver takes it, so with the driver stopped the trial cannot finish before the kill,
-    # however loaded the machine (the trial's epochs are seconds; a poll can come too late for them).
-    wait_for(first_report, 300, "the trial's first report", every=0.1)
-    driver.send_signal(signal.SIGSTOP)
-    try:
-        rows = [row for rows in ray_reports(folder).values() for row in rows]
-        assert max(row["epoch"] for row in rows) < EPOCHS, rows  # the driver has not yet taken its last epoch
+    # First once it has reported an epoch (a checkpoint to resume from), then its next worker at once.
+    with stopped_at_first_report(driver, folder) as rows:
         killed.append(rows[0]["pid"])
         os.kill(rows[0]["pid"], signal.SIGKILL)
-    finally:
-        driver.send_signal(signal.SIGCONT)
     wait_for(second_worker, 300, "the trial's second worker", every=0.1)
     out, err = driver.communicate(timeout=600)
     assert driver.returncode == 0, out + err
@@ -231,21 +227,13 @@ def test_resume_retry_errored_runs_the_infra_failed_trial_again_and_leaves_the_d
     driver = spawn_search(space_file, tmp_path, name, ray_address, *flags)
     folder = tmp_path / "results" / name
 
-    def first_report() -> bool:
-        assert driver.poll() is None, driver.communicate()
-        return any(ray_reports(folder).values())
-
     # Killed once it has a checkpoint, with the driver stopped so that the trial cannot finish first; with no
     # retries left (max_failures=0) it ends ERROR, failure_kind infra.
-    wait_for(first_report, 300, "a trial's first report", every=0.1)
-    driver.send_signal(signal.SIGSTOP)
-    try:
-        [first] = [rows[0] for rows in ray_reports(folder).values()][:1]
+    with stopped_at_first_report(driver, folder) as rows:
+        first = rows[0]
         assert first["epoch"] < EPOCHS
         killed = first["trial_id"]
         os.kill(first["pid"], signal.SIGKILL)
-    finally:
-        driver.send_signal(signal.SIGCONT)
     out, err = driver.communicate(timeout=600)
     # The first trial (the base config's lr, 0.05) is the one killed; the sampler's two others draw the diverging lr.
     assert driver.returncode == 1, out + err

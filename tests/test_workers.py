@@ -21,7 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from searchkit import EPOCHS, child_env, mlflow_runs, optuna_trials, ray_reports
-from test_faults import DIVERGING_LR, run_search, spawn_search, tune_states, wait_for
+from test_faults import DIVERGING_LR, run_search, spawn_search, stopped_at_first_report, tune_states
 from test_retries import trial_workers
 
 from tune_mtard import files
@@ -183,22 +183,11 @@ def test_a_sigkilled_worker_is_an_infra_failure_and_its_trial_resumes_from_its_c
                           "--set", "search.resources.cpu=0.5", "--set", "search.scheduler.type=fifo")
     folder = tmp_path / "results" / name
 
-    def first_report() -> bool:
-        assert driver.poll() is None, driver.communicate()
-        return any(ray_reports(folder).values())
-
-    # Once the trial has reported an epoch (a checkpoint to resume from); with the driver stopped the trial cannot
-    # take its next report, so it cannot finish before the kill.
-    wait_for(first_report, 300, "the trial's first report", every=0.1)
-    driver.send_signal(signal.SIGSTOP)
-    try:
-        rows = [row for rows in ray_reports(folder).values() for row in rows]
-        assert max(row["epoch"] for row in rows) < EPOCHS, rows
+    # Once the trial has reported an epoch (a checkpoint to resume from).
+    with stopped_at_first_report(driver, folder):
         workers = sorted(trial_workers(b"RayTrainWorker"))
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
-    finally:
-        driver.send_signal(signal.SIGCONT)
     out, err = driver.communicate(timeout=600)
     assert driver.returncode == 0, out + err
     [trial_id] = tune_states(folder)
